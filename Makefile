@@ -1,0 +1,25 @@
+# Two commands: `make demo` and `make test`. Everything they need is installed from here.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check cachingproxy tests
+	$(BIN)/mypy cachingproxy
+
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(BIN)/python -m cachingproxy.demo
+
+clean:
+	rm -rf $(VENV) demo-cache test-output

@@ -1,0 +1,77 @@
+"""Pure mapping from a raw request path to an S3 key, a redirect target, or a refusal."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+__all__ = ["MAX_KEY_BYTES", "Key", "Reject", "index_key", "redirect_location", "request_key"]
+
+MAX_KEY_BYTES = 1024  # S3's own key length limit
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Characters left unescaped in a Location we build: the RFC 3986 path set minus "%" (we re-encode).
+_LOCATION_SAFE = "/!$&'()*+,;=:@-._~"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """An S3 key inside the configured prefix, and what the client asked for relative to the mount."""
+
+    s3_key: str
+    relative: str  # decoded path below the mount, "" for the mount itself
+    query: str
+    directory: bool  # the index document was appended (path ended in "/" or was the mount)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    status: int
+    reason: str
+
+
+def request_key(raw_path: str, *, mount: str, prefix: str, index_document: str) -> Key | Reject:
+    """Decode `request.raw_path` once and join it to `prefix` by concatenation (RELIABILITY.md §4).
+
+    The router only sends paths equal to `mount` or under `mount + "/"`; anything else is a 404.
+    """
+    path, _, query = raw_path.partition("?")
+    if path == mount or path == mount + "/":
+        rest = ""
+    elif path.startswith(mount + "/"):
+        rest = path[len(mount) + 1 :]
+    else:
+        return Reject(404, "not found")
+    if _BAD_PERCENT.search(rest):
+        return Reject(400, "invalid percent-encoding")
+    try:
+        # Exactly one decode, never unquote_plus: "+" is a literal character in S3 keys.
+        relative = unquote(rest, errors="strict")
+    except UnicodeDecodeError:
+        return Reject(400, "invalid UTF-8 in path")
+    if _CONTROL.search(relative) or "\\" in relative:
+        return Reject(400, "invalid character in path")
+    segments = relative.split("/")
+    # An empty segment is only allowed last (a trailing slash); "//" and leading "/" are refused so that
+    # the redirect below can never produce a protocol-relative Location.
+    if any(s in (".", "..") for s in segments) or "" in segments[:-1]:
+        return Reject(400, "invalid path segment")
+    directory = relative == "" or relative.endswith("/")
+    s3_key = prefix + relative + (index_document if directory else "")
+    if len(s3_key.encode()) > MAX_KEY_BYTES:
+        return Reject(400, "path too long")
+    return Key(s3_key=s3_key, relative=relative, query=query, directory=directory)
+
+
+def redirect_location(key: Key, *, mount: str) -> str:
+    """The `dir` -> `dir/` Location: always a path on this host, with the query kept."""
+    location = mount + "/" + quote(key.relative, safe=_LOCATION_SAFE) + "/"
+    # request_key refuses empty segments, so this starts with exactly one "/"; keep that invariant loud.
+    assert location.startswith("/") and not location.startswith("//"), location
+    return location + ("?" + key.query if key.query else "")
+
+
+def index_key(key: Key, index_document: str) -> str:
+    """The key whose existence turns a missing `dir` into a redirect to `dir/`."""
+    return key.s3_key + "/" + index_document

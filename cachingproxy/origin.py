@@ -1,0 +1,223 @@
+"""S3 access over one aiobotocore client; the only module that sees botocore, and where its errors end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError, ConnectTimeoutError, ReadTimeoutError
+
+from .config import S3Config
+from .models import ObjectMeta
+
+__all__ = [
+    "FORWARDED_HEADERS",
+    "ListedObject",
+    "ObjectBody",
+    "ObjectMissing",
+    "OriginDenied",
+    "OriginError",
+    "OriginTimeout",
+    "OriginUnavailable",
+    "S3Origin",
+    "open_origin",
+]
+
+log = logging.getLogger(__name__)
+
+# Representation headers S3 stores with an object and a browser needs; user metadata (x-amz-meta-*) is
+# deliberately absent so nothing a publisher sets can be reflected (RELIABILITY.md §4, header injection).
+FORWARDED_HEADERS = {
+    "content-type": "Content-Type",
+    "cache-control": "Cache-Control",
+    "content-encoding": "Content-Encoding",
+    "content-disposition": "Content-Disposition",
+    "content-language": "Content-Language",
+    "expires": "Expires",
+}
+_KMS = frozenset({"aws:kms", "aws:kms:dsse"})
+_UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_DENIED_CODES = frozenset({"403", "AccessDenied", "ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                           "RequestTimeTooSkewed", "AllAccessDisabled", "InvalidToken"})
+
+
+class OriginError(Exception):
+    """S3 did not give a usable answer."""
+
+
+class ObjectMissing(OriginError):
+    """S3 says the key does not exist."""
+
+
+class OriginDenied(OriginError):
+    """S3 answered 403: a missing key without ListBucket, or credentials that stopped working."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code  # "AccessDenied" from a GET body; "403" from a body-less HEAD
+
+    @property
+    def proves_absence(self) -> bool:
+        """Only a GET's AccessDenied body can mean "missing" (RELIABILITY.md §0.3); a HEAD 403 never does."""
+        return self.code == "AccessDenied"
+
+
+class OriginUnavailable(OriginError):
+    """S3 refused, reset, throttled or answered 5xx."""
+
+
+class OriginTimeout(OriginError):
+    """S3 did not answer within the configured time."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    key: str
+    etag: str
+    size: int
+
+
+def _last_modified(value: str | None) -> float | None:
+    if not value:
+        return None
+    with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    return None
+
+
+def meta_from_headers(headers: Mapping[str, str]) -> ObjectMeta:
+    """ObjectMeta from S3's raw response headers (lower-case names, as botocore reports them)."""
+    forwarded = tuple(
+        (name, headers[raw])
+        for raw, name in FORWARDED_HEADERS.items()
+        if raw in headers and not _UNSAFE_VALUE.search(headers[raw])
+    )
+    encrypted = (headers.get("x-amz-server-side-encryption", "") in _KMS
+                 or "x-amz-server-side-encryption-customer-algorithm" in headers)
+    return ObjectMeta(
+        etag=headers.get("etag", ""),
+        size=int(headers.get("content-length", "0")),
+        last_modified=_last_modified(headers.get("last-modified")),
+        headers=forwarded,
+        encrypted=encrypted,
+    )
+
+
+@contextlib.contextmanager
+def _translated(op: str, key: str) -> Iterator[None]:
+    """Turn every botocore/aiohttp failure into one of our four errors; nothing above sees their text."""
+    try:
+        yield
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in _MISSING_CODES or status == 404:
+            raise ObjectMissing(key) from None
+        if code in _DENIED_CODES or status == 403:
+            log.warning("s3 %s denied (%s) for a key", op, code or status)
+            raise OriginDenied(code or str(status)) from None
+        log.warning("s3 %s failed: %s %s", op, status, code)
+        raise OriginUnavailable(f"{status} {code}") from None
+    except (ConnectTimeoutError, ReadTimeoutError, TimeoutError) as exc:
+        log.warning("s3 %s timed out: %s", op, exc.__class__.__name__)
+        raise OriginTimeout(op) from None
+    except (asyncio.CancelledError, OriginError):
+        raise
+    except Exception as exc:
+        # EndpointConnectionError, ConnectionClosedError, aiohttp payload errors, truncated streams...
+        log.warning("s3 %s unavailable: %s", op, exc.__class__.__name__)
+        raise OriginUnavailable(exc.__class__.__name__) from None
+
+
+class ObjectBody:
+    """A GetObject response whose body must be read in bounded chunks and always closed."""
+
+    def __init__(self, meta: ObjectMeta, body: Any, key: str, read_timeout: float) -> None:
+        self.meta = meta
+        self._body = body
+        self._key = key
+        self._read_timeout = read_timeout
+
+    async def chunks(self, size: int) -> AsyncIterator[bytes]:
+        while True:
+            # botocore's sock_read bounds each socket read; this also bounds reads that trickle in.
+            with _translated("GetObject body", self._key):
+                async with asyncio.timeout(self._read_timeout):
+                    chunk: bytes = await self._body.read(size)
+            if not chunk:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        # Releasing the body returns (or closes) the pooled connection: aiobotocore#1061.
+        self._body.close()
+
+
+class S3Origin:
+    """head/get/list on one bucket; keys are full S3 keys (the prefix is already joined)."""
+
+    def __init__(self, client: Any, config: S3Config) -> None:
+        self._client = client
+        self._bucket = config.bucket
+        self._deadline = config.request_timeout
+        self._read_timeout = config.read_timeout + 1.0
+
+    async def head(self, key: str) -> ObjectMeta:
+        with _translated("HeadObject", key):
+            async with asyncio.timeout(self._deadline):
+                resp = await self._client.head_object(Bucket=self._bucket, Key=key)
+        return meta_from_headers(resp["ResponseMetadata"]["HTTPHeaders"])
+
+    async def get(self, key: str) -> ObjectBody:
+        """Start a GetObject; the caller reads `chunks()` and must `close()` it."""
+        with _translated("GetObject", key):
+            async with asyncio.timeout(self._deadline):
+                resp = await self._client.get_object(Bucket=self._bucket, Key=key)
+        return ObjectBody(meta_from_headers(resp["ResponseMetadata"]["HTTPHeaders"]), resp["Body"], key,
+                          self._read_timeout)
+
+    async def list(self, prefix: str) -> AsyncIterator[ListedObject]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            with _translated("ListObjectsV2", prefix):
+                async with asyncio.timeout(self._deadline):
+                    page = await self._client.list_objects_v2(**kwargs)
+            for item in page.get("Contents", []):
+                yield ListedObject(key=item["Key"], etag=item["ETag"], size=int(item["Size"]))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+
+@asynccontextmanager
+async def open_origin(config: S3Config) -> AsyncIterator[S3Origin]:
+    """One client for the app's lifetime, held open across the yield (aiobotocore#806)."""
+    aio_config = AioConfig(
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        retries={"max_attempts": config.max_attempts, "mode": config.retry_mode},
+        s3={"addressing_style": config.addressing_style},
+        signature_version="s3v4",
+        max_pool_connections=config.max_connections,
+    )
+    session = get_session()
+    async with session.create_client(
+        "s3",
+        region_name=config.region,
+        endpoint_url=config.endpoint_url or None,
+        config=aio_config,
+    ) as client:
+        yield S3Origin(client, config)

@@ -1,0 +1,342 @@
+"""The driver: lookup -> policy.decide -> S3 -> store, with single-flight fills and revalidations.
+
+Pure decisions live in `policy`; this is the only module that awaits both S3 and the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, BinaryIO, TypeVar
+
+from .config import Config
+from .models import Clock, Entry, ObjectMeta, Outcome
+from .origin import ObjectMissing, OriginDenied, OriginError, OriginUnavailable, S3Origin
+from .policy import Action, decide, may_serve_stale
+from .store import CacheStore, Staging
+
+__all__ = ["CHUNK_SIZE", "CachingProxy", "Counters", "Fill", "FromCache", "FromFill", "FromHead", "Resolved"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHUNK_SIZE = 256 * 1024
+NEGATIVE_CACHE_MAX = 10_000  # bounded and kept apart from bodies: random 404s never evict real entries
+
+
+@dataclass(slots=True)
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    revalidated_unchanged: int = 0
+    revalidated_changed: int = 0
+    stale: int = 0
+    negative_hits: int = 0
+    s3_get: int = 0
+    s3_head: int = 0
+    s3_list: int = 0
+    bytes_from_s3: int = 0
+    integrity_failures: int = 0
+
+
+class Fill:
+    """One GetObject streaming into one staging file, shared by every request for that key.
+
+    Readers follow the file as it grows (so one slow client never slows S3 or the others), and the last
+    byte of the object is released only once the whole body has been verified.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.ready: asyncio.Future[ObjectMeta] = asyncio.get_running_loop().create_future()
+        self.staging: Staging | None = None
+        self.verified = False
+        self.error: OriginError | None = None
+        self.done = False
+        self.readers = 0
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait(self) -> None:
+        await self._changed.wait()
+
+    def fail(self, error: OriginError) -> None:
+        self.error = error
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # retrieved: nobody may be waiting on a failed fill
+        self._notify()
+
+
+@dataclass(frozen=True, slots=True)
+class FromCache:
+    entry: Entry
+    outcome: Outcome
+    body: BinaryIO | None  # None for HEAD
+
+
+@dataclass(frozen=True, slots=True)
+class FromFill:
+    fill: Fill
+    meta: ObjectMeta
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class FromHead:
+    meta: ObjectMeta
+    outcome: Outcome
+
+
+Resolved = FromCache | FromFill | FromHead
+
+
+@dataclass(frozen=True, slots=True)
+class _Unchanged:
+    entry: Entry
+
+
+@dataclass(frozen=True, slots=True)
+class _Changed:
+    meta: ObjectMeta
+
+
+class CachingProxy:
+    """resolve(key) for the HTTP layer; owns single-flight state, the negative cache and the counters."""
+
+    def __init__(self, config: Config, store: CacheStore, origin: S3Origin, clock: Clock) -> None:
+        self._cache_config = config.cache
+        self._store = store
+        self._origin = origin
+        self._clock = clock
+        self.counters = Counters()
+        self._fills: dict[str, Fill] = {}
+        self._revalidations: dict[str, asyncio.Task[_Unchanged | _Changed]] = {}
+        self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
+        self._negative: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    async def resolve(self, key: str, *, ttl: float, want_body: bool) -> Resolved:
+        """Find the best answer for `key`; raises ObjectMissing or another OriginError when there is none."""
+        if want_body and key in self._fills:
+            return await self._join(self._fills[key], Outcome.MISS)
+        now = self._clock()
+        entry = await self._store.lookup(key)
+        action = decide(entry, ttl, now)
+        if entry is not None and action is Action.SERVE:
+            found = await self._from_cache(entry, Outcome.HIT, want_body)
+            if found is not None:
+                self.counters.hits += 1
+                return found
+        elif entry is not None and action is Action.REVALIDATE:
+            try:
+                result = await self._shared(self._revalidations, key, lambda: self._revalidate(entry))
+            except ObjectMissing:
+                raise
+            except OriginError:
+                if not may_serve_stale(entry, ttl, self._cache_config.stale_if_error, self._clock()):
+                    raise
+                found = await self._from_cache(entry, Outcome.STALE, want_body)
+                if found is None:
+                    raise
+                self.counters.stale += 1
+                return found
+            if isinstance(result, _Unchanged):
+                found = await self._from_cache(result.entry, Outcome.REVALIDATED, want_body)
+                if found is not None:
+                    return found
+            elif not want_body:
+                return FromHead(result.meta, Outcome.MISS)
+        return await self._fetch(key, want_body)
+
+    async def exists(self, key: str) -> bool:
+        """Whether `key` is cached or in S3; used for the `dir` -> `dir/` redirect."""
+        if await self._store.lookup(key) is not None:
+            return True
+        try:
+            await self._head(key)
+        except OriginError:
+            return False
+        return True
+
+    async def read(self, fill: Fill, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of a fill as they arrive; raises OriginError if the fill fails first."""
+        staging = fill.staging
+        assert staging is not None
+        size = staging.meta.size
+        fill.readers += 1
+        try:
+            offset = start
+            while offset < end:
+                # The final byte waits for verification, so a corrupt or short body can never look complete.
+                available = staging.written if fill.verified else min(staging.written, size - 1)
+                if available <= offset:
+                    if fill.error is not None:
+                        raise fill.error
+                    await fill._wait()
+                    continue
+                count = min(available, end) - offset
+                chunk = await self._store.pread(staging.fd, min(count, CHUNK_SIZE), offset)
+                if not chunk:
+                    raise OriginUnavailable("staging file shorter than reported")
+                offset += len(chunk)
+                yield chunk
+        finally:
+            fill.readers -= 1
+            self._release_staging(fill)
+
+    async def settle(self) -> None:
+        """Wait for background fills to finish (tests, and graceful shutdown before closing the store)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks) + list(self._revalidations.values()) + list(self._heads.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    async def _from_cache(self, entry: Entry, outcome: Outcome, want_body: bool) -> FromCache | None:
+        if not want_body:
+            return FromCache(entry, outcome, None)
+        body = await self._store.open_body(entry)
+        # The body can be evicted or found damaged after the lookup; that is a miss, not an error.
+        return None if body is None else FromCache(entry, outcome, body)
+
+    async def _revalidate(self, entry: Entry) -> _Unchanged | _Changed:
+        try:
+            meta = await self._head(entry.key)
+        except ObjectMissing:
+            await self._store.forget(entry.key)
+            raise
+        if meta.etag == entry.meta.etag and meta.size == entry.meta.size:
+            # Same body; S3 may still have changed Content-Type or Cache-Control, so keep its new headers.
+            fresh = entry.checked(meta, self._clock())
+            await self._store.mark_checked(fresh)
+            self.counters.revalidated_unchanged += 1
+            return _Unchanged(fresh)
+        self.counters.revalidated_changed += 1
+        return _Changed(meta)
+
+    async def _head(self, key: str) -> ObjectMeta:
+        return await self._shared(self._heads, key, lambda: self._head_once(key))
+
+    async def _head_once(self, key: str) -> ObjectMeta:
+        if self._known_missing(key):
+            raise ObjectMissing(key)
+        self.counters.s3_head += 1
+        try:
+            return await self._origin.head(key)
+        except ObjectMissing:
+            self._remember_missing(key)
+            raise
+
+    def _remember_missing(self, key: str) -> None:
+        if self._cache_config.negative_ttl <= 0:
+            return
+        self._negative[key] = self._clock() + self._cache_config.negative_ttl
+        self._negative.move_to_end(key)
+        while len(self._negative) > NEGATIVE_CACHE_MAX:
+            self._negative.popitem(last=False)
+
+    def _known_missing(self, key: str) -> bool:
+        expires = self._negative.get(key)
+        if expires is not None and self._clock() < expires:
+            self.counters.negative_hits += 1
+            return True
+        return False
+
+    async def _fetch(self, key: str, want_body: bool) -> Resolved:
+        if self._known_missing(key):
+            raise ObjectMissing(key)
+        if not want_body:
+            meta = await self._head(key)
+            self.counters.misses += 1
+            return FromHead(meta, Outcome.MISS)
+        fill = self._fills.get(key)
+        if fill is None:
+            fill = self._fills[key] = Fill(key)
+            self._spawn(self._run_fill(fill))
+        self.counters.misses += 1
+        return await self._join(fill, Outcome.MISS)
+
+    async def _join(self, fill: Fill, outcome: Outcome) -> FromFill:
+        # shield: a client that leaves must not cancel the fill other clients are waiting on.
+        meta = await asyncio.shield(fill.ready)
+        return FromFill(fill, meta, outcome)
+
+    async def _run_fill(self, fill: Fill) -> None:
+        key = fill.key
+        body = None
+        try:
+            self.counters.s3_get += 1
+            body = await self._origin.get(key)
+            fill.staging = await self._store.stage(key, body.meta)
+            fill.ready.set_result(body.meta)
+            async for chunk in body.chunks(CHUNK_SIZE):
+                await self._store.write(fill.staging, chunk)
+                self.counters.bytes_from_s3 += len(chunk)
+                fill._notify()
+            problem = fill.staging.problem()
+            if problem is not None:
+                self.counters.integrity_failures += 1
+                log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
+                raise OriginUnavailable(problem)
+            await self._store.commit(fill.staging, self._clock())
+            fill.verified = True
+            fill._notify()
+        except ObjectMissing as exc:
+            self._remember_missing(key)
+            fill.fail(exc)
+        except OriginDenied as exc:
+            if exc.proves_absence:
+                self._remember_missing(key)
+            fill.fail(exc)
+        except OriginError as exc:
+            fill.fail(exc)
+        except Exception:
+            log.exception("fill failed")
+            fill.fail(OriginUnavailable("internal"))
+        finally:
+            if body is not None:
+                body.close()
+            fill.done = True
+            if self._fills.get(key) is fill:
+                del self._fills[key]
+            if fill.staging is not None and not fill.verified:
+                await self._store.discard(fill.staging)
+            self._release_staging(fill)
+
+    def _release_staging(self, fill: Fill) -> None:
+        if fill.done and fill.readers == 0 and fill.staging is not None:
+            staging, fill.staging = fill.staging, None
+            staging.close()
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    @staticmethod
+    async def _shared(table: dict[str, asyncio.Task[T]], key: str, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run `work()` once per key at a time; everyone else awaits the same task.
+
+        shield: one client leaving must not cancel the work the others are waiting on.
+        """
+        task = table.get(key)
+        if task is None:
+            task = table[key] = asyncio.create_task(work())
+            task.add_done_callback(lambda t: table.pop(key) if table.get(key) is t else None)
+        return await asyncio.shield(task)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,158 @@
+"""Shared fixtures: one moto server per session, a counting shim and a fresh bucket per test, a fake clock."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from aiohttp.test_utils import TestClient
+from moto.server import ThreadedMotoServer
+
+from cachingproxy.app import create_app
+from cachingproxy.config import Config, parse_config
+
+from .shim import Shim
+
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# The suite must never pick up a developer's real AWS profile or config.
+os.environ["AWS_CONFIG_FILE"] = os.devnull
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+
+START = 1_700_000_000.0
+
+
+class FakeClock:
+    """The proxy's notion of "now"; tests advance it instead of sleeping."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(moto_url: str) -> Any:
+    return boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1")
+
+
+class Bucket:
+    """A fresh bucket per test, written to directly (not through the shim, so counts stay clean)."""
+
+    def __init__(self, client: Any, name: str) -> None:
+        self.client = client
+        self.name = name
+
+    def put(self, key: str, body: bytes, **extra: Any) -> str:
+        resp = self.client.put_object(Bucket=self.name, Key=key, Body=body, **extra)
+        etag: str = resp["ETag"]
+        return etag
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.name, Key=key)
+
+    def copy_metadata(self, key: str, **extra: Any) -> None:
+        """Change headers only (same body, same ETag), as `aws s3 cp --metadata-directive REPLACE` does."""
+        self.client.copy_object(Bucket=self.name, Key=key, CopySource={"Bucket": self.name, "Key": key},
+                                MetadataDirective="REPLACE", **extra)
+
+
+@pytest.fixture
+def bucket(s3_client: Any) -> Bucket:
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    s3_client.create_bucket(Bucket=name)
+    return Bucket(s3_client, name)
+
+
+@pytest.fixture
+async def shim(moto_url: str, bucket: Bucket) -> AsyncIterator[Shim]:
+    s = Shim(moto_url, bucket.name)
+    await s.start()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def config_for(tmp_path: Path, endpoint: str, bucket: str, **sections: dict[str, Any]) -> Config:
+    data: dict[str, Any] = {
+        "server": {"mount": "/docs"},
+        "s3": {"bucket": bucket, "endpoint_url": endpoint, "addressing_style": "path", "max_attempts": 1,
+               "connect_timeout": 1.0, "read_timeout": 2.0, "request_timeout": 5.0},
+        "cache": {"directory": str(tmp_path / "cache"), "ttl": 60},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return parse_config(data, "test")
+
+
+MakeProxy = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def make_proxy(aiohttp_client: Any, tmp_path: Path, shim: Shim, bucket: Bucket, clock: FakeClock) -> MakeProxy:
+    """Start the real app on a real socket in front of the shim; keyword arguments override config sections."""
+
+    async def make(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+        config = config_for(tmp_path, shim.url, bucket.name, **sections)
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(config, clock=clock))
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> TestClient[Any, Any]:
+    return await make_proxy()
+
+
+async def raw_request(client: TestClient[Any, Any], target: str, method: str = "GET",
+                      headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Send one request line exactly as written (no client-side normalisation of `..` or `//`)."""
+    import asyncio
+
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    lines = [f"{method} {target} HTTP/1.1", "Host: proxy.test", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), parsed, body

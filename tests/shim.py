@@ -1,0 +1,140 @@
+"""A real HTTP shim between the proxy and moto: counts S3 requests by operation and injects faults.
+
+Modes are set per test on `Shim.fault` (or per key with `Shim.faults[key]`); see `Fault`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import random
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from aiohttp import ClientSession, web
+
+__all__ = ["Fault", "Shim"]
+
+_HOP = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive"})
+
+
+@dataclass
+class Fault:
+    status: int = 0  # answer this status with an S3 error body (a body-less one for HEAD)
+    code: str = ""  # S3 error code for `status`, e.g. "SlowDown", "AccessDenied", "ExpiredToken"
+    delay: float = 0.0  # seconds before forwarding
+    blackhole: bool = False  # accept and never answer
+    truncate_after: int = -1  # send this many body bytes (Content-Length kept), then cut the connection
+    flip_byte: bool = False  # same length, one byte changed
+    etag: str = ""  # replace the ETag S3 sent
+    sse_kms: bool = False  # add x-amz-server-side-encryption: aws:kms
+    ops: frozenset[str] = frozenset({"GET", "HEAD", "LIST"})  # which operations the fault applies to
+
+
+class Shim:
+    def __init__(self, upstream: str, bucket: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.bucket = bucket
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.log: list[tuple[str, str]] = []  # (operation, key)
+        self.fault: Fault | None = None
+        self.faults: dict[str, Fault] = {}
+        self._session: ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port = 0
+        self._never = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reset_counts(self) -> None:
+        self.counts.clear()
+        self.log.clear()
+
+    def operation(self, request: web.Request) -> tuple[str, str]:
+        path = unquote(request.raw_path.partition("?")[0])
+        _, _, rest = path.lstrip("/").partition("/")
+        if request.method == "GET" and not rest:
+            return "LIST", request.query.get("prefix", "")
+        return {"GET": "GET", "HEAD": "HEAD"}.get(request.method, request.method), rest
+
+    async def start(self) -> None:
+        self._session = ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await self.listen()
+
+    async def listen(self) -> None:
+        assert self._runner is not None
+        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await self._site.start()
+        server = self._site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def refuse(self) -> None:
+        """Stop listening: new connections get ECONNREFUSED (pooled ones are closed too)."""
+        assert self._site is not None and self._runner is not None
+        await self._site.stop()
+        for conn in list(self._runner.server.connections) if self._runner.server else []:
+            conn.force_close()
+
+    async def close(self) -> None:
+        self._never.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        op, key = self.operation(request)
+        self.counts[op] += 1
+        self.log.append((op, key))
+        fault = self.faults.get(key, self.fault)
+        if fault is not None and op not in fault.ops:
+            fault = None
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.blackhole:
+                await self._never.wait()
+            if fault.status:
+                if request.method == "HEAD":
+                    return web.Response(status=fault.status)
+                body = f"<?xml version='1.0'?><Error><Code>{fault.code}</Code><Message>injected</Message></Error>"
+                return web.Response(status=fault.status, text=body, content_type="application/xml")
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        body_in = await request.read()
+        async with self._session.request(request.method, self.upstream + request.raw_path, headers=headers,
+                                         data=body_in or None, allow_redirects=False) as upstream:
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
+            if fault is not None and fault.etag and "ETag" in out:
+                out["ETag"] = fault.etag
+            if fault is not None and fault.sse_kms:
+                out["x-amz-server-side-encryption"] = "aws:kms"
+            payload = await upstream.read()
+        if fault is not None and fault.flip_byte and payload:
+            i = random.Random(len(payload)).randrange(len(payload))
+            payload = payload[:i] + bytes([payload[i] ^ 0xFF]) + payload[i + 1:]
+        resp = web.StreamResponse(status=upstream.status, headers=out)
+        if request.method == "HEAD":
+            resp.content_length = int(upstream.headers.get("Content-Length", "0"))
+            await resp.prepare(request)
+            return resp
+        resp.content_length = len(payload)
+        await resp.prepare(request)
+        if fault is not None and fault.truncate_after >= 0:
+            await resp.write(payload[: fault.truncate_after])
+            with contextlib.suppress(Exception):
+                assert request.transport is not None
+                request.transport.abort()
+            return resp
+        await resp.write(payload)
+        await resp.write_eof()
+        return resp
