@@ -85,8 +85,6 @@ def _cache_headers(headers: CIMultiDict[str], resolved: Resolved, ttl: float, no
     else:
         headers["Age"] = "0"
         status = "fwd=miss; fwd-status=200"
-        if isinstance(resolved, FromFill):
-            status += "; collapsed" if resolved.fill.readers else ""
     headers["Cache-Status"] = f"{CACHE_STATUS}; {status}"
 
 
@@ -152,11 +150,12 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
         if plan.content_range:
             resp.headers["Content-Range"] = plan.content_range
         await resp.prepare(request)
-        if request.method == "HEAD" or plan.end == plan.start:
+        if request.method == "HEAD":
             pass
         elif isinstance(resolved, FromCache):
             assert body is not None
-            await _send_file(request, resp, body, plan.start, plan.end - plan.start)
+            if plan.end > plan.start:
+                await _send_file(request, resp, body, plan.start, plan.end - plan.start)
         elif isinstance(resolved, FromFill):
             try:
                 async for chunk in request.app[SERVICE].read(resolved.fill, plan.start, plan.end):
@@ -173,6 +172,8 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
     finally:
         if body is not None:
             await request.app[STORE].close_body(body)
+        if isinstance(resolved, FromFill):
+            request.app[SERVICE].release(resolved.fill)
 
 
 def _bodiless(plan: Plan, headers: CIMultiDict[str]) -> web.Response:

@@ -170,28 +170,34 @@ class CachingProxy:
     async def read(self, fill: Fill, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) of a fill as they arrive; raises OriginError if the fill fails first."""
         staging = fill.staging
-        assert staging is not None
+        assert staging is not None, "read() only between _join() and release()"
         size = staging.meta.size
-        fill.readers += 1
-        try:
-            offset = start
-            while offset < end:
-                # The final byte waits for verification, so a corrupt or short body can never look complete.
-                available = staging.written if fill.verified else min(staging.written, size - 1)
-                if available <= offset:
-                    if fill.error is not None:
-                        raise fill.error
-                    await fill._wait()
-                    continue
-                count = min(available, end) - offset
-                chunk = await self._store.pread(staging.fd, min(count, CHUNK_SIZE), offset)
-                if not chunk:
-                    raise OriginUnavailable("staging file shorter than reported")
-                offset += len(chunk)
-                yield chunk
-        finally:
-            fill.readers -= 1
-            self._release_staging(fill)
+        offset = start
+        while offset < end:
+            # The final byte waits for verification, so a corrupt or short body can never look complete.
+            available = staging.written if fill.verified else min(staging.written, size - 1)
+            if available <= offset:
+                if fill.error is not None:
+                    raise fill.error
+                await fill._wait()
+                continue
+            count = min(available, end) - offset
+            chunk = await self._store.pread(staging.fd, min(count, CHUNK_SIZE), offset)
+            if not chunk:
+                raise OriginUnavailable("staging file shorter than reported")
+            offset += len(chunk)
+            yield chunk
+        # A whole-object response ends only once the body is verified and indexed, so the next
+        # request for the key is a hit (this is what makes an empty object wait too).
+        while end == size and not fill.verified:
+            if fill.error is not None:
+                raise fill.error
+            await fill._wait()
+
+    def release(self, fill: Fill) -> None:
+        """The request that joined `fill` is done with it (read or not): the last one closes the file."""
+        fill.readers -= 1
+        self._release_staging(fill)
 
     async def settle(self) -> None:
         """Wait for background fills to finish (tests, and graceful shutdown before closing the store)."""
@@ -273,6 +279,8 @@ class CachingProxy:
     async def _join(self, fill: Fill, outcome: Outcome) -> FromFill:
         # shield: a client that leaves must not cancel the fill other clients are waiting on.
         meta = await asyncio.shield(fill.ready)
+        # Counted from here, not from the first read: the staging fd must outlive every joined request.
+        fill.readers += 1
         return FromFill(fill, meta, outcome)
 
     async def _run_fill(self, fill: Fill) -> None:
@@ -310,6 +318,8 @@ class CachingProxy:
         finally:
             if body is not None:
                 body.close()
+            if not fill.verified and fill.error is None:
+                fill.fail(OriginUnavailable("fill cancelled"))  # shutdown: never leave a reader waiting
             fill.done = True
             if self._fills.get(key) is fill:
                 del self._fills[key]

@@ -26,6 +26,7 @@ class Fault:
     delay: float = 0.0  # seconds before forwarding
     blackhole: bool = False  # accept and never answer
     truncate_after: int = -1  # send this many body bytes (Content-Length kept), then cut the connection
+    stall_after: int = -1  # send this many body bytes, then wait for `Shim.release` before the rest
     flip_byte: bool = False  # same length, one byte changed
     etag: str = ""  # replace the ETag S3 sent
     sse_kms: bool = False  # add x-amz-server-side-encryption: aws:kms
@@ -45,6 +46,7 @@ class Shim:
         self._site: web.TCPSite | None = None
         self.port = 0
         self._never = asyncio.Event()
+        self.release = asyncio.Event()  # lets a `stall_after` body continue
 
     @property
     def url(self) -> str:
@@ -135,6 +137,10 @@ class Shim:
                 assert request.transport is not None
                 request.transport.abort()
             return resp
+        if fault is not None and fault.stall_after >= 0:
+            await resp.write(payload[: fault.stall_after])
+            await self.release.wait()
+            payload = payload[fault.stall_after:]
         await resp.write(payload)
         await resp.write_eof()
         return resp

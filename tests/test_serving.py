@@ -231,3 +231,19 @@ async def test_bad_paths_are_refused_before_s3(proxy: Client, bucket: Bucket, sh
         assert status == 400, path
         assert len(body) < 100
     assert shim.counts == {}
+
+
+async def test_cold_range_is_answered_before_the_whole_object_arrives(
+        proxy: Client, bucket: Bucket, shim: Shim) -> None:
+    body = os.urandom(4 * 1024 * 1024)
+    bucket.put("big.bin", body)
+    shim.fault = Fault(stall_after=1024 * 1024)  # S3 sends 1 MiB, then stalls until released
+    resp = await proxy.get("/docs/big.bin", headers={"Range": "bytes=100-199"})
+    assert resp.status == 206
+    assert await resp.read() == body[100:200]
+    assert shim.counts == {"GET": 1}
+    shim.release.set()
+    await proxy.app[SERVICE].settle()
+    hit = await proxy.get("/docs/big.bin")
+    assert hit.headers["X-Cache"] == "HIT"
+    assert await hit.read() == body

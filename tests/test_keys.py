@@ -1,0 +1,78 @@
+"""Raw request path -> S3 key, one row per rule (RELIABILITY.md §3 keys, §4 traversal and redirects)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import pytest
+
+from cachingproxy.keys import Key, Reject, redirect_location, request_key
+
+
+def key(raw: str, mount: str = "/docs", prefix: str = "site/") -> Key | Reject:
+    return request_key(raw, mount=mount, prefix=prefix, index_document="index.html")
+
+
+@pytest.mark.parametrize(("raw", "s3_key", "directory"), [
+    pytest.param("/docs", "site/index.html", True, id="mount-serves-index"),
+    pytest.param("/docs/", "site/index.html", True, id="mount-slash-serves-index"),
+    pytest.param("/docs/guides/", "site/guides/index.html", True, id="dir-slash-serves-index"),
+    pytest.param("/docs/guides", "site/guides", False, id="no-slash-is-an-object"),
+    pytest.param("/docs/a%20b%2Bc/%C3%BC.html", "site/a b+c/ü.html", False, id="decoded-once-plus-literal"),
+    pytest.param("/docs/a+b", "site/a+b", False, id="plus-is-not-space"),
+    pytest.param("/docs/%2525", "site/%25", False, id="double-encoding-decoded-once"),
+    pytest.param("/docs/a=b&c;d", "site/a=b&c;d", False, id="sub-delims-kept"),
+    pytest.param("/docs/x.html?v=1&y", "site/x.html", False, id="query-not-in-key"),
+    pytest.param("/docs/e%CC%81", "site/e\u0301", False, id="no-unicode-normalisation"),
+])
+def test_keys(raw: str, s3_key: str, directory: bool) -> None:
+    result = key(raw)
+    assert isinstance(result, Key)
+    assert (result.s3_key, result.directory) == (s3_key, directory)
+
+
+def test_root_mount() -> None:
+    result = request_key("/a/b.html", mount="", prefix="", index_document="index.html")
+    assert isinstance(result, Key) and result.s3_key == "a/b.html"
+    root = request_key("/", mount="", prefix="", index_document="index.html")
+    assert isinstance(root, Key) and root.s3_key == "index.html"
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    pytest.param("/docs/../x", 400, id="dotdot"),
+    pytest.param("/docs/a/./b", 400, id="dot"),
+    pytest.param("/docs/%2e%2e/x", 400, id="encoded-dotdot"),
+    pytest.param("/docs/..%2fx", 400, id="dotdot-encoded-slash"),
+    pytest.param("/docs/a%2F..%2Fb", 400, id="encoded-slash-dotdot"),
+    pytest.param("/docs/a%5cb", 400, id="encoded-backslash"),
+    pytest.param("/docs/a\\b", 400, id="backslash"),
+    pytest.param("/docs/a%00b", 400, id="nul"),
+    pytest.param("/docs/a%0d%0aSet-Cookie:x", 400, id="crlf"),
+    pytest.param("/docs//evil.example", 400, id="double-slash"),
+    pytest.param("/docs/%2F%2Fevil.example", 400, id="encoded-double-slash"),
+    pytest.param("/docs/a//b", 400, id="empty-segment"),
+    pytest.param("/docs/%zz", 400, id="bad-percent"),
+    pytest.param("/docs/%C3%28", 400, id="invalid-utf8"),
+    pytest.param("/docs/%c0%ae%c0%ae/x", 400, id="overlong-utf8-dot"),
+    pytest.param("/docs/" + "a" * 1100, 400, id="longer-than-s3-allows"),
+    pytest.param("/docsx/a", 404, id="outside-mount"),
+])
+def test_rejects(raw: str, status: int) -> None:
+    result = key(raw)
+    assert isinstance(result, Reject)
+    assert result.status == status
+
+
+@pytest.mark.parametrize(("raw", "mount", "location"), [
+    pytest.param("/docs/guides", "/docs", "/docs/guides/", id="simple"),
+    pytest.param("/docs/guides?a=1&b", "/docs", "/docs/guides/?a=1&b", id="query-kept"),
+    pytest.param("/docs/a%20b/%C3%BC", "/docs", "/docs/a%20b/%C3%BC/", id="re-encoded"),
+    pytest.param("/evil.example", "", "/evil.example/", id="root-mount-stays-on-host"),
+    pytest.param("/a%3Fb", "", "/a%3Fb/", id="question-mark-in-key-stays-in-path"),
+])
+def test_redirect_location_is_a_path_on_this_host(raw: str, mount: str, location: str) -> None:
+    result = request_key(raw, mount=mount, prefix="", index_document="index.html")
+    assert isinstance(result, Key)
+    loc = redirect_location(result, mount=mount)
+    assert loc == location
+    assert urlsplit(loc).netloc == "" and loc.startswith("/") and not loc.startswith("//")
