@@ -14,6 +14,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
+from .admin import setup_admin
 from .conditional import Plan, evaluate
 from .config import Config
 from .keys import Key, Reject, index_key, redirect_location, request_key
@@ -89,6 +90,12 @@ def _cache_headers(headers: CIMultiDict[str], resolved: Resolved, ttl: float, no
 
 
 async def serve_object(request: web.Request) -> web.StreamResponse:
+    if request.body_exists:
+        # RFC 9110 §9.3.1: a GET body has no meaning, and a front proxy may frame it differently (request
+        # smuggling, RELIABILITY.md §4). Refuse it and close, so no byte after it is read as a request.
+        refusal = web.HTTPBadRequest(text="Bad Request: GET and HEAD take no body\n")
+        refusal.force_close()
+        raise refusal
     config = request.app[CONFIG]
     s3, cache = config.s3, config.cache
     key = request_key(request.raw_path, mount=config.server.mount, prefix=s3.prefix,
@@ -233,7 +240,7 @@ class AccessLogger(AbstractAccessLogger):
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = app[CONFIG].cache
-    store = CacheStore(cache.directory, cache.size_limit_mb * 1024 * 1024)
+    store = CacheStore(cache.directory, cache.size_limit_mb * 1024 * 1024, verify_on_read=cache.verify_on_read)
     await store.open()
     app[STORE] = store
     yield
@@ -250,7 +257,7 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     service = CachingProxy(app[CONFIG], app[STORE], app[ORIGIN], app[CLOCK])
     app[SERVICE] = service
     yield
-    await service.close()
+    await service.close(grace=app[CONFIG].server.shutdown_timeout)
 
 
 def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
@@ -262,4 +269,5 @@ def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
     mount = config.server.mount
     app.router.add_get(mount or "/", serve_object)  # add_get also registers HEAD
     app.router.add_get(mount + "/{tail:.*}", serve_object)  # keys.py reads raw_path, not tail
+    setup_admin(app)  # /metrics, /healthz, /readyz, the admin API and the access log's measurements
     return app

@@ -46,6 +46,8 @@ class S3Config:
     retry_mode: str = "standard"
     request_timeout: float = 30.0
     max_connections: int = 32
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +64,9 @@ class CacheConfig:
     index_document: str = "index.html"
     error_document: str = ""
     stale_if_error: float = 86400.0
+    stale_while_revalidate: float = 0.0
     negative_ttl: float = 10.0
+    verify_on_read: bool = False
     rules: tuple[CacheRule, ...] = ()
 
 
@@ -70,6 +74,13 @@ class CacheConfig:
 class AdminConfig:
     path: str = "/_admin"
     token: str = ""
+    host: str = "127.0.0.1"  # used only with `port`
+    port: int = 0  # 0: the admin API shares the proxy's server, under `path`
+    allowed_hosts: tuple[str, ...] = ()  # Host names the admin API answers to (DNS rebinding); () = any
+    warm_concurrency: int = 8
+    warm_prefixes: tuple[str, ...] = ()
+    warm_interval: float = 0.0  # seconds between mirror warms of `warm_prefixes`; 0 = only at start
+    readiness_ttl: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +120,16 @@ def _check(ok: bool, src: str, key: str, problem: str) -> None:
         raise ConfigError(f"{src}: {key}: {problem}")
 
 
+def _strings(raw: Any, where: str, name: str, src: str) -> tuple[str, ...] | None:
+    """A TOML array of strings as a tuple (the dataclasses are frozen); None when the key is absent."""
+    if not isinstance(raw, dict) or name not in raw:
+        return None
+    value = raw[name]
+    _check(isinstance(value, list | tuple) and all(isinstance(v, str) for v in value), src, f"{where}.{name}",
+           f"must be an array of strings, got {value!r}")
+    return tuple(value)
+
+
 def _normalise_mount(mount: str, src: str) -> str:
     _check(mount.startswith("/"), src, "server.mount", "must start with '/'")
     _check("?" not in mount and "#" not in mount and "%" not in mount, src, "server.mount", "must be a plain path")
@@ -141,7 +162,9 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     cache_raw = data.get("cache", {})
     rules = _rules(cache_raw.get("rules", []) if isinstance(cache_raw, dict) else [], src)
     cache = _section(CacheConfig, cache_raw, "cache", src, rules=rules)
-    admin = _section(AdminConfig, data.get("admin", {}), "admin", src)
+    admin_raw = data.get("admin", {})
+    admin = _section(AdminConfig, admin_raw, "admin", src,
+                     **{name: _strings(admin_raw, "admin", name, src) for name in ("allowed_hosts", "warm_prefixes")})
 
     _check(0 < server.port < 65536, src, "server.port", "must be 1-65535")
     _check(server.shutdown_timeout >= 0, src, "server.shutdown_timeout", "must be >= 0")
@@ -153,15 +176,25 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
         _check(getattr(s3, key) > 0, src, f"s3.{key}", "must be > 0")
     _check(1 <= s3.max_attempts <= 10, src, "s3.max_attempts", "must be 1-10")
     _check(s3.max_connections >= 1, src, "s3.max_connections", "must be >= 1")
+    _check(s3.breaker_threshold >= 0, src, "s3.breaker_threshold", "must be >= 0 (0 = off)")
+    _check(s3.breaker_cooldown > 0, src, "s3.breaker_cooldown", "must be > 0")
     _check(s3.endpoint_url == "" or s3.endpoint_url.startswith(("http://", "https://")), src,
            "s3.endpoint_url", "must be empty or an http(s) URL")
     _check(bool(cache.directory), src, "cache.directory", "is required")
     _check(cache.size_limit_mb >= 1, src, "cache.size_limit_mb", "must be >= 1")
-    for key in ("ttl", "stale_if_error", "negative_ttl"):
+    for key in ("ttl", "stale_if_error", "stale_while_revalidate", "negative_ttl"):
         _check(getattr(cache, key) >= 0, src, f"cache.{key}", "must be >= 0")
     _check(bool(cache.index_document) and "/" not in cache.index_document, src, "cache.index_document",
            "must be a file name without '/'")
     _check(admin.path.startswith("/") and len(admin.path) > 1, src, "admin.path", "must start with '/'")
+    _check(not admin.path.endswith("/") and "?" not in admin.path and "%" not in admin.path, src, "admin.path",
+           "must be a plain path without a trailing '/'")
+    _check(0 <= admin.port < 65536, src, "admin.port", "must be 0-65535 (0 = on the proxy's own port)")
+    _check(1 <= admin.warm_concurrency <= 256, src, "admin.warm_concurrency", "must be 1-256")
+    _check(admin.warm_interval >= 0, src, "admin.warm_interval", "must be >= 0")
+    _check(admin.readiness_ttl >= 0, src, "admin.readiness_ttl", "must be >= 0")
+    _check(not any(p.startswith("/") for p in admin.warm_prefixes), src, "admin.warm_prefixes",
+           "must be key prefixes below [s3] prefix, without a leading '/'")
     return Config(server=server, s3=s3, cache=cache, admin=admin)
 
 

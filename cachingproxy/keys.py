@@ -13,6 +13,9 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Characters left unescaped in a Location we build: the RFC 3986 path set minus "%" (we re-encode).
 _LOCATION_SAFE = "/!$&'()*+,;=:@-._~"
+# The query is passed on still encoded, so "%" stays; anything else outside RFC 3986's query set (a raw
+# control character or non-ASCII byte that a lenient parser let through) is percent-encoded.
+_QUERY_SAFE = _LOCATION_SAFE + "?%"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +39,10 @@ def request_key(raw_path: str, *, mount: str, prefix: str, index_document: str) 
 
     The router only sends paths equal to `mount` or under `mount + "/"`; anything else is a 404.
     """
-    path, _, query = raw_path.partition("?")
+    # A fragment is not part of a request-target (RFC 9112 §3.2) but parsers pass a raw "#" through;
+    # drop it as every URL parser (and the router, via yarl) does, rather than putting it in the key.
+    target, _, _ = raw_path.partition("#")
+    path, _, query = target.partition("?")
     if path == mount or path == mount + "/":
         rest = ""
     elif path.startswith(mount + "/"):
@@ -69,7 +75,7 @@ def redirect_location(key: Key, *, mount: str) -> str:
     location = mount + "/" + quote(key.relative, safe=_LOCATION_SAFE) + "/"
     # request_key refuses empty segments, so this starts with exactly one "/"; keep that invariant loud.
     assert location.startswith("/") and not location.startswith("//"), location
-    return location + ("?" + key.query if key.query else "")
+    return location + ("?" + quote(key.query, safe=_QUERY_SAFE) if key.query else "")
 
 
 def index_key(key: Key, index_document: str) -> str:

@@ -14,13 +14,14 @@ from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import ClientError, ConnectTimeoutError, ReadTimeoutError
+from botocore.exceptions import ClientError, ConnectTimeoutError, FlexibleChecksumError, ReadTimeoutError
 
 from .config import S3Config
 from .models import ObjectMeta
 
 __all__ = [
     "FORWARDED_HEADERS",
+    "BodyCorrupt",
     "ListedObject",
     "ObjectBody",
     "ObjectMissing",
@@ -76,6 +77,10 @@ class OriginUnavailable(OriginError):
     """S3 refused, reset, throttled or answered 5xx."""
 
 
+class BodyCorrupt(OriginUnavailable):
+    """The body failed a checksum (botocore's flexible checksums, or our MD5 of the ETag)."""
+
+
 class OriginTimeout(OriginError):
     """S3 did not answer within the configured time."""
 
@@ -128,6 +133,9 @@ def _translated(op: str, key: str) -> Iterator[None]:
             raise OriginDenied(code or str(status)) from None
         log.warning("s3 %s failed: %s %s", op, status, code)
         raise OriginUnavailable(f"{status} {code}") from None
+    except FlexibleChecksumError:
+        log.error("s3 %s body failed its checksum", op)
+        raise BodyCorrupt(op) from None
     except (ConnectTimeoutError, ReadTimeoutError, TimeoutError) as exc:
         log.warning("s3 %s timed out: %s", op, exc.__class__.__name__)
         raise OriginTimeout(op) from None
@@ -201,6 +209,23 @@ class S3Origin:
             if not page.get("IsTruncated") or not token:
                 return
 
+    async def list_page(self, prefix: str, token: str | None = None, *,
+                        max_keys: int = 1000) -> tuple[tuple[ListedObject, ...], str | None]:
+        """One ListObjectsV2 request: a page of objects and the token for the next page (None at the end).
+
+        `list()` hides its requests; warm jobs and the readiness probe count each one they make.
+        """
+        kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if token:
+            kwargs["ContinuationToken"] = token
+        with _translated("ListObjectsV2", prefix):
+            async with asyncio.timeout(self._deadline):
+                page = await self._client.list_objects_v2(**kwargs)
+        items = tuple(ListedObject(key=item["Key"], etag=item["ETag"], size=int(item["Size"]))
+                      for item in page.get("Contents", []))
+        following = page.get("NextContinuationToken")
+        return items, (following if page.get("IsTruncated") and following else None)
+
 
 @asynccontextmanager
 async def open_origin(config: S3Config) -> AsyncIterator[S3Origin]:
@@ -208,7 +233,8 @@ async def open_origin(config: S3Config) -> AsyncIterator[S3Origin]:
     aio_config = AioConfig(
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
-        retries={"max_attempts": config.max_attempts, "mode": config.retry_mode},
+        # total_max_attempts counts the first try; botocore's max_attempts would count only the retries.
+        retries={"total_max_attempts": config.max_attempts, "mode": config.retry_mode},
         s3={"addressing_style": config.addressing_style},
         signature_version="s3v4",
         max_pool_connections=config.max_connections,

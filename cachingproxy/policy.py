@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from .config import CacheRule
 from .models import Entry
 
-__all__ = ["Action", "decide", "glob_regex", "may_serve_stale", "ttl_for", "ttl_left"]
+__all__ = ["Action", "Breaker", "decide", "glob_regex", "may_serve_stale", "ttl_for", "ttl_left", "within"]
 
 # RFC 9111 §4.2.4: a response carrying one of these must not be served stale, whatever our config says.
 _NO_STALE = re.compile(r"(?:^|,)\s*(?:no-cache|must-revalidate|proxy-revalidate|s-maxage)\b", re.IGNORECASE)
@@ -71,3 +71,41 @@ def may_serve_stale(entry: Entry, ttl: float, stale_if_error: float, now: float)
     if _NO_STALE.search(cache_control):
         return False
     return -ttl_left(entry, ttl, now) <= stale_if_error
+
+
+def within(entry: Entry, ttl: float, window: float, now: float) -> bool:
+    """Whether a stale entry is less than `window` seconds past its TTL (RFC 5861 §3 stale-while-revalidate)."""
+    return window > 0 and -ttl_left(entry, ttl, now) < window
+
+
+class Breaker:
+    """After `threshold` consecutive S3 failures, stop asking S3 for `cooldown` seconds, then let one probe
+    through (Varnish saint mode, RELIABILITY.md §1): during an outage no request waits on a timeout.
+    """
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold = threshold  # 0 = never open
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self.opened_at is None:
+            return True
+        if now - self.opened_at >= self.cooldown:
+            self.opened_at = now  # half-open: this caller is the probe; the rest wait another cooldown
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.threshold and self.failures >= self.threshold:
+            self.opened_at = now
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None

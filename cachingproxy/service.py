@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 from .config import Config
 from .models import Clock, Entry, ObjectMeta, Outcome
-from .origin import ObjectMissing, OriginDenied, OriginError, OriginUnavailable, S3Origin
-from .policy import Action, decide, may_serve_stale
+from .origin import BodyCorrupt, ObjectMissing, OriginDenied, OriginError, OriginTimeout, OriginUnavailable, S3Origin
+from .policy import Action, Breaker, decide, may_serve_stale, within
 from .store import CacheStore, Staging
 
 __all__ = ["CHUNK_SIZE", "CachingProxy", "Counters", "Fill", "FromCache", "FromFill", "FromHead", "Resolved"]
@@ -40,6 +42,17 @@ class Counters:
     s3_list: int = 0
     bytes_from_s3: int = 0
     integrity_failures: int = 0
+    bytes_served: int = 0  # bodies sent in full, added by the HTTP layer (admin.py's middleware)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every S3 request is counted by assigning one of the s3_* fields, so attributing it to the HTTP request
+        # it was made for (the access log's "s3" field) needs no change at any call site. Fills and
+        # revalidations run in tasks spawned by the request that started them, and tasks copy its context.
+        op = _S3_OPERATIONS.get(name)
+        calls = S3_CALLS.get() if op is not None else None
+        if calls is not None and op is not None:
+            calls[op] += value - getattr(self, name, value)
+        object.__setattr__(self, name, value)
 
 
 class Fill:
@@ -121,6 +134,7 @@ class CachingProxy:
         self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
         self._negative: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._breaker = Breaker(config.s3.breaker_threshold, config.s3.breaker_cooldown)
 
     # -- public ---------------------------------------------------------------------------------------
 
@@ -137,24 +151,31 @@ class CachingProxy:
                 self.counters.hits += 1
                 return found
         elif entry is not None and action is Action.REVALIDATE:
+            if within(entry, ttl, self._cache_config.stale_while_revalidate, now):
+                found = await self._from_cache(entry, Outcome.STALE, want_body)
+                if found is not None:
+                    self.counters.stale += 1
+                    self._start_shared(self._revalidations, key, lambda: self._refresh(entry))
+                    return found
             try:
                 result = await self._shared(self._revalidations, key, lambda: self._revalidate(entry))
+                if isinstance(result, _Unchanged):
+                    found = await self._from_cache(result.entry, Outcome.REVALIDATED, want_body)
+                    if found is not None:
+                        return found
+                elif not want_body:
+                    return FromHead(result.meta, Outcome.MISS)
+                return await self._fetch(key, want_body)
             except ObjectMissing:
                 raise
-            except OriginError:
-                if not may_serve_stale(entry, ttl, self._cache_config.stale_if_error, self._clock()):
-                    raise
-                found = await self._from_cache(entry, Outcome.STALE, want_body)
-                if found is None:
-                    raise
-                self.counters.stale += 1
-                return found
-            if isinstance(result, _Unchanged):
-                found = await self._from_cache(result.entry, Outcome.REVALIDATED, want_body)
-                if found is not None:
-                    return found
-            elif not want_body:
-                return FromHead(result.meta, Outcome.MISS)
+            except OriginError as exc:
+                # RFC 5861 §4 stale-if-error: a failed revalidation or refetch never takes a good copy away.
+                if may_serve_stale(entry, ttl, self._cache_config.stale_if_error, self._clock()):
+                    found = await self._from_cache(entry, Outcome.STALE, want_body)
+                    if found is not None:
+                        self.counters.stale += 1
+                        return found
+                raise exc from None
         return await self._fetch(key, want_body)
 
     async def exists(self, key: str) -> bool:
@@ -182,7 +203,7 @@ class CachingProxy:
                 await fill._wait()
                 continue
             count = min(available, end) - offset
-            chunk = await self._store.pread(staging.fd, min(count, CHUNK_SIZE), offset)
+            chunk = await self._store.read_staging(staging, min(count, CHUNK_SIZE), offset)
             if not chunk:
                 raise OriginUnavailable("staging file shorter than reported")
             offset += len(chunk)
@@ -200,11 +221,16 @@ class CachingProxy:
         self._release_staging(fill)
 
     async def settle(self) -> None:
-        """Wait for background fills to finish (tests, and graceful shutdown before closing the store)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait for background fills and revalidations (tests, and graceful shutdown before closing the store)."""
+        while pending := [*self._tasks, *self._revalidations.values()]:
+            await asyncio.gather(*pending, return_exceptions=True)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Let running fills finish for up to `grace` seconds (so nothing is lost on SIGTERM), then cancel."""
+        if grace > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self.settle()
         tasks = list(self._tasks) + list(self._revalidations.values()) + list(self._heads.values())
         for task in tasks:
             task.cancel()
@@ -218,6 +244,13 @@ class CachingProxy:
         body = await self._store.open_body(entry)
         # The body can be evicted or found damaged after the lookup; that is a miss, not an error.
         return None if body is None else FromCache(entry, outcome, body)
+
+    async def _refresh(self, entry: Entry) -> _Unchanged | _Changed:
+        """Background revalidation for stale-while-revalidate; a changed object is refetched behind it."""
+        result = await self._revalidate(entry)
+        if isinstance(result, _Changed):
+            self._fill_for(entry.key)
+        return result
 
     async def _revalidate(self, entry: Entry) -> _Unchanged | _Changed:
         try:
@@ -242,7 +275,7 @@ class CachingProxy:
             raise ObjectMissing(key)
         self.counters.s3_head += 1
         try:
-            return await self._origin.head(key)
+            return await self._ask(lambda: self._origin.head(key))
         except ObjectMissing:
             self._remember_missing(key)
             raise
@@ -269,12 +302,15 @@ class CachingProxy:
             meta = await self._head(key)
             self.counters.misses += 1
             return FromHead(meta, Outcome.MISS)
+        self.counters.misses += 1
+        return await self._join(self._fill_for(key), Outcome.MISS)
+
+    def _fill_for(self, key: str) -> Fill:
         fill = self._fills.get(key)
         if fill is None:
             fill = self._fills[key] = Fill(key)
             self._spawn(self._run_fill(fill))
-        self.counters.misses += 1
-        return await self._join(fill, Outcome.MISS)
+        return fill
 
     async def _join(self, fill: Fill, outcome: Outcome) -> FromFill:
         # shield: a client that leaves must not cancel the fill other clients are waiting on.
@@ -288,7 +324,7 @@ class CachingProxy:
         body = None
         try:
             self.counters.s3_get += 1
-            body = await self._origin.get(key)
+            body = await self._ask(lambda: self._origin.get(key))
             fill.staging = await self._store.stage(key, body.meta)
             fill.ready.set_result(body.meta)
             async for chunk in body.chunks(CHUNK_SIZE):
@@ -297,9 +333,8 @@ class CachingProxy:
                 fill._notify()
             problem = fill.staging.problem()
             if problem is not None:
-                self.counters.integrity_failures += 1
                 log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
-                raise OriginUnavailable(problem)
+                raise BodyCorrupt(problem)
             await self._store.commit(fill.staging, self._clock())
             fill.verified = True
             fill._notify()
@@ -311,6 +346,8 @@ class CachingProxy:
                 self._remember_missing(key)
             fill.fail(exc)
         except OriginError as exc:
+            if isinstance(exc, BodyCorrupt):
+                self.counters.integrity_failures += 1
             fill.fail(exc)
         except Exception:
             log.exception("fill failed")
@@ -334,19 +371,60 @@ class CachingProxy:
 
     # -- plumbing -------------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _shared(table: dict[str, asyncio.Task[T]], key: str, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        """Run `work()` once per key at a time; everyone else awaits the same task.
+    async def _ask(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Every S3 call goes through the breaker, which decides whether to try and learns from the result."""
+        if not self._breaker.allow(self._clock()):
+            raise OriginUnavailable("circuit open")
+        try:
+            result = await call()
+        except (OriginUnavailable, OriginTimeout):
+            self._breaker.failure(self._clock())
+            raise
+        except OriginError:
+            self._breaker.success()  # S3 answered (404, 403): it is up
+            raise
+        self._breaker.success()
+        return result
 
-        shield: one client leaving must not cancel the work the others are waiting on.
-        """
+    @staticmethod
+    def _start_shared(table: dict[str, asyncio.Task[T]], key: str,
+                      work: Callable[[], Coroutine[Any, Any, T]]) -> asyncio.Task[T]:
         task = table.get(key)
         if task is None:
             task = table[key] = asyncio.create_task(work())
             task.add_done_callback(lambda t: table.pop(key) if table.get(key) is t else None)
-        return await asyncio.shield(task)
+            # Background work may fail with nobody awaiting it; retrieve the exception so it is not logged.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    @classmethod
+    async def _shared(cls, table: dict[str, asyncio.Task[T]], key: str,
+                      work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run `work()` once per key at a time; everyone else awaits the same task.
+
+        shield: one client leaving must not cancel the work the others are waiting on.
+        """
+        return await asyncio.shield(cls._start_shared(table, key, work))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def prefetch(self, key: str) -> ObjectMeta:
+        """Fill `key` with no client waiting (warm jobs): the same single-flight fill as a miss, awaited to the end.
+
+        Returns the stored version's metadata, or raises the fill's OriginError. Not counted as a miss.
+        """
+        self._negative.pop(key, None)  # a listing has just shown that the key exists
+        fill = self._fill_for(key)
+        while not fill.verified:
+            if fill.error is not None:
+                raise fill.error
+            await fill._wait()
+        return fill.ready.result()
+
+
+_S3_OPERATIONS = {"s3_get": "GET", "s3_head": "HEAD", "s3_list": "LIST"}
+# S3 requests made on behalf of the current HTTP request, by operation; admin.py's middleware sets one per request.
+S3_CALLS: contextvars.ContextVar[collections.Counter[str] | None] = contextvars.ContextVar("s3_calls", default=None)

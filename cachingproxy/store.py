@@ -15,6 +15,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ _FORMAT = 1  # bump when the stored metadata layout changes; older records read 
 # diskcache's default 60 s (RELIABILITY.md §0.7).
 _SQLITE_TIMEOUT = 0.5
 _CACHE_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
+_TOUCH_INTERVAL = 10.0  # seconds between batched access-time write-backs
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,30 +81,55 @@ def _decode(raw: Any) -> Entry | None:
 
 
 class Staging:
-    """One body being written: an fd that readers `pread` while it grows, then verified and committed.
+    """One body being written: a file that readers `pread` while it grows, then verified and committed.
 
     The fd stays valid after the file is renamed into the cache or unlinked, so readers that joined a fill
-    keep reading the same bytes whatever happens to the path.
+    keep reading the same bytes whatever happens to the path. If the disk fails mid-body (ENOSPC, EFBIG),
+    the rest spills to memory: the readers still get every byte, the body is just never committed.
     """
 
-    def __init__(self, fd: int, path: str | None, key: str, meta: ObjectMeta) -> None:
+    def __init__(self, fd: int | None, path: str | None, key: str, meta: ObjectMeta) -> None:
         self.fd = fd
         self.key = key
         self.meta = meta
         self.written = 0
-        self.path = path  # None: an anonymous temp file that can serve readers but never be committed
+        self.path = path  # None: an anonymous file or memory, which can serve readers but never be committed
+        self._on_disk = 0
+        self._spill: bytearray | None = None if fd is not None else bytearray()
         self._md5 = hashlib.md5(usedforsecurity=False) if meta.md5 else None
         self._closed = False
+
+    @property
+    def committable(self) -> bool:
+        return self.path is not None and self._spill is None
 
     def write(self, chunk: bytes) -> None:
         """Blocking: call through the store's executor."""
         view = memoryview(chunk)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
+        if self._spill is None and self.fd is not None:
+            try:
+                while view:
+                    n = os.write(self.fd, view)
+                    self._on_disk += n
+                    view = view[n:]
+            except OSError as exc:
+                log.warning("cache disk write failed (%s): this body passes through uncached",
+                            exc.__class__.__name__)
+                self._spill = bytearray()
+        if view:
+            assert self._spill is not None
+            self._spill += view
         if self._md5 is not None:
             self._md5.update(chunk)
         self.written += len(chunk)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        if offset < self._on_disk:
+            assert self.fd is not None
+            return os.pread(self.fd, min(size, self._on_disk - offset), offset)
+        assert self._spill is not None
+        start = offset - self._on_disk
+        return bytes(self._spill[start : start + size])
 
     def problem(self) -> str | None:
         """Why this body must not be cached, or None when it is complete and intact."""
@@ -115,7 +142,9 @@ class Staging:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            os.close(self.fd)
+            self._spill = None
+            if self.fd is not None:
+                os.close(self.fd)
 
     def discard_path(self) -> None:
         if self.path is not None:
@@ -127,13 +156,18 @@ class Staging:
 class CacheStore:
     """lookup / open_body / stage+commit / mark_checked / purge over one diskcache.Cache."""
 
-    def __init__(self, directory: str, size_limit: int, *, threads: int = 4) -> None:
+    def __init__(self, directory: str, size_limit: int, *, threads: int = 4, verify_on_read: bool = False,
+                 touch_interval: float = _TOUCH_INTERVAL) -> None:
         self._root = Path(directory)
+        self._touch_interval = touch_interval
+        self._verify_on_read = verify_on_read
         self._size_limit = size_limit
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache")
         self._cache: diskcache.Cache | None = None
         self._staging_dir = self._root / "staging"
         self.write_errors = 0
+        self._touched: set[tuple[str, ...]] = set()
+        self._touch_flushed = time.monotonic()
 
     @property
     def available(self) -> bool:
@@ -144,18 +178,38 @@ class CacheStore:
 
     # -- lifetime -------------------------------------------------------------------------------------
 
+    def _open_db(self) -> diskcache.Cache:
+        cache = diskcache.Cache(
+            str(self._root / "db"),
+            size_limit=self._size_limit,
+            # Not "least-recently-used": that turns every read into a write transaction (RELIABILITY.md §0.7),
+            # which serialises hits and times out under load. Hits are recorded in memory and written back
+            # as store_time in one batched transaction (_flush_touches), which approximates LRU to within
+            # _TOUCH_INTERVAL and keeps every hit read-only.
+            eviction_policy="least-recently-stored",
+            timeout=_SQLITE_TIMEOUT,
+            disk=_StagingDisk,
+        )
+        try:
+            cache.get(_meta_key(""))  # a garbage file can open fine and fail on first use
+        except BaseException:
+            cache.close()
+            raise
+        return cache
+
     def _open_sync(self) -> None:
         try:
             # Staging files left by a crash were never indexed: remove them (RELIABILITY.md §0.5).
             shutil.rmtree(self._staging_dir, ignore_errors=True)
             self._staging_dir.mkdir(parents=True, exist_ok=True)
-            self._cache = diskcache.Cache(
-                str(self._root / "db"),
-                size_limit=self._size_limit,
-                eviction_policy="least-recently-used",
-                timeout=_SQLITE_TIMEOUT,
-                disk=_StagingDisk,
-            )
+            try:
+                self._cache = self._open_db()
+            except sqlite3.DatabaseError as exc:
+                # "file is not a database" / "malformed" (diskcache #67, #164): keep the evidence, start empty.
+                aside = self._root / f"db.corrupt-{int(time.time())}"
+                log.error("cache index unreadable (%s): moved aside to %s, starting empty", exc, aside)
+                os.replace(self._root / "db", aside)
+                self._cache = self._open_db()
         except Exception as exc:
             # Cache trouble is not an outage: serve straight from S3 and say so.
             log.error("cache directory %s unusable (%s): serving without a cache", self._root,
@@ -166,6 +220,7 @@ class CacheStore:
         await self._run(self._open_sync)
 
     async def close(self) -> None:
+        await self._run(self._flush_touches)
         cache, self._cache = self._cache, None
         if cache is not None:
             # diskcache keeps one connection per thread (#133): closing from the executor closes the one
@@ -197,14 +252,41 @@ class CacheStore:
         if handle is None:
             return None
         size = os.fstat(handle.fileno()).st_size
-        if size != entry.meta.size:
-            # diskcache never fsyncs, and its own repair accepts a short file (RELIABILITY.md §0.5):
-            # a body whose size disagrees with S3's is a miss, never served.
+        # diskcache never fsyncs, and its own repair accepts a short file (RELIABILITY.md §0.5): a body whose
+        # size disagrees with S3's is a miss, never served. Same-size damage (bit rot, a zeroed page after
+        # power loss) needs the opt-in full MD5 check, which reads the whole file on every hit.
+        problem = f"{size} bytes, expected {entry.meta.size}" if size != entry.meta.size else None
+        if problem is None and self._verify_on_read and entry.meta.md5 is not None:
+            digest = hashlib.md5(usedforsecurity=False)
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+            handle.seek(0)
+            problem = None if digest.hexdigest() == entry.meta.md5 else "MD5 mismatch"
+        if problem is not None:
             handle.close()
-            log.error("cached body for a key has %d bytes, expected %d: dropping it", size, entry.meta.size)
+            log.error("cached body damaged (%s): dropping it", problem)
             self._forget_sync(entry.key)
             return None
+        self._touched.update((_meta_key(entry.key), _body_key(entry.key, entry.meta.etag)))
+        if time.monotonic() - self._touch_flushed >= self._touch_interval:
+            self._flush_touches()
         return handle
+
+    def _flush_touches(self) -> None:
+        keys, self._touched = self._touched, set()
+        self._touch_flushed = time.monotonic()
+        now = time.time()
+
+        def touch(cache: diskcache.Cache) -> None:
+            # diskcache has no public "touch store_time"; this is the one UPDATE its own LRU policy would run
+            # on each get, batched (the Cache table layout is pinned with diskcache==5.6.3).
+            with cache.transact():
+                for key in keys:
+                    db_key, raw = cache._disk.put(key)
+                    cache._sql("UPDATE Cache SET store_time = ? WHERE key = ? AND raw = ?", (now, db_key, raw))
+
+        if keys:
+            self._guard(touch, None)
 
     async def open_body(self, entry: Entry) -> BinaryIO | None:
         """An open handle on the body, or None when it is gone or damaged (then: refetch)."""
@@ -223,10 +305,12 @@ class CacheStore:
             except OSError as exc:
                 self.write_errors += 1
                 log.warning("cannot stage a body (%s): passing through", exc.__class__.__name__)
-        # Waiters still share one S3 read through an anonymous file; it is just never committed.
-        with tempfile.TemporaryFile() as handle:
-            fd = os.dup(handle.fileno())
-        return Staging(fd, None, key, meta)
+        # Waiters still share one S3 read through an anonymous file (or memory); it is never committed.
+        try:
+            with tempfile.TemporaryFile() as handle:
+                return Staging(os.dup(handle.fileno()), None, key, meta)
+        except OSError:
+            return Staging(None, None, key, meta)
 
     async def stage(self, key: str, meta: ObjectMeta) -> Staging:
         return await self._run(self._stage_sync, key, meta)
@@ -235,13 +319,19 @@ class CacheStore:
         await self._run(staging.write, chunk)
 
     async def pread(self, fd: int, size: int, offset: int) -> bytes:
-        """Read a staging or cached file without touching its offset, so readers never disturb each other."""
+        """Read a cached file without touching its offset, so readers never disturb each other."""
         return await self._run(os.pread, fd, size, offset)
+
+    async def read_staging(self, staging: Staging, size: int, offset: int) -> bytes:
+        return await self._run(staging.pread, size, offset)
 
     def _commit_sync(self, staging: Staging, now: float) -> Entry | None:
         entry = Entry(key=staging.key, meta=staging.meta, checked_at=now)
         cache, path = self._cache, staging.path
-        if cache is None or path is None:
+        if cache is None or path is None or not staging.committable:
+            if staging.path is not None:
+                self.write_errors += 1
+            staging.discard_path()
             return None
         try:
             old = _decode(cache.get(_meta_key(staging.key)))

@@ -39,6 +39,7 @@ class Shim:
         self.bucket = bucket
         self.counts: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str]] = []  # (operation, key)
+        self.headers: list[dict[str, str]] = []  # each request's headers, in the order of `log`
         self.fault: Fault | None = None
         self.faults: dict[str, Fault] = {}
         self._session: ClientSession | None = None
@@ -55,6 +56,7 @@ class Shim:
     def reset_counts(self) -> None:
         self.counts.clear()
         self.log.clear()
+        self.headers.clear()
 
     def operation(self, request: web.Request) -> tuple[str, str]:
         path = unquote(request.raw_path.partition("?")[0])
@@ -86,6 +88,11 @@ class Shim:
         for conn in list(self._runner.server.connections) if self._runner.server else []:
             conn.force_close()
 
+    async def close_hanging(self) -> None:
+        """Let blackholed requests go on to be forwarded normally."""
+        self._never.set()
+        self._never = asyncio.Event()
+
     async def close(self) -> None:
         self._never.set()
         if self._runner is not None:
@@ -97,6 +104,7 @@ class Shim:
         op, key = self.operation(request)
         self.counts[op] += 1
         self.log.append((op, key))
+        self.headers.append(dict(request.headers))
         fault = self.faults.get(key, self.fault)
         if fault is not None and op not in fault.ops:
             fault = None
@@ -105,7 +113,7 @@ class Shim:
                 await asyncio.sleep(fault.delay)
             if fault.blackhole:
                 await self._never.wait()
-            if fault.status:
+            elif fault.status:
                 if request.method == "HEAD":
                     return web.Response(status=fault.status)
                 body = f"<?xml version='1.0'?><Error><Code>{fault.code}</Code><Message>injected</Message></Error>"

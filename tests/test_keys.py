@@ -24,6 +24,11 @@ def key(raw: str, mount: str = "/docs", prefix: str = "site/") -> Key | Reject:
     pytest.param("/docs/a=b&c;d", "site/a=b&c;d", False, id="sub-delims-kept"),
     pytest.param("/docs/x.html?v=1&y", "site/x.html", False, id="query-not-in-key"),
     pytest.param("/docs/e%CC%81", "site/e\u0301", False, id="no-unicode-normalisation"),
+    pytest.param("/docs/%C3%A9", "site/\u00e9", False, id="nfc-stays-nfc"),
+    pytest.param("/docs/%252e%252e/x", "site/%2e%2e/x", False, id="double-encoded-dotdot-is-a-literal-name"),
+    pytest.param("/docs/a%2Fb", "site/a/b", False, id="encoded-slash-is-a-separator-inside-prefix"),
+    pytest.param("/docs/a.html#frag", "site/a.html", False, id="rfc9112-3.2-fragment-dropped"),
+    pytest.param("/docs/a#b?c", "site/a", False, id="fragment-before-query-dropped-whole"),
 ])
 def test_keys(raw: str, s3_key: str, directory: bool) -> None:
     result = key(raw)
@@ -69,6 +74,10 @@ def test_rejects(raw: str, status: int) -> None:
     pytest.param("/docs/a%20b/%C3%BC", "/docs", "/docs/a%20b/%C3%BC/", id="re-encoded"),
     pytest.param("/evil.example", "", "/evil.example/", id="root-mount-stays-on-host"),
     pytest.param("/a%3Fb", "", "/a%3Fb/", id="question-mark-in-key-stays-in-path"),
+    pytest.param("/docs/g?x=1#frag", "/docs", "/docs/g/?x=1", id="fragment-not-carried"),
+    pytest.param("/docs/g?a=%0d%0aSet-Cookie:x", "/docs", "/docs/g/?a=%0d%0aSet-Cookie:x", id="escapes-kept-as-sent"),
+    pytest.param("/docs/g?a=\r\nX:\x01\u00fc", "/docs", "/docs/g/?a=%0D%0AX:%01%C3%BC", id="raw-controls-encoded"),
+    pytest.param("/docs/g?//evil.example", "/docs", "/docs/g/?//evil.example", id="query-cannot-become-authority"),
 ])
 def test_redirect_location_is_a_path_on_this_host(raw: str, mount: str, location: str) -> None:
     result = request_key(raw, mount=mount, prefix="", index_document="index.html")

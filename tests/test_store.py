@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from cachingproxy.app import SERVICE
+from cachingproxy.models import ObjectMeta
+from cachingproxy.store import CacheStore
 
 from .conftest import Bucket
 from .shim import Shim
@@ -59,3 +61,34 @@ async def test_staging_leftovers_from_a_crash_are_removed_at_start(make_proxy: A
     (staging / "half-written.part").write_bytes(b"x" * 1000)
     await make_proxy()
     assert list(staging.iterdir()) == []
+
+
+async def test_hits_keep_entries_alive_when_the_cache_evicts(tmp_path: Path) -> None:
+    """Eviction is least-recently-used to within the touch interval, while hits stay read-only."""
+    store = CacheStore(str(tmp_path), size_limit=2_000_000, touch_interval=0)
+    await store.open()
+
+    async def put(key: str) -> None:
+        meta = ObjectMeta(etag=f'"{key}-1"', size=100_000, last_modified=None)
+        staging = await store.stage(key, meta)
+        await store.write(staging, os.urandom(100_000))
+        assert await store.commit(staging, 0.0) is not None
+        staging.close()
+
+    async def cached(key: str) -> bool:
+        entry = await store.lookup(key)
+        handle = None if entry is None else await store.open_body(entry)
+        if handle is not None:
+            handle.close()
+        return handle is not None
+
+    try:
+        for i in range(15):
+            await put(f"k{i}")
+        assert await cached("k0")  # the oldest entry is read, so it becomes the newest
+        for i in range(15, 25):
+            await put(f"k{i}")
+        assert await cached("k0")
+        assert not await cached("k1")
+    finally:
+        await store.close()

@@ -1,0 +1,419 @@
+"""Operations: the admin API (warm, purge, stats, dashboard), /metrics, /healthz, /readyz and the access log.
+
+The admin API is a sub-app under `[admin] path` on the proxy's listener, or its own listener on
+`[admin] host:port`, and is off (404) without a token. Every admin route except the dashboard page needs
+`Authorization: Bearer <token>`. The page itself holds no data and fetches it from JS with that header, so a
+cross-site form post, or a page on a rebinding DNS name, cannot act through an operator's browser
+(RELIABILITY.md §4, admin exposure). /metrics, /healthz and /readyz sit at the root, outside the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler, Middleware
+
+from .config import AdminConfig, Config
+from .metrics import CONTENT_TYPE, Metrics, Snapshot
+from .models import Clock
+from .origin import OriginDenied, OriginError, S3Origin
+from .service import S3_CALLS as CURRENT_S3_CALLS
+from .service import CachingProxy
+from .store import CacheStore
+from .warm import Warmer
+
+__all__ = [
+    "ADMIN_MAX_BODY",
+    "OPS",
+    "S3_CALLS",
+    "TOKEN_ENV",
+    "Ops",
+    "StructuredAccessLogger",
+    "readiness",
+    "setup_admin",
+    "with_env_token",
+]
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "CACHINGPROXY_ADMIN_TOKEN"
+ADMIN_MAX_BODY = 64 * 1024  # admin bodies are tiny JSON; aiohttp's default is 1 MiB (RELIABILITY.md §4)
+READY_PROBE_TIMEOUT = 2.0  # /readyz answers within this even when S3 accepts connections and never replies
+MAX_KEY = 1024  # S3's own key length limit, for keys and prefixes sent to the admin API
+JSON_TYPE = "application/json"
+DASHBOARD = "dashboard"  # route name: the one admin route that needs no token
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+NO_STORE = {"Cache-Control": "no-store"}
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+S3_CALLS = web.RequestKey("s3_calls", collections.Counter)  # S3 requests made for this request, by operation
+
+
+def with_env_token(config: Config, environ: Mapping[str, str]) -> Config:
+    """`CACHINGPROXY_ADMIN_TOKEN` wins over `[admin] token`, so the secret need not live in a file."""
+    token = environ.get(TOKEN_ENV, "")
+    if not token:
+        return config
+    return dataclasses.replace(config, admin=dataclasses.replace(config.admin, token=token))
+
+
+def readiness(cache_ok: bool, s3_ok: bool) -> tuple[int, str]:
+    """/readyz: "ready" when both work; "degraded" but still 200 when one does (the mirror is serving); else 503."""
+    if cache_ok and s3_ok:
+        return 200, "ready"
+    if cache_ok or s3_ok:
+        return 200, "degraded"
+    return 503, "unavailable"
+
+
+class Ops:
+    """What the operations routes share: the warmer, the metrics and the cached S3 reachability check."""
+
+    def __init__(self, config: Config, clock: Clock, store: CacheStore, origin: S3Origin,
+                 service: CachingProxy) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = store
+        self.origin = origin
+        self.service = service
+        self.metrics = Metrics()
+        self.warmer = Warmer(service, store, origin, clock, s3_prefix=config.s3.prefix,
+                             concurrency=config.admin.warm_concurrency)
+        self.started = clock()
+        self._s3_state: tuple[float, bool] | None = None  # (checked at, reachable)
+        self._probe: asyncio.Task[bool] | None = None
+
+    async def s3_reachable(self) -> bool:
+        """One 1-key ListObjectsV2 per `readiness_ttl`, shared by concurrent callers."""
+        state = self._s3_state
+        if state is not None and self.clock() - state[0] < self.config.admin.readiness_ttl:
+            return state[1]
+        if self._probe is None:
+            probe = self._probe = asyncio.create_task(self._check_s3())
+            probe.add_done_callback(lambda _: setattr(self, "_probe", None))
+        return await asyncio.shield(self._probe)
+
+    async def snapshot(self) -> Snapshot:
+        rows, volume = await self.store.stats()
+        c = self.service.counters
+        return Snapshot(
+            hits=c.hits, misses=c.misses, revalidated_unchanged=c.revalidated_unchanged,
+            revalidated_changed=c.revalidated_changed, stale=c.stale, negative_hits=c.negative_hits,
+            s3_get=c.s3_get, s3_head=c.s3_head, s3_list=c.s3_list, bytes_from_s3=c.bytes_from_s3,
+            bytes_served=c.bytes_served, integrity_failures=c.integrity_failures,
+            cache_write_errors=self.store.write_errors, cache_available=self.store.available,
+            # One metadata row and one body row per object. An exact count would read every key (14 s for 100k
+            # objects), which a dashboard refresh cannot afford.
+            entries=rows // 2,
+            bytes_on_disk=volume, size_limit=self.config.cache.size_limit_mb * 1024 * 1024,
+            uptime=max(0.0, self.clock() - self.started), warm_jobs_running=self.warmer.running,
+            responses=self.metrics.responses,
+        )
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        await self.warmer.close()
+
+    async def _check_s3(self) -> bool:
+        self.service.counters.s3_list += 1
+        try:
+            async with asyncio.timeout(READY_PROBE_TIMEOUT):
+                await self.origin.list_page(self.config.s3.prefix, max_keys=1)
+            ok = True
+        except OriginDenied as exc:
+            # AccessDenied on a list is a read-only role without s3:ListBucket: S3 answered, and GETs may well
+            # work. An expired token or a bad signature is an outage for the proxy too.
+            ok = exc.proves_absence
+        except (OriginError, TimeoutError):
+            ok = False
+        self._s3_state = (self.clock(), ok)
+        return ok
+
+
+OPS = web.AppKey("ops", Ops)
+
+
+# -- the proxy's root: monitoring, measurement and lifetime ------------------------------------------------
+
+
+def setup_admin(app: web.Application) -> None:
+    """Add monitoring routes, the measuring middleware, the admin API and their lifetime to the proxy app."""
+    from .app import CONFIG  # app.py calls this function, so importing app.py at module level would be a cycle
+
+    admin = app[CONFIG].admin
+    app.middlewares.insert(0, _measure)  # outermost: it sees every response with its final X-Cache
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    if not admin.port:
+        _mount(app, admin)
+    app.cleanup_ctx.append(_ops_ctx)
+
+
+async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
+    from .app import CLOCK, CONFIG, ORIGIN, SERVICE, STORE  # see setup_admin
+
+    config = app[CONFIG]
+    admin = config.admin
+    ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[ORIGIN], app[SERVICE])
+    runner: web.AppRunner | None = None
+    if not admin.token:
+        log.info("admin API off: set %s (or [admin] token) to turn it on", TOKEN_ENV)
+    elif admin.port:
+        root = web.Application(client_max_size=ADMIN_MAX_BODY)
+        root[OPS] = ops
+        _mount(root, admin)
+        runner = web.AppRunner(root, handle_signals=False, access_log_class=StructuredAccessLogger)
+        await runner.setup()
+        await web.TCPSite(runner, admin.host, admin.port).start()
+        log.info("admin API on http://%s:%d%s/", admin.host, admin.port, admin.path)
+    else:
+        log.info("admin API on the proxy's port under %s/", admin.path)
+        if config.server.host not in LOOPBACK:
+            log.warning("the admin API is reachable wherever the proxy is; consider [admin] port on 127.0.0.1")
+    if admin.warm_prefixes:
+        ops.warmer.start_mirror(admin.warm_prefixes, admin.warm_interval)
+    try:
+        yield
+    finally:
+        await ops.close()
+        if runner is not None:
+            await runner.cleanup()
+
+
+@web.middleware
+async def _measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Latency by X-Cache, bytes served, and the S3 requests each request caused (for the access log)."""
+    calls: collections.Counter[str] = collections.Counter()
+    request[S3_CALLS] = calls
+    scope = CURRENT_S3_CALLS.set(calls)
+    started = time.perf_counter()  # a duration, not a timestamp: real time even when the app clock is fake
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        return response
+    finally:
+        CURRENT_S3_CALLS.reset(scope)
+        ops = request.config_dict.get(OPS)
+        outcome = response.headers.get("X-Cache") if response is not None else None
+        if ops is not None:
+            ops.metrics.observe(outcome, time.perf_counter() - started)
+            if outcome is not None and response is not None and request.method == "GET":
+                ops.service.counters.bytes_served += _body_bytes(request, response)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"}, headers=NO_STORE)
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ops = request.app[OPS]
+    cache_ok = ops.store.available
+    s3_ok = await ops.s3_reachable()
+    status, word = readiness(cache_ok, s3_ok)
+    body = {"status": word, "cache": "ok" if cache_ok else "unavailable", "s3": "ok" if s3_ok else "unreachable"}
+    return web.json_response(body, status=status, headers=NO_STORE)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    ops = request.app[OPS]
+    body = ops.metrics.render(await ops.snapshot())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, **NO_STORE})
+
+
+def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """Body bytes of a response sent in full (0 until its EOF is written, and for HEAD).
+
+    Not `body_length` alone: that counts the header bytes too, and sendfile bypasses it.
+    """
+    if request.method == "HEAD" or not response.body_length:
+        return 0
+    return response.content_length if response.content_length is not None else response.body_length
+
+
+class StructuredAccessLogger(AbstractAccessLogger):
+    """One JSON object per request: method, path, status, bytes, cache (X-Cache), ms, s3 (requests it caused).
+
+    The path is logged without its query string and no header is logged, so neither can leak a token.
+    """
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        calls = request.get(S3_CALLS)
+        self.logger.info("%s", json.dumps({
+            "method": request.method,
+            "path": request.rel_url.raw_path,
+            "status": response.status,
+            "bytes": _body_bytes(request, response),
+            "cache": response.headers.get("X-Cache", "-"),
+            "ms": round(time * 1000, 1),
+            "s3": dict(calls) if calls else {},
+        }, separators=(",", ":")))
+
+
+# -- the admin API --------------------------------------------------------------------------------------------
+
+
+def _mount(parent: web.Application, admin: AdminConfig) -> None:
+    if admin.token:
+        # Registered before the sub-app, which would answer 404 for its bare prefix.
+        parent.router.add_get(admin.path, _to_dashboard)
+    sub = web.Application(middlewares=[_guard(admin)])
+    sub.router.add_get("/", _dashboard, name=DASHBOARD)
+    sub.router.add_get("/stats", _stats)
+    sub.router.add_get("/warm", _warm_list)
+    sub.router.add_post("/warm", _warm_start)
+    sub.router.add_get("/warm/{id}", _warm_status)
+    sub.router.add_post("/purge", _purge)
+    parent.add_subapp(admin.path, sub)
+
+
+def _guard(admin: AdminConfig) -> Middleware:
+    token = admin.token.encode()
+    allowed = frozenset(host.lower() for host in admin.allowed_hosts)
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not token:
+            raise web.HTTPNotFound(text="Not Found\n")
+        if allowed and _hostname(request.host) not in allowed:
+            # DNS rebinding: a hostile page on a name that resolves here still sends its own name as Host.
+            raise _json_error(web.HTTPForbidden, "this Host is not allowed for the admin API")
+        if request.match_info.route.name != DASHBOARD and not _authorized(request, token):
+            raise _json_error(web.HTTPUnauthorized, "unauthorized",
+                              headers={"WWW-Authenticate": 'Bearer realm="cachingproxy-admin"'})
+        return await handler(request)
+
+    return guard
+
+
+def _authorized(request: web.Request, token: bytes) -> bool:
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest: the time taken must not tell how much of a guess was right.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+
+_HOST = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<name>[^:]*))(?::\d*)?$")
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without port or trailing dot: "[::1]:8080" -> "::1"."""
+    match = _HOST.match(host)
+    if match is None:
+        return ""
+    return (match["v6"] or match["name"] or "").lower().rstrip(".")
+
+
+def _json_error(cls: type[web.HTTPException], message: str, **kwargs: Any) -> web.HTTPException:
+    return cls(text=json.dumps({"error": message}), content_type=JSON_TYPE, **kwargs)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    # Only JSON: an HTML form can post urlencoded or multipart cross-site, never application/json.
+    if request.content_type != JSON_TYPE:
+        raise _json_error(web.HTTPUnsupportedMediaType, "send application/json")
+    # A sub-app's own client_max_size is ignored (the root app builds the request), so set it here.
+    limited = request.clone(client_max_size=ADMIN_MAX_BODY)
+    try:
+        data = await limited.json()
+    except ValueError:
+        raise _json_error(web.HTTPBadRequest, "the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _json_error(web.HTTPBadRequest, "the body must be a JSON object")
+    return data
+
+
+def _ops(request: web.Request) -> Ops:
+    return request.config_dict[OPS]
+
+
+async def _to_dashboard(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound(location=request.path + "/")  # the page's relative fetches need the slash
+
+
+@cache
+def _page() -> tuple[bytes, str]:
+    """The dashboard and a CSP that allows exactly its inline script and style, by hash (no 'unsafe-inline')."""
+    page = files("cachingproxy").joinpath("dashboard.html").read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
+        digests = (base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() for text in found)
+        return " ".join(f"'sha256-{digest}'" for digest in digests) or "'none'"
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return page.encode(), csp
+
+
+async def _dashboard(request: web.Request) -> web.Response:
+    body, csp = _page()
+    return web.Response(body=body, content_type="text/html", charset="utf-8",
+                        headers={"Content-Security-Policy": csp, **PAGE_HEADERS})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    ops = _ops(request)
+    s3_ok = await ops.s3_reachable()  # first, so the snapshot counts the LIST it may make
+    snapshot = await ops.snapshot()
+    return web.json_response({**snapshot.as_json(), "s3": "ok" if s3_ok else "unreachable"}, headers=NO_STORE)
+
+
+async def _warm_start(request: web.Request) -> web.Response:
+    ops = _ops(request)
+    body = await _json_object(request)
+    prefix = body.get("prefix", "")
+    if set(body) - {"prefix"} or not isinstance(prefix, str) or len(prefix) > MAX_KEY or prefix.startswith("/"):
+        raise _json_error(web.HTTPBadRequest, 'send {"prefix": "guides/"}: a key prefix below [s3] prefix')
+    job, created = ops.warmer.start(prefix)
+    return web.json_response({"id": job.id, "prefix": prefix, "created": created}, status=202,
+                             headers={"Location": f"{request.path}/{job.id}", **NO_STORE})
+
+
+async def _warm_status(request: web.Request) -> web.Response:
+    job = _ops(request).warmer.get(request.match_info["id"])
+    if job is None:
+        raise _json_error(web.HTTPNotFound, "no such warm job (only the latest are kept)")
+    return web.json_response(job.as_dict(), headers=NO_STORE)
+
+
+async def _warm_list(request: web.Request) -> web.Response:
+    jobs = [job.as_dict() for job in _ops(request).warmer.recent()]
+    return web.json_response({"jobs": jobs}, headers=NO_STORE)
+
+
+async def _purge(request: web.Request) -> web.Response:
+    ops = _ops(request)
+    body = await _json_object(request)
+    s3_prefix = ops.config.s3.prefix
+    match body:
+        case {"key": str(key)} if len(body) == 1 and 0 < len(key) <= MAX_KEY:
+            purged = await ops.store.forget(s3_prefix + key)
+        case {"prefix": str(prefix)} if len(body) == 1 and len(prefix) <= MAX_KEY:
+            purged = await ops.store.purge_prefix(s3_prefix + prefix)
+        case {"all": bool(everything)} if everything and len(body) == 1:
+            purged = await ops.store.purge_prefix("")
+        case _:
+            raise _json_error(web.HTTPBadRequest, 'send one of {"key": "..."}, {"prefix": "..."} or {"all": true}')
+    log.info("purge %s: %d entries removed", json.dumps(body), purged)
+    return web.json_response({"purged": purged}, headers=NO_STORE)

@@ -1,0 +1,160 @@
+"""The proxy's figures: a `Snapshot` value for GET {admin}/stats, and its Prometheus exposition for GET /metrics.
+
+The only module that imports prometheus_client. Each app gets its own `CollectorRegistry`, never the global
+one: tests build many apps in one process, and the global registry refuses a second metric of the same name.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "OUTCOMES", "Metrics", "Snapshot"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+OUTCOMES = ("HIT", "MISS", "REVALIDATED", "STALE")  # X-Cache values; other responses are labelled "none"
+FROM_CACHE = frozenset({"HIT", "REVALIDATED", "STALE"})
+# Seconds. Hits from disk take about a millisecond, misses S3's latency plus the body.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every counter at one moment, as /stats and /metrics report it."""
+
+    hits: int
+    misses: int
+    revalidated_unchanged: int
+    revalidated_changed: int
+    stale: int
+    negative_hits: int
+    s3_get: int
+    s3_head: int
+    s3_list: int
+    bytes_from_s3: int
+    bytes_served: int
+    integrity_failures: int
+    cache_write_errors: int
+    cache_available: bool
+    entries: int
+    bytes_on_disk: int
+    size_limit: int
+    uptime: float
+    warm_jobs_running: int
+    responses: Mapping[str, int] = field(default_factory=dict)  # object responses by X-Cache
+
+    @property
+    def hit_ratio(self) -> float:
+        """Share of object responses answered from disk (X-Cache HIT, REVALIDATED or STALE)."""
+        total = sum(self.responses.get(o, 0) for o in OUTCOMES)
+        cached = sum(self.responses.get(o, 0) for o in FROM_CACHE)
+        return cached / total if total else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "revalidations": {"unchanged": self.revalidated_unchanged, "changed": self.revalidated_changed},
+            "stale_served": self.stale,
+            "negative_hits": self.negative_hits,
+            "s3_requests": {"GET": self.s3_get, "HEAD": self.s3_head, "LIST": self.s3_list},
+            # A fresh hit is a request S3 never saw.
+            "s3_requests_saved": self.responses.get("HIT", 0),
+            "bytes_from_s3": self.bytes_from_s3,
+            "bytes_served": self.bytes_served,
+            "responses": {o: self.responses.get(o, 0) for o in OUTCOMES},
+            "hit_ratio": round(self.hit_ratio, 4),
+            "entries": self.entries,
+            "bytes_on_disk": self.bytes_on_disk,
+            "size_limit": self.size_limit,
+            "cache": "ok" if self.cache_available else "unavailable",
+            "integrity_failures": self.integrity_failures,
+            "cache_write_errors": self.cache_write_errors,
+            "warm_jobs_running": self.warm_jobs_running,
+            "uptime": round(self.uptime, 3),
+        }
+
+
+class _SnapshotCollector(Collector):
+    """Reads the snapshot `Metrics.render` was given; prometheus_client calls `collect` synchronously."""
+
+    def __init__(self, owner: Metrics) -> None:
+        self._owner = owner
+
+    def describe(self) -> list[Metric]:
+        return []  # names are dynamic per scrape; nothing to check against other collectors
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._owner.current
+        if s is None:
+            return
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"cachingproxy_{name}", doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"cachingproxy_{name}", doc, value=value)
+
+        yield counter("cache_hits", "Lookups answered from disk without asking S3.", s.hits)
+        yield counter("cache_misses", "Lookups that needed a GetObject (or a HeadObject for HEAD).", s.misses)
+        revalidations = CounterMetricFamily("cachingproxy_revalidations", "HeadObject revalidations by result.",
+                                            labels=["result"])
+        revalidations.add_metric(["unchanged"], s.revalidated_unchanged)
+        revalidations.add_metric(["changed"], s.revalidated_changed)
+        yield revalidations
+        yield counter("stale_served", "Responses served stale because S3 failed (stale-if-error).", s.stale)
+        yield counter("negative_hits", "Requests answered 404 from the negative cache.", s.negative_hits)
+        requests = CounterMetricFamily("cachingproxy_s3_requests", "Requests made to S3 by operation.",
+                                       labels=["operation"])
+        for op, value in (("GET", s.s3_get), ("HEAD", s.s3_head), ("LIST", s.s3_list)):
+            requests.add_metric([op], value)
+        yield requests
+        yield counter("s3_received_bytes", "Object bytes received from S3.", s.bytes_from_s3)
+        yield counter("served_bytes", "Object bytes sent to clients in complete responses.", s.bytes_served)
+        yield counter("integrity_failures", "S3 bodies rejected by the length or MD5 check.", s.integrity_failures)
+        yield counter("cache_write_errors", "Bodies that could not be written to the cache.", s.cache_write_errors)
+        yield gauge("cache_available", "1 when the disk cache is open.", 1 if s.cache_available else 0)
+        yield gauge("cache_entries", "Cached objects.", s.entries)
+        yield gauge("cache_bytes", "Bytes the cache uses on disk.", s.bytes_on_disk)
+        yield gauge("cache_size_limit_bytes", "The configured cache size limit.", s.size_limit)
+        yield gauge("hit_ratio", "Share of object responses answered from disk.", s.hit_ratio)
+        yield gauge("warm_jobs_running", "Warm jobs in progress.", s.warm_jobs_running)
+        yield gauge("uptime_seconds", "Seconds since the proxy started.", s.uptime)
+
+
+class Metrics:
+    """observe(outcome, seconds) per response; render(snapshot) for a scrape."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._latency = Histogram("cachingproxy_request_duration_seconds",
+                                  "Time to answer a request, by X-Cache outcome.", ["cache"],
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        for outcome in (*OUTCOMES, "none"):
+            self._latency.labels(cache=outcome)  # every series exists from the start, at zero
+        self._responses: collections.Counter[str] = collections.Counter()
+        self.current: Snapshot | None = None
+        self.registry.register(_SnapshotCollector(self))
+
+    @property
+    def responses(self) -> dict[str, int]:
+        return dict(self._responses)
+
+    def observe(self, outcome: str | None, seconds: float) -> None:
+        label = outcome if outcome in OUTCOMES else "none"
+        self._latency.labels(cache=label).observe(seconds)
+        if label != "none":
+            self._responses[label] += 1
+
+    def render(self, snapshot: Snapshot) -> bytes:
+        self.current = snapshot
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self.current = None

@@ -1,0 +1,256 @@
+"""Warm jobs: page through ListObjectsV2 under a prefix and fill every object the cache lacks.
+
+A warm goes through the service's own single-flight fill, so a warmed object is stored exactly as a client
+miss would store it, and a client asking for it meanwhile joins the same GetObject. An object already cached
+under the ETag the listing reports is only marked checked: a warm of an unchanged prefix costs its LIST
+requests and nothing else, and doubles as a bulk revalidation (an office mirror stays current on LISTs alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models import Clock
+from .origin import ListedObject, ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin
+from .service import CachingProxy
+from .store import CacheStore
+
+__all__ = ["KEEP_FAILURES", "KEEP_JOBS", "WarmJob", "Warmer", "failure_reason"]
+
+log = logging.getLogger(__name__)
+
+KEEP_JOBS = 50  # finished jobs kept for GET {admin}/warm; running ones are always kept
+KEEP_FAILURES = 100  # failures listed per job (`failed` counts them all)
+_QUEUE_PER_WORKER = 4  # listed objects buffered ahead of the workers: listing never runs far ahead
+
+
+def failure_reason(exc: OriginError) -> str:
+    """A short fixed reason; S3's own text (bucket, request ids) never reaches a client (RELIABILITY.md §4)."""
+    if isinstance(exc, ObjectMissing):
+        return "missing: deleted since it was listed"
+    if isinstance(exc, OriginDenied):
+        return "denied by S3"
+    if isinstance(exc, OriginTimeout):
+        return "S3 timed out"
+    return "S3 unavailable, or the body failed verification"
+
+
+@dataclass(slots=True, eq=False)
+class WarmJob:
+    """Progress of one warm. Mutable, unlike most values here: clients poll it while the workers move it."""
+
+    id: str
+    prefix: str  # below [s3] prefix, as the client gave it
+    started: float
+    listed: int = 0
+    listed_bytes: int = 0
+    listing_done: bool = False
+    fetched: int = 0
+    skipped: int = 0  # cached under the listed ETag: marked checked, not fetched
+    failed: int = 0
+    bytes: int = 0  # fetched from S3
+    processed_bytes: int = 0  # listed bytes dealt with either way, for progress and ETA
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (key below [s3] prefix, reason)
+    error: str | None = None  # the listing itself failed; what was listed before that is still processed
+    finished: float | None = None
+    finished_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    def fail(self, key: str, reason: str) -> None:
+        self.failed += 1
+        if len(self.failures) < KEEP_FAILURES:
+            self.failures.append((key, reason))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "prefix": self.prefix,
+            "listed": self.listed,
+            "listed_bytes": self.listed_bytes,
+            "listing_done": self.listing_done,
+            "fetched": self.fetched,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "failures": [{"key": key, "reason": reason} for key, reason in self.failures],
+            "bytes": self.bytes,
+            "processed_bytes": self.processed_bytes,
+            "error": self.error,
+            "started": self.started,
+            "finished": self.finished,
+            "done": self.done,
+        }
+
+
+class Warmer:
+    """start / get / recent / wait / tick over warm jobs; one job per prefix at a time."""
+
+    def __init__(self, service: CachingProxy, store: CacheStore, origin: S3Origin, clock: Clock, *,
+                 s3_prefix: str, concurrency: int) -> None:
+        self._service = service
+        self._store = store
+        self._origin = origin
+        self._clock = clock
+        self._s3_prefix = s3_prefix
+        self._workers = concurrency
+        # Shared by every job, so two warms never double the load on S3.
+        self._slots = asyncio.Semaphore(concurrency)
+        self._jobs: OrderedDict[str, WarmJob] = OrderedDict()
+        self._running: dict[str, WarmJob] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    def start(self, prefix: str) -> tuple[WarmJob, bool]:
+        """Start a warm of `prefix`, or return the one already running for it; True when newly started."""
+        running = self._running.get(prefix)
+        if running is not None:
+            return running, False
+        job = WarmJob(id=secrets.token_hex(6), prefix=prefix, started=self._clock())
+        self._running[prefix] = job
+        self._jobs[job.id] = job
+        self._trim()
+        log.info("warm %s started for prefix %r", job.id, prefix)
+        self._spawn(self._run(job))
+        return job, True
+
+    def get(self, job_id: str) -> WarmJob | None:
+        return self._jobs.get(job_id)
+
+    def recent(self) -> list[WarmJob]:
+        """Newest first."""
+        return list(reversed(self._jobs.values()))
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    async def wait(self, job_id: str) -> WarmJob:
+        """Until the job has finished (tests, and anything that must not poll)."""
+        job = self._jobs[job_id]
+        await job.finished_event.wait()
+        return job
+
+    def tick(self, prefixes: tuple[str, ...]) -> list[WarmJob]:
+        """One round of mirror mode: a job per prefix, reusing any still running, so rounds never pile up."""
+        return [self.start(prefix)[0] for prefix in prefixes]
+
+    def start_mirror(self, prefixes: tuple[str, ...], interval: float) -> None:
+        """Warm `prefixes` now and then every `interval` seconds (0: only now)."""
+        self._spawn(self._mirror(prefixes, interval))
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- steps ----------------------------------------------------------------------------------------
+
+    async def _mirror(self, prefixes: tuple[str, ...], interval: float) -> None:
+        while True:
+            self.tick(prefixes)
+            if interval <= 0:
+                return
+            # Real time, not the app clock: this waits, and a fake clock in tests never advances by itself.
+            await asyncio.sleep(interval)
+
+    async def _run(self, job: WarmJob) -> None:
+        queue: asyncio.Queue[ListedObject | None] = asyncio.Queue(maxsize=self._workers * _QUEUE_PER_WORKER)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self._workers):
+                    group.create_task(self._work(job, queue))
+                await self._list(job, queue)
+                for _ in range(self._workers):
+                    await queue.put(None)
+        finally:
+            job.finished = self._clock()
+            job.finished_event.set()
+            if self._running.get(job.prefix) is job:
+                del self._running[job.prefix]
+            self._trim()
+            log.info("warm %s finished: %d listed, %d fetched (%d bytes), %d unchanged, %d failed%s", job.id,
+                     job.listed, job.fetched, job.bytes, job.skipped, job.failed,
+                     f"; {job.error}" if job.error else "")
+
+    async def _list(self, job: WarmJob, queue: asyncio.Queue[ListedObject | None]) -> None:
+        token: str | None = None
+        while True:
+            # Counted here: the service counts the GET and HEAD requests it makes, and this is the only LIST user
+            # besides the readiness probe.
+            self._service.counters.s3_list += 1
+            try:
+                page, token = await self._origin.list_page(self._s3_prefix + job.prefix, token)
+            except OriginError as exc:
+                job.error = "listing failed: " + failure_reason(exc)
+                return
+            for item in page:
+                if item.key.endswith("/"):
+                    continue  # a "folder" placeholder: keys.py serves dir/ as dir/index.html, never this key
+                job.listed += 1
+                job.listed_bytes += item.size
+                await queue.put(item)
+            if token is None:
+                job.listing_done = True
+                return
+
+    async def _work(self, job: WarmJob, queue: asyncio.Queue[ListedObject | None]) -> None:
+        while (item := await queue.get()) is not None:
+            async with self._slots:
+                await self._warm_one(job, item)
+
+    async def _warm_one(self, job: WarmJob, item: ListedObject) -> None:
+        key = item.key[len(self._s3_prefix):]
+        try:
+            if await self._cached(item):
+                job.skipped += 1
+            else:
+                meta = await self._service.prefetch(item.key)
+                job.fetched += 1
+                job.bytes += meta.size
+        except OriginError as exc:
+            job.fail(key, failure_reason(exc))
+        except Exception:
+            # One odd object must not end the job: it is reported like any other failure.
+            log.exception("warm %s: unexpected error on one object", job.id)
+            job.fail(key, "internal error")
+        job.processed_bytes += item.size
+
+    async def _cached(self, item: ListedObject) -> bool:
+        """Cached under the listed ETag, with a body that opens: then mark it checked and skip it."""
+        entry = await self._store.lookup(item.key)
+        if entry is None or entry.meta.etag != item.etag:
+            return False
+        # Metadata and body are separate diskcache rows and LRU eviction can take the body alone; open_body
+        # also drops a body whose size is wrong. Either way the object needs fetching.
+        body = await self._store.open_body(entry)
+        if body is None:
+            return False
+        await self._store.close_body(body)
+        # The listing is S3 confirming this version now: the entry is as fresh as after a 304.
+        await self._store.mark_checked(entry.checked(entry.meta, self._clock()))
+        return True
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def _trim(self) -> None:
+        finished = [job_id for job_id, job in self._jobs.items() if job.done]
+        for job_id in finished[:max(0, len(finished) - KEEP_JOBS)]:
+            del self._jobs[job_id]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # A fresh context: the job outlives the admin request that started it, and S3 calls it makes must not
+        # be attributed to that request in the access log (service.S3_CALLS is a context variable).
+        task = asyncio.create_task(coro, context=contextvars.Context())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
