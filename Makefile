@@ -15,8 +15,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check cachingproxy tests
 	$(BIN)/mypy cachingproxy
 
+# install-browser.sh is instant once chromium is there and never fails; without chromium the browser suites
+# are skipped, and -rs prints why in the summary.
 test: lint
-	$(BIN)/pytest -q -p no:cacheprovider
+	.ci/install-browser.sh
+	$(BIN)/pytest -q -rs -p no:cacheprovider
 
 demo: $(STAMP)
 	$(BIN)/python -m cachingproxy.demo

@@ -1,20 +1,24 @@
-"""End to end: Debian's headless chromium reads the shipped sample docs site through the proxy, which sits in
-front of moto behind the counting shim. Each test gets a fresh proxy, a freshly seeded bucket and a
-browser on a fresh profile; the browser is driven with Playwright's async API, so the proxy (which
-runs on the test's event loop) keeps serving while the test waits on the browser.
+"""End to end: Debian's headless chromium reads the shipped sample docs site through the proxy, in front of
+moto behind the counting shim, as a reader would, and checks what the browser itself saw.
 
-Skipped, with the reason, when /usr/bin/chromium is missing or does not start (`pytest -rs` prints it).
+One chromium for the session (tests/browser.py, fresh user-data dir), driven with Playwright's async API;
+each test gets its own browser context (empty HTTP cache), proxy (empty cache directory) and shim (zeroed
+counts). The bucket is seeded once per module with `seed_bucket`: the tests only read it. The home page's
+screenshot is saved as test-output/browser/home.png (and copied to docs/ with UPDATE_SCREENSHOT=1).
+
+The whole module is skipped, with the reason, when /usr/bin/chromium is missing (.ci/install-browser.sh
+installs it) or does not start; `pytest -rs` prints the reason in the summary.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
 import re
 import shutil
 import struct
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +26,13 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import pytest_asyncio
 
 from cachingproxy.app import SERVICE
 from cachingproxy.demo import seed_bucket
 
 from . import browser as chromium
+from .browser import fresh_context, new_page
 from .conftest import Bucket, MakeProxy
 from .shim import Shim
 
@@ -34,7 +40,10 @@ _reason = chromium.missing_reason()
 if _reason is not None:
     pytest.skip(_reason, allow_module_level=True)
 
-from playwright.async_api import BrowserContext, Page, async_playwright  # noqa: E402
+from playwright.async_api import Browser, BrowserContext, Page  # noqa: E402
+
+pytest_plugins = ["tests.browser"]  # the session's one chromium (`chromium_browser`)
+pytestmark = pytest.mark.asyncio(loop_scope=chromium.LOOP)
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "test-output" / "browser" / "home.png"
@@ -43,14 +52,6 @@ BRAND = "rgb(31, 78, 121)"  # #1f4e79, header background in site.css
 DOWNLOAD = "downloads/handbook.zip"
 # Links in the site that name a folder without its trailing slash.
 FOLDER_LINKS = ["guides/advanced", "reference", "reference/api"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def chromium_starts() -> None:
-    """Skip the whole module, with the reason, if the installed chromium cannot be started."""
-    reason = chromium.startup_failure()
-    if reason is not None:
-        pytest.skip(reason)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Site:
         return sorted(k for k in self.objects if k.endswith(".html") and k != "404.html")
 
     def page_urls(self) -> dict[str, str]:
-        """Every page as a reader reaches it: by its key, and folders' index pages also as `folder/`."""
+        """Every page by its key, and folders' index pages also as `folder/`: {relative URL: key}."""
         urls = {}
         for key in self.pages():
             urls[key] = key
@@ -74,34 +75,49 @@ class Site:
                 urls[key.removesuffix("index.html")] = key
         return urls
 
+    def reader_urls(self) -> list[str]:
+        """Every page once, as the site's own links name it (`folder/` rather than `folder/index.html`)."""
+        return [key.removesuffix("index.html") for key in self.pages()]
+
     async def settle(self) -> None:
         """Wait for the proxy's background cache fills to land (an event, not a sleep)."""
         await self.proxy.server.app[SERVICE].settle()
 
 
-@pytest.fixture
-async def site(make_proxy: MakeProxy, moto_url: str, bucket: Bucket, shim: Shim) -> Site:
-    objects = await asyncio.to_thread(seed_bucket, moto_url, bucket.name, prefix="")
+# The tests and the fixtures that start the proxy and the shim run on the session loop, the loop of the one
+# chromium that tests/browser.py's plugin starts (see its docstring).
+shim = pytest_asyncio.fixture(loop_scope=chromium.LOOP, name="shim")(chromium.shim_on_loop)
+aiohttp_client = pytest_asyncio.fixture(loop_scope=chromium.LOOP, name="aiohttp_client")(chromium.client_on_loop)
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_client: Any) -> Bucket:
+    """One bucket for the module (read-only here), so the 8 MB sample site is uploaded once."""
+    bucket = Bucket(s3_client, f"t-{uuid.uuid4().hex[:16]}")
+    s3_client.create_bucket(Bucket=bucket.name)
+    return bucket
+
+
+@pytest.fixture(scope="module")
+def seeded(moto_url: str, bucket: Bucket) -> dict[str, bytes]:
+    return seed_bucket(moto_url, bucket.name, prefix="")
+
+
+@pytest_asyncio.fixture(loop_scope=chromium.LOOP)
+async def site(make_proxy: MakeProxy, seeded: dict[str, bytes], shim: Shim) -> Site:
     proxy = await make_proxy(cache={"error_document": "404.html"})
     shim.reset_counts()
-    return Site(proxy=proxy, shim=shim, objects=objects)
+    return Site(proxy=proxy, shim=shim, objects=seeded)
 
 
-@pytest.fixture
-async def browser(site: Site, tmp_path: Path) -> AsyncIterator[BrowserContext]:
-    """Chromium on a fresh user-data dir; set up after (so closed before) the proxy it talks to."""
-    async with async_playwright() as pw:
-        context = await chromium.launch(pw, tmp_path / "chromium-profile")
-        try:
-            yield context
-        finally:
-            await context.close()
-
-
-async def new_page(context: BrowserContext) -> tuple[Page, chromium.Traffic]:
-    traffic = chromium.Traffic()
-    page = traffic.attach(await context.new_page())
-    return page, traffic
+@pytest_asyncio.fixture(loop_scope=chromium.LOOP)
+async def browser(site: Site, chromium_browser: Browser) -> AsyncIterator[BrowserContext]:
+    """A fresh context per test; set up after (so closed before) the proxy it talks to."""
+    context = await fresh_context(chromium_browser)
+    try:
+        yield context
+    finally:
+        await context.close()
 
 
 async def styled(page: Page) -> tuple[str, str | None]:
@@ -128,6 +144,8 @@ async def visit(page: Page, url: str) -> int:
 
 
 # -- the tests -----------------------------------------------------------------------------------------
+# Every test also asserts that no request failed and that every sub-resource got 2xx or 304
+# (`traffic.problems()`), from the browser's own network events.
 
 
 async def test_every_page_loads_with_all_subresources(site: Site, browser: BrowserContext) -> None:
@@ -167,7 +185,7 @@ async def test_folder_link_without_slash_lands_on_folder_slash(site: Site, brows
         await page.locator(f'nav.sidebar a[href="{href}"]').click()
         await page.wait_for_url(site.url(href + "/"))  # waits for the `load` event
         assert page.url.endswith(f"/docs/{href}/"), href
-        redirects = [r for r in traffic.responses if r.resource_type == "document" and r.redirected]
+        redirects = [r for r in traffic.responses if r.resource_type == "document" and r.redirect]
         assert [(r.status, r.headers.get("location")) for r in redirects] == [(301, f"/docs/{href}/")]
         assert await styled(page) == (BRAND, "ok"), href
         assert await broken_images(page) == [], href
@@ -231,7 +249,7 @@ async def test_missing_page_shows_the_404_page(site: Site, browser: BrowserConte
 
 
 async def test_second_visit_is_served_from_the_cache(site: Site, browser: BrowserContext) -> None:
-    urls = [*site.page_urls(), "guides/advanced", "search.html?q=cache", "no-such-page.html"]
+    urls = [*site.reader_urls(), "guides/advanced", "search.html?q=cache", "no-such-page.html"]
 
     async def read_site(context: BrowserContext) -> chromium.Traffic:
         page, traffic = await new_page(context)
@@ -248,8 +266,8 @@ async def test_second_visit_is_served_from_the_cache(site: Site, browser: Browse
     await site.settle()
     site.shim.reset_counts()
 
-    fresh = await browser.browser.new_context() if browser.browser else None  # empty browser cache
-    assert fresh is not None
+    assert browser.browser is not None
+    fresh = await fresh_context(browser.browser)  # an empty browser cache: every request reaches the proxy
     try:
         second = await read_site(fresh)
     finally:
@@ -257,15 +275,17 @@ async def test_second_visit_is_served_from_the_cache(site: Site, browser: Browse
     assert second.problems() == []
     assert site.shim.counts == {}, site.shim.log  # zero S3 requests
     not_hit = [(r.status, r.url, r.headers.get("x-cache")) for r in second.responses
-               if not (r.status == 301 and r.redirected) and r.headers.get("x-cache") != "HIT"]
+               if not (r.status == 301 and r.redirect) and r.headers.get("x-cache") != "HIT"]
     assert not_hit == []
     assert {r.resource_type for r in second.responses} >= {"document", "stylesheet", "script", "image", "fetch"}
-    assert sorted({r.status for r in second.responses}) == [200, 301, 404]
+    assert {r.status for r in second.responses} - {304} == {200, 301, 404}
 
 
 async def test_download_streams_in_full(site: Site, browser: BrowserContext) -> None:
     page, traffic = await new_page(browser)
     assert await visit(page, site.url("")) == 200
+    await site.settle()
+    site.shim.reset_counts()
     seeded = site.objects[DOWNLOAD]
     assert len(seeded) > 4 * 1024 * 1024
     # First through fetch() in the page: a cold key, streamed from S3 while the cache fills.
@@ -281,17 +301,23 @@ async def test_download_streams_in_full(site: Site, browser: BrowserContext) -> 
     )
     assert (status, size, x_cache) == (200, len(seeded), "MISS")
     assert digest == hashlib.sha256(seeded).hexdigest()
-    assert site.shim.counts == {"GET": 1}
+    assert site.shim.log == [("GET", DOWNLOAD)]
+    assert traffic.problems() == []
     await site.settle()
-    # Then as a reader gets it: clicking the link saves the file.
+    site.shim.reset_counts()
+    # Then as a reader gets it: clicking the link saves the file (now from the proxy's cache).
     async with page.expect_download() as info:
         await page.locator("a.download").click()
     download = await info.value
     saved = await download.path()
+    assert await download.failure() is None
     assert download.suggested_filename == "handbook.zip"
     assert saved.stat().st_size == len(seeded)
     assert hashlib.sha256(saved.read_bytes()).digest() == hashlib.sha256(seeded).digest()
-    assert traffic.problems() == []
+    # Chromium hands a navigation that turns out to be a download to its download manager and reports the
+    # page's request as aborted; that handover is the only "failure" allowed here.
+    assert traffic.failures == [f"GET {site.url(DOWNLOAD)}: net::ERR_ABORTED"]
+    assert site.shim.counts == {}
 
 
 async def test_screenshot_of_the_home_page(site: Site, browser: BrowserContext) -> None:
@@ -309,3 +335,14 @@ async def test_screenshot_of_the_home_page(site: Site, browser: BrowserContext) 
     if os.environ.get("UPDATE_SCREENSHOT") == "1":
         README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(SCREENSHOT, README_SCREENSHOT)
+
+
+@pytest.mark.xfail(strict=True, reason="the proxy serves /docs (mount, no slash) as 200 instead of redirecting "
+                                       "to /docs/, so the page's relative assets resolve outside the mount "
+                                       "(/_static/site.css: 404)")
+async def test_mount_without_slash_lands_on_mount_slash(site: Site, browser: BrowserContext) -> None:
+    page, traffic = await new_page(browser)
+    assert await visit(page, str(site.proxy.make_url("/docs"))) == 200
+    assert page.url == site.url("")
+    assert await styled(page) == (BRAND, "ok")
+    assert traffic.problems() == []
