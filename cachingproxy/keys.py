@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-__all__ = ["MAX_KEY_BYTES", "Key", "Reject", "index_key", "redirect_location", "request_key"]
+__all__ = ["MAX_KEY_BYTES", "Key", "Redirect", "Reject", "index_key", "redirect_location", "request_key"]
 
 MAX_KEY_BYTES = 1024  # S3's own key length limit
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -34,7 +34,14 @@ class Reject:
     reason: str
 
 
-def request_key(raw_path: str, *, mount: str, prefix: str, index_document: str) -> Key | Reject:
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """The bare mount: `/docs` -> `/docs/`, or `_static/site.css` in its index page resolves off the mount."""
+
+    location: str
+
+
+def request_key(raw_path: str, *, mount: str, prefix: str, index_document: str) -> Key | Reject | Redirect:
     """Decode `request.raw_path` once and join it to `prefix` by concatenation (RELIABILITY.md §4).
 
     The router only sends paths equal to `mount` or under `mount + "/"`; anything else is a 404.
@@ -43,7 +50,9 @@ def request_key(raw_path: str, *, mount: str, prefix: str, index_document: str) 
     # drop it as every URL parser (and the router, via yarl) does, rather than putting it in the key.
     target, _, _ = raw_path.partition("#")
     path, _, query = target.partition("?")
-    if path == mount or path == mount + "/":
+    if path == mount:  # never "" : the root mount's path is "/"
+        return Redirect(mount + "/" + ("?" + quote(query, safe=_QUERY_SAFE) if query else ""))
+    if path == mount + "/":
         rest = ""
     elif path.startswith(mount + "/"):
         rest = path[len(mount) + 1 :]

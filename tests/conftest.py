@@ -11,10 +11,10 @@ from typing import Any
 
 import boto3
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from moto.server import ThreadedMotoServer
 
-from cachingproxy.app import create_app
+from cachingproxy.app import create_app, server_kwargs
 from cachingproxy.config import Config, parse_config
 
 from .shim import Shim
@@ -125,7 +125,10 @@ def make_proxy(aiohttp_client: Any, tmp_path: Path, shim: Shim, bucket: Bucket, 
 
     async def make(**sections: dict[str, Any]) -> TestClient[Any, Any]:
         config = config_for(tmp_path, shim.url, bucket.name, **sections)
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(config, clock=clock))
+        # TestServer(**kwargs) drops its kwargs; start_server(**kwargs) hands them to the AppRunner.
+        server = TestServer(create_app(config, clock=clock))
+        await server.start_server(**server_kwargs(config))
+        client: TestClient[Any, Any] = await aiohttp_client(server)
         return client
 
     return make

@@ -337,9 +337,6 @@ async def test_screenshot_of_the_home_page(site: Site, browser: BrowserContext) 
         shutil.copyfile(SCREENSHOT, README_SCREENSHOT)
 
 
-@pytest.mark.xfail(strict=True, reason="the proxy serves /docs (mount, no slash) as 200 instead of redirecting "
-                                       "to /docs/, so the page's relative assets resolve outside the mount "
-                                       "(/_static/site.css: 404)")
 async def test_mount_without_slash_lands_on_mount_slash(site: Site, browser: BrowserContext) -> None:
     page, traffic = await new_page(browser)
     assert await visit(page, str(site.proxy.make_url("/docs"))) == 200

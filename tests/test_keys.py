@@ -6,15 +6,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from cachingproxy.keys import Key, Reject, redirect_location, request_key
+from cachingproxy.keys import Key, Redirect, Reject, redirect_location, request_key
 
 
-def key(raw: str, mount: str = "/docs", prefix: str = "site/") -> Key | Reject:
+def key(raw: str, mount: str = "/docs", prefix: str = "site/") -> Key | Reject | Redirect:
     return request_key(raw, mount=mount, prefix=prefix, index_document="index.html")
 
 
 @pytest.mark.parametrize(("raw", "s3_key", "directory"), [
-    pytest.param("/docs", "site/index.html", True, id="mount-serves-index"),
     pytest.param("/docs/", "site/index.html", True, id="mount-slash-serves-index"),
     pytest.param("/docs/guides/", "site/guides/index.html", True, id="dir-slash-serves-index"),
     pytest.param("/docs/guides", "site/guides", False, id="no-slash-is-an-object"),
@@ -34,6 +33,17 @@ def test_keys(raw: str, s3_key: str, directory: bool) -> None:
     result = key(raw)
     assert isinstance(result, Key)
     assert (result.s3_key, result.directory) == (s3_key, directory)
+
+
+@pytest.mark.parametrize(("raw", "location"), [
+    pytest.param("/docs", "/docs/", id="bare-mount"),
+    pytest.param("/docs?a=1&b", "/docs/?a=1&b", id="query-kept"),
+    pytest.param("/docs?//evil.example", "/docs/?//evil.example", id="query-cannot-become-authority"),
+    pytest.param("/docs?a=\r\nX:1", "/docs/?a=%0D%0AX:1", id="raw-controls-encoded"),
+])
+def test_bare_mount_redirects_to_mount_slash(raw: str, location: str) -> None:
+    # As for `dir` -> `dir/`: the index page's relative links must resolve under the mount.
+    assert key(raw) == Redirect(location)
 
 
 def test_root_mount() -> None:
