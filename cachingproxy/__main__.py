@@ -1,9 +1,10 @@
-"""Command line: `cachingproxy serve [--config PATH]`."""
+"""Command line: `cachingproxy serve [--config PATH]`, and `warm`, `stats`, `purge` against a running proxy."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import ConfigError, load_config
@@ -18,24 +19,46 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cachingproxy: {exc}", file=sys.stderr)
         return 2
     # Imported here so that `--help` and config errors stay instant.
-    from aiohttp import web
-
-    from .app import AccessLogger, create_app
+    from .workers import run_workers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # botocore DEBUG is wire-level, credentials included (botocore#2626): never let it through.
     logging.getLogger("botocore").setLevel(logging.WARNING)
     server = config.server
-    web.run_app(
-        create_app(config),
-        host=server.host,
-        port=server.port,
-        shutdown_timeout=server.shutdown_timeout,
-        access_log_class=AccessLogger,
-        print=lambda _: print(f"cachingproxy: serving http://{server.host}:{server.port}{server.mount}/",
-                              flush=True),
-    )
-    return 0
+    try:
+        # [server] workers processes on one port; each exits 0 on SIGTERM/SIGINT after a graceful drain.
+        return run_workers(config, server.workers)
+    except OSError as exc:
+        print(f"cachingproxy: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _admin_client(args: argparse.Namespace) -> int:
+    from .cli import run  # imported here: the aiohttp client is not needed for `serve` or `--help`
+
+    return run(args)
+
+
+def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`warm`, `stats` and `purge`: clients of a running proxy's admin API (cachingproxy/cli.py)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=os.environ.get("CACHINGPROXY_URL", "http://127.0.0.1:8080"),
+                        help="the proxy, or its admin listener: http://host:port[/admin-path] "
+                             "(default: $CACHINGPROXY_URL or http://127.0.0.1:8080; path default /_admin)")
+    common.add_argument("--token", default="",
+                        help="admin token (default: $CACHINGPROXY_ADMIN_TOKEN; prefer the variable, "
+                             "since other users can read a command line)")
+    warm = commands.add_parser("warm", parents=[common], help="warm the cache under a prefix, showing progress")
+    warm.add_argument("prefix", nargs="?", default="", help="key prefix below [s3] prefix (default: everything)")
+    stats = commands.add_parser("stats", parents=[common], help="print the proxy's counters")
+    stats.add_argument("--json", action="store_true", help="print the raw JSON instead of tables")
+    purge = commands.add_parser("purge", parents=[common], help="remove cached objects")
+    scope = purge.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--key", help="one key below [s3] prefix")
+    scope.add_argument("--prefix", help="every key under this prefix")
+    scope.add_argument("--all", action="store_true", help="everything")
+    for parser in (warm, stats, purge):
+        parser.set_defaults(func=_admin_client)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", default="config.toml", help="config file (default: ./config.toml)")
     serve.set_defaults(func=_serve)
+    _add_admin_commands(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
-import dataclasses
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -28,13 +29,14 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
-from .config import AdminConfig, Config
+from .config import ADMIN_TOKEN_ENV, AdminConfig, Config, with_env_token
 from .metrics import CONTENT_TYPE, Metrics, Snapshot
 from .models import Clock
 from .origin import OriginDenied, OriginError, S3Origin
 from .service import S3_CALLS as CURRENT_S3_CALLS
-from .service import CachingProxy
-from .store import CacheStore
+from .service import CachingProxy, Counters
+from .store import WRITE_ERRORS, CacheStore
+from .tally import Tally
 from .warm import Warmer
 
 __all__ = [
@@ -51,12 +53,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "CACHINGPROXY_ADMIN_TOKEN"
+TOKEN_ENV = ADMIN_TOKEN_ENV  # read by config.load_config; with_env_token is re-exported from there
 ADMIN_MAX_BODY = 64 * 1024  # admin bodies are tiny JSON; aiohttp's default is 1 MiB (RELIABILITY.md §4)
 READY_PROBE_TIMEOUT = 2.0  # /readyz answers within this even when S3 accepts connections and never replies
 MAX_KEY = 1024  # S3's own key length limit, for keys and prefixes sent to the admin API
 JSON_TYPE = "application/json"
 DASHBOARD = "dashboard"  # route name: the one admin route that needs no token
+LEADER_LOCK = "admin.lock"  # in [cache] directory; see _lead
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 NO_STORE = {"Cache-Control": "no-store"}
 PAGE_HEADERS = {
@@ -67,14 +70,6 @@ PAGE_HEADERS = {
 }
 
 S3_CALLS = web.RequestKey("s3_calls", collections.Counter)  # S3 requests made for this request, by operation
-
-
-def with_env_token(config: Config, environ: Mapping[str, str]) -> Config:
-    """`CACHINGPROXY_ADMIN_TOKEN` wins over `[admin] token`, so the secret need not live in a file."""
-    token = environ.get(TOKEN_ENV, "")
-    if not token:
-        return config
-    return dataclasses.replace(config, admin=dataclasses.replace(config.admin, token=token))
 
 
 def readiness(cache_ok: bool, s3_ok: bool) -> tuple[int, str]:
@@ -90,13 +85,14 @@ class Ops:
     """What the operations routes share: the warmer, the metrics and the cached S3 reachability check."""
 
     def __init__(self, config: Config, clock: Clock, store: CacheStore, origin: S3Origin,
-                 service: CachingProxy) -> None:
+                 service: CachingProxy, tally: Tally) -> None:
         self.config = config
         self.clock = clock
         self.store = store
         self.origin = origin
         self.service = service
-        self.metrics = Metrics()
+        self.metrics = Metrics(tally)
+        self._tally = tally
         self.warmer = Warmer(service, store, origin, clock, s3_prefix=config.s3.prefix,
                              concurrency=config.admin.warm_concurrency)
         self.started = clock()
@@ -115,13 +111,10 @@ class Ops:
 
     async def snapshot(self) -> Snapshot:
         rows, volume = await self.store.stats()
-        c = self.service.counters
+        totals = self._tally.totals()  # every worker's counts, not only this one's (tally.py)
         return Snapshot(
-            hits=c.hits, misses=c.misses, revalidated_unchanged=c.revalidated_unchanged,
-            revalidated_changed=c.revalidated_changed, stale=c.stale, negative_hits=c.negative_hits,
-            s3_get=c.s3_get, s3_head=c.s3_head, s3_list=c.s3_list, bytes_from_s3=c.bytes_from_s3,
-            bytes_served=c.bytes_served, integrity_failures=c.integrity_failures,
-            cache_write_errors=self.store.write_errors, cache_available=self.store.available,
+            **{name: totals[name] for name in Counters.FIELDS},
+            cache_write_errors=totals[WRITE_ERRORS[0]], cache_available=self.store.available,
             # One metadata row and one body row per object. An exact count would read every key (14 s for 100k
             # objects), which a dashboard refresh cannot afford.
             entries=rows // 2,
@@ -172,34 +165,75 @@ def setup_admin(app: web.Application) -> None:
 
 
 async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
-    from .app import CLOCK, CONFIG, ORIGIN, SERVICE, STORE  # see setup_admin
+    from .app import CLOCK, CONFIG, ORIGIN, SERVICE, STORE, TALLY  # see setup_admin
 
     config = app[CONFIG]
-    admin = config.admin
-    ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[ORIGIN], app[SERVICE])
+    ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[ORIGIN], app[SERVICE], app[TALLY])
+    lead = _lead(config.cache.directory)
     runner: web.AppRunner | None = None
-    if not admin.token:
-        log.info("admin API off: set %s (or [admin] token) to turn it on", TOKEN_ENV)
-    elif admin.port:
-        root = web.Application(client_max_size=ADMIN_MAX_BODY)
-        root[OPS] = ops
-        _mount(root, admin)
-        runner = web.AppRunner(root, handle_signals=False, access_log_class=StructuredAccessLogger)
-        await runner.setup()
-        await web.TCPSite(runner, admin.host, admin.port).start()
-        log.info("admin API on http://%s:%d%s/", admin.host, admin.port, admin.path)
-    else:
-        log.info("admin API on the proxy's port under %s/", admin.path)
-        if config.server.host not in LOOPBACK:
-            log.warning("the admin API is reachable wherever the proxy is; consider [admin] port on 127.0.0.1")
-    if admin.warm_prefixes:
-        ops.warmer.start_mirror(admin.warm_prefixes, admin.warm_interval)
     try:
+        runner = await _start_admin(config, ops, leader=lead is not None)
+        if config.admin.warm_prefixes and lead is not None:
+            ops.warmer.start_mirror(config.admin.warm_prefixes, config.admin.warm_interval)
         yield
     finally:
         await ops.close()
         if runner is not None:
             await runner.cleanup()
+        if lead is not None and lead >= 0:
+            os.close(lead)  # releases the lock; a restarted worker takes it over
+
+
+async def _start_admin(config: Config, ops: Ops, *, leader: bool) -> web.AppRunner | None:
+    """Say where the admin API is; start its own listener when it has one (and this process leads)."""
+    admin = config.admin
+    if not admin.token:
+        log.info("admin API off: set %s (or [admin] token) to turn it on", TOKEN_ENV)
+        return None
+    if admin.port and not leader:
+        log.info("admin API on port %d is served by another worker", admin.port)
+        return None
+    if admin.port:
+        root = web.Application(client_max_size=ADMIN_MAX_BODY)
+        root[OPS] = ops
+        _mount(root, admin)
+        runner = web.AppRunner(root, handle_signals=False, access_log_class=StructuredAccessLogger)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, admin.host, admin.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        log.info("admin API on http://%s:%d%s/", admin.host, admin.port, admin.path)
+        return runner
+    log.info("admin API on the proxy's port under %s/", admin.path)
+    if config.server.host not in LOOPBACK:
+        log.warning("the admin API is reachable wherever the proxy is; consider [admin] port on 127.0.0.1")
+    if config.server.workers != 1 and leader:
+        # Each worker has its own warm jobs and counters, and the kernel picks the worker per connection.
+        log.warning("with [server] workers != 1, set [admin] port: then one worker answers the admin API, "
+                    "and warm progress and stats stay consistent")
+    return None
+
+
+def _lead(directory: str) -> int | None:
+    """Claim the duties that must run once per cache, not once per worker: the admin listener and mirror mode.
+
+    With [server] workers > 1 every worker builds this app on the same cache directory. The first to flock
+    LEADER_LOCK keeps its descriptor open for its lifetime; the kernel drops the lock if it dies, and the
+    worker that replaces it takes the lock again. Returns the descriptor, -1 when there is no directory to
+    coordinate through (acting alone), or None when another process holds the lock.
+    """
+    try:
+        fd = os.open(os.path.join(directory, LEADER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 @web.middleware
@@ -243,11 +277,17 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
-    """Body bytes of a response sent in full (0 until its EOF is written, and for HEAD).
+    """Body bytes of a response sent in full (0 for HEAD, and for a streamed one until its EOF is written).
 
-    Not `body_length` alone: that counts the header bytes too, and sendfile bypasses it.
+    A `web.Response` the handler returns (a small hot body from memory) is sent only after the middleware has
+    run, so there its body counts before it is written. Not `body_length` alone: that counts the header bytes
+    too, and sendfile bypasses it.
     """
-    if request.method == "HEAD" or not response.body_length:
+    if request.method == "HEAD":
+        return 0
+    if isinstance(response, web.Response) and not response.prepared:
+        return response.content_length or 0
+    if not response.body_length:
         return 0
     return response.content_length if response.content_length is not None else response.body_length
 

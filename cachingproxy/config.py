@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ADMIN_TOKEN_ENV",
     "AdminConfig",
     "CacheConfig",
     "CacheRule",
@@ -18,7 +20,11 @@ __all__ = [
     "ServerConfig",
     "load_config",
     "parse_config",
+    "with_env_token",
 ]
+
+
+ADMIN_TOKEN_ENV = "CACHINGPROXY_ADMIN_TOKEN"
 
 
 class ConfigError(Exception):
@@ -31,6 +37,12 @@ class ServerConfig:
     port: int = 8080
     mount: str = "/docs"
     shutdown_timeout: float = 10.0
+    keepalive_timeout: float = 15.0  # also the deadline for a request head (slowloris), see app.server_kwargs
+    lingering_time: float = 2.0
+    max_line_size: int = 8190
+    max_field_size: int = 8190
+    max_headers: int = 64
+    workers: int = 0  # processes on one port (SO_REUSEPORT); 0 = one per core, see workers.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +180,11 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
 
     _check(0 < server.port < 65536, src, "server.port", "must be 1-65535")
     _check(server.shutdown_timeout >= 0, src, "server.shutdown_timeout", "must be >= 0")
+    _check(0 <= server.workers <= 256, src, "server.workers", "must be 0-256 (0 = one per core)")
+    _check(server.keepalive_timeout > 0, src, "server.keepalive_timeout", "must be > 0")
+    _check(server.lingering_time >= 0, src, "server.lingering_time", "must be >= 0")
+    for key in ("max_line_size", "max_field_size", "max_headers"):
+        _check(getattr(server, key) >= 1, src, f"server.{key}", "must be >= 1")
     _check(bool(s3.bucket), src, "s3.bucket", "is required")
     _check(not s3.prefix.startswith("/"), src, "s3.prefix", "must not start with '/' (S3 keys have none)")
     _check(s3.addressing_style in _ADDRESSING, src, "s3.addressing_style", f"must be one of {_ADDRESSING}")
@@ -209,4 +226,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{src}: cannot read: {exc.__class__.__name__}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{src}: invalid TOML: {exc}") from None
-    return parse_config(data, src)
+    return with_env_token(parse_config(data, src), os.environ)
+
+
+def with_env_token(config: Config, environ: Mapping[str, str]) -> Config:
+    """`CACHINGPROXY_ADMIN_TOKEN` wins over `[admin] token`, so the secret need not live in a file."""
+    token = environ.get(ADMIN_TOKEN_ENV, "")
+    if not token:
+        return config
+    return replace(config, admin=replace(config.admin, token=token))

@@ -6,22 +6,45 @@ one: tests build many apps in one process, and the global registry refuses a sec
 
 from __future__ import annotations
 
-import collections
+import bisect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "OUTCOMES", "Metrics", "Snapshot"]
+from .tally import Tally
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "OUTCOMES", "SLOTS", "Metrics", "Snapshot"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OUTCOMES = ("HIT", "MISS", "REVALIDATED", "STALE")  # X-Cache values; other responses are labelled "none"
 FROM_CACHE = frozenset({"HIT", "REVALIDATED", "STALE"})
 # Seconds. Hits from disk take about a millisecond, misses S3's latency plus the body.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_LABELS = (*OUTCOMES, "none")
+
+
+def _responses(label: str) -> str:
+    return f"responses.{label}"
+
+
+def _bucket(label: str, index: int) -> str:
+    return f"latency.{label}.{index}"  # index len(LATENCY_BUCKETS) is +Inf
+
+
+def _sum_us(label: str) -> str:
+    return f"latency.{label}.sum_us"
+
+
+# The tally cells this module counts into (workers share them: see tally.py).
+SLOTS = tuple(
+    [_responses(label) for label in OUTCOMES]
+    + [_bucket(label, i) for label in _LABELS for i in range(len(LATENCY_BUCKETS) + 1)]
+    + [_sum_us(label) for label in _LABELS]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,31 +149,43 @@ class _SnapshotCollector(Collector):
         yield gauge("hit_ratio", "Share of object responses answered from disk.", s.hit_ratio)
         yield gauge("warm_jobs_running", "Warm jobs in progress.", s.warm_jobs_running)
         yield gauge("uptime_seconds", "Seconds since the proxy started.", s.uptime)
+        yield self._owner.latency()
 
 
 class Metrics:
-    """observe(outcome, seconds) per response; render(snapshot) for a scrape."""
+    """observe(outcome, seconds) per response; render(snapshot) for a scrape. Counts live in the shared tally,
+    so every worker reports the whole proxy's responses and latency histogram."""
 
-    def __init__(self) -> None:
+    def __init__(self, tally: Tally) -> None:
+        self._tally = tally
         self.registry = CollectorRegistry()
-        self._latency = Histogram("cachingproxy_request_duration_seconds",
-                                  "Time to answer a request, by X-Cache outcome.", ["cache"],
-                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        for outcome in (*OUTCOMES, "none"):
-            self._latency.labels(cache=outcome)  # every series exists from the start, at zero
-        self._responses: collections.Counter[str] = collections.Counter()
         self.current: Snapshot | None = None
         self.registry.register(_SnapshotCollector(self))
 
     @property
     def responses(self) -> dict[str, int]:
-        return dict(self._responses)
+        totals = self._tally.totals()
+        return {label: totals[_responses(label)] for label in OUTCOMES}
 
     def observe(self, outcome: str | None, seconds: float) -> None:
         label = outcome if outcome in OUTCOMES else "none"
-        self._latency.labels(cache=label).observe(seconds)
+        # Prometheus buckets are "le": a value equal to a bound belongs to that bucket.
+        self._tally.add(_bucket(label, bisect.bisect_left(LATENCY_BUCKETS, seconds)))
+        self._tally.add(_sum_us(label), round(seconds * 1e6))
         if label != "none":
-            self._responses[label] += 1
+            self._tally.add(_responses(label))
+
+    def latency(self) -> HistogramMetricFamily:
+        totals = self._tally.totals()
+        family = HistogramMetricFamily("cachingproxy_request_duration_seconds",
+                                       "Time to answer a request, by X-Cache outcome.", labels=["cache"])
+        for label in _LABELS:
+            running, buckets = 0, []
+            for i, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
+                running += totals[_bucket(label, i)]
+                buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
+            family.add_metric([label], buckets, totals[_sum_us(label)] / 1e6)
+        return family
 
     def render(self, snapshot: Snapshot) -> bytes:
         self.current = snapshot

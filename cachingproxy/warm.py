@@ -22,13 +22,16 @@ from .origin import ListedObject, ObjectMissing, OriginDenied, OriginError, Orig
 from .service import CachingProxy
 from .store import CacheStore
 
-__all__ = ["KEEP_FAILURES", "KEEP_JOBS", "WarmJob", "Warmer", "failure_reason"]
+__all__ = ["KEEP_FAILURES", "KEEP_JOBS", "NOT_STORED", "WarmJob", "Warmer", "failure_reason"]
 
 log = logging.getLogger(__name__)
 
 KEEP_JOBS = 50  # finished jobs kept for GET {admin}/warm; running ones are always kept
 KEEP_FAILURES = 100  # failures listed per job (`failed` counts them all)
 _QUEUE_PER_WORKER = 4  # listed objects buffered ahead of the workers: listing never runs far ahead
+
+
+NOT_STORED = "fetched, but the cache could not store it (see cache_write_errors)"
 
 
 def failure_reason(exc: OriginError) -> str:
@@ -55,7 +58,7 @@ class WarmJob:
     fetched: int = 0
     skipped: int = 0  # cached under the listed ETag: marked checked, not fetched
     failed: int = 0
-    bytes: int = 0  # fetched from S3
+    bytes: int = 0  # received from S3, stored or not
     processed_bytes: int = 0  # listed bytes dealt with either way, for progress and ETA
     failures: list[tuple[str, str]] = field(default_factory=list)  # (key below [s3] prefix, reason)
     error: str | None = None  # the listing itself failed; what was listed before that is still processed
@@ -216,8 +219,14 @@ class Warmer:
                 job.skipped += 1
             else:
                 meta = await self._service.prefetch(item.key)
-                job.fetched += 1
                 job.bytes += meta.size
+                # The fill serves its readers even when the cache cannot index the body (a SQLite lock timeout
+                # under load, a full disk), but a warm exists to have it on disk before an outage: say so.
+                stored = await self._store.lookup(item.key)
+                if stored is None or stored.meta.etag != meta.etag:
+                    job.fail(key, NOT_STORED)
+                else:
+                    job.fetched += 1
         except OriginError as exc:
             job.fail(key, failure_reason(exc))
         except Exception:
