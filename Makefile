@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: $(STAMP)
-	$(BIN)/ruff check cachingproxy tests
+	$(BIN)/ruff check cachingproxy tests benchmarks
 	$(BIN)/mypy cachingproxy
 
 # install-browser.sh is instant once chromium is there and never fails; without chromium the browser suites
@@ -23,6 +23,13 @@ test: lint
 
 demo: $(STAMP)
 	$(BIN)/python -m cachingproxy.demo
+
+# The proxy beside nginx proxy_cache and a direct fetch (issue 6): installs nginx and wrk from the system
+# packages when missing (benchmarks/setup.sh), runs for about 4 minutes on loopback only, prints one table
+# and writes it to benchmarks/results/latest.md.
+bench: $(STAMP)
+	sh benchmarks/setup.sh
+	$(BIN)/python benchmarks/run.py --no-setup
 
 clean:
 	rm -rf $(VENV) demo-cache test-output

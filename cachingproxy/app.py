@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
-from .admin import setup_admin
+from .admin import StructuredAccessLogger, setup_admin
 from .conditional import Plan, evaluate
 from .config import Config
-from .keys import Key, Reject, index_key, redirect_location, request_key
+from .keys import Key, Redirect, Reject, index_key, redirect_location, request_key
+from .metrics import SLOTS as METRIC_SLOTS
 from .models import Clock, ObjectMeta, Outcome
 from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin, open_origin
 from .policy import ttl_for, ttl_left
-from .service import CHUNK_SIZE, CachingProxy, FromCache, FromFill, FromHead, Resolved
-from .store import CacheStore
+from .service import CachingProxy, Counters, FromCache, FromFill, FromHead, Resolved
+from .store import WRITE_ERRORS, CacheStore
+from .tally import Slab, Tally
 
-__all__ = ["CLOCK", "CONFIG", "ORIGIN", "OUTCOME", "SERVICE", "STORE", "AccessLogger", "create_app"]
+__all__ = ["CLOCK", "CONFIG", "ORIGIN", "OUTCOME", "SERVICE", "STORE", "TALLY", "AccessLogger", "create_app",
+           "server_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ CLOCK = web.AppKey("clock", Clock)
 STORE = web.AppKey("store", CacheStore)
 ORIGIN = web.AppKey("origin", S3Origin)
 SERVICE = web.AppKey("service", CachingProxy)
+TALLY = web.AppKey("tally", Tally)
 OUTCOME = web.RequestKey("outcome", Outcome)
 
 # RFC 9110 §15.4.5: a 304 carries the validators and caching headers a 200 would.
@@ -62,6 +67,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _object_headers(meta: ObjectMeta) -> CIMultiDict[str]:
+    return CIMultiDict(_representation(meta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _representation(meta: ObjectMeta) -> CIMultiDict[str]:
+    """The headers one object version always gets; cached, because a hot hit would rebuild (and re-date)
+    them on every request. Callers copy before adding per-response headers."""
     headers: CIMultiDict[str] = CIMultiDict(meta.headers)
     headers.setdefault("Content-Type", "binary/octet-stream")  # what S3 itself sends without one
     if meta.etag:
@@ -100,6 +112,8 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
     s3, cache = config.s3, config.cache
     key = request_key(request.raw_path, mount=config.server.mount, prefix=s3.prefix,
                       index_document=cache.index_document)
+    if isinstance(key, Redirect):
+        raise web.HTTPMovedPermanently(location=key.location)
     if isinstance(key, Reject):
         raise (web.HTTPBadRequest if key.status == 400 else web.HTTPNotFound)(text=key.reason + "\n")
     service = request.app[SERVICE]
@@ -152,10 +166,16 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
             plan = Plan(status=status, start=0, end=meta.size)
         if plan.status in (304, 412, 416):
             return _bodiless(plan, headers)
+        if plan.content_range:
+            headers["Content-Range"] = plan.content_range
+        if isinstance(body, bytes) and request.method == "GET":
+            # A small hot body held in memory: a Response sends head and body in one write (one syscall, one
+            # segment); a StreamResponse sends its head alone at prepare(), which doubled a hit's send cost.
+            whole = plan.end - plan.start == len(body)
+            return web.Response(status=plan.status if conditional else status, headers=headers,
+                                body=body if whole else body[plan.start : plan.end])
         resp = web.StreamResponse(status=plan.status if conditional else status, headers=headers)
         resp.content_length = plan.end - plan.start
-        if plan.content_range:
-            resp.headers["Content-Range"] = plan.content_range
         await resp.prepare(request)
         if request.method == "HEAD":
             pass
@@ -174,7 +194,7 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
                 return resp
         else:
             assert isinstance(resolved, FromHead)
-        await resp.write_eof()
+        await _write_eof_flushed(request, resp)
         return resp
     finally:
         if body is not None:
@@ -192,15 +212,39 @@ def _bodiless(plan: Plan, headers: CIMultiDict[str]) -> web.Response:
     return web.Response(status=plan.status, text=text, headers=extra)
 
 
+async def _write_eof_flushed(request: web.Request, resp: web.StreamResponse) -> None:
+    """End the response once its last bytes have left the transport's buffer for the kernel.
+
+    Otherwise the handler can return with a body tail still buffered in the loop, and a graceful shutdown
+    (SIGTERM) closes the connection under it: the client gets a short body (tests/test_crash.py, row 37).
+    With a zero high-water mark the transport pauses until its buffer is empty, and write_eof's drain waits
+    for that. Only a response with bytes still buffered pays for it; small hits leave in one write.
+    """
+    transport = request.transport
+    if transport is None or transport.get_write_buffer_size() == 0:
+        await resp.write_eof()
+        return
+    transport.set_write_buffer_limits(high=0)
+    try:
+        await resp.write_eof()
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits()  # the loop's defaults again, for the next request
+
+
 def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
 
 
-async def _send_file(request: web.Request, resp: web.StreamResponse, body: BinaryIO, offset: int,
+async def _send_file(request: web.Request, resp: web.StreamResponse, body: BinaryIO | bytes, offset: int,
                      count: int) -> None:
-    """Zero-copy from the cached file under our own validators (aiohttp's FileResponse invents its own)."""
+    """The cached body under our own validators (aiohttp's FileResponse invents its own), never copied in Python."""
+    if isinstance(body, bytes):
+        # A small hot body held in memory (store.HOT_BODY_MAX): it leaves with the headers in one write.
+        await resp.write(body if count == len(body) else memoryview(body)[offset : offset + count])
+        return
     loop = asyncio.get_running_loop()
     transport = request.transport
     if transport is None:
@@ -209,30 +253,63 @@ async def _send_file(request: web.Request, resp: web.StreamResponse, body: Binar
         await loop.sendfile(transport, body, offset, count)
         return
     except NotImplementedError:
-        pass  # TLS transports and some event loops: copy through the executor instead
-    store = request.app[STORE]
-    end = offset + count
-    while offset < end:
-        chunk = await store.pread(body.fileno(), min(CHUNK_SIZE, end - offset), offset)
-        if not chunk:
-            raise ConnectionResetError("cached body shrank while being sent")
-        await resp.write(chunk)
-        offset += len(chunk)
+        pass  # uvloop has no loop.sendfile (uvloop#228)
+    await _sendfile_beside(loop, transport, body.fileno(), offset, count)
 
 
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, path, status, bytes, X-Cache, duration."""
+async def _sendfile_beside(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, fd: int, offset: int,
+                           count: int) -> None:
+    """sendfile(2) for loops without loop.sendfile: straight to the socket once the transport's buffer is empty.
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "%s %s %d %d %s %.1fms",
-            request.method,
-            request.path,
-            response.status,
-            response.body_length,
-            response.headers.get("X-Cache", "-"),
-            time * 1000,
-        )
+    The socket is reached through a dup of its fd, because uvloop refuses add_writer on an fd one of its
+    transports owns; both fds are the same socket, so the bytes stay in order as long as nothing else
+    writes meanwhile, which holds: this handler is the only writer of its connection.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        raise ConnectionResetError("client went away")
+    await _drained(transport)
+    out = os.dup(sock.fileno())
+    try:
+        while count > 0:
+            try:
+                sent = os.sendfile(out, fd, offset, count)
+            except BlockingIOError:
+                sent = -1
+            if sent == 0:
+                raise ConnectionResetError("cached body shrank while being sent")
+            if sent > 0:
+                offset += sent
+                count -= sent
+                continue
+            writable = loop.create_future()
+            loop.add_writer(out, _wake, writable)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(out)
+            if transport.is_closing():
+                raise ConnectionResetError("client went away")
+    finally:
+        os.close(out)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _drained(transport: asyncio.Transport) -> None:
+    """Until the transport's write buffer is empty: at most the response head, which almost always left at once."""
+    while transport.get_write_buffer_size() > 0:
+        if transport.is_closing():
+            raise ConnectionResetError("client went away")
+        await asyncio.sleep(0.001)
+
+
+# One JSON line per request (method, path, status, bytes, X-Cache, ms, S3 calls made); it lives with the
+# middleware that measures the S3 calls.
+AccessLogger = StructuredAccessLogger
 
 
 # -- lifetimes ----------------------------------------------------------------------------------------
@@ -240,7 +317,8 @@ class AccessLogger(AbstractAccessLogger):
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = app[CONFIG].cache
-    store = CacheStore(cache.directory, cache.size_limit_mb * 1024 * 1024, verify_on_read=cache.verify_on_read)
+    store = CacheStore(cache.directory, cache.size_limit_mb * 1024 * 1024, verify_on_read=cache.verify_on_read,
+                       tally=app[TALLY])
     await store.open()
     app[STORE] = store
     yield
@@ -254,18 +332,51 @@ async def _origin_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
-    service = CachingProxy(app[CONFIG], app[STORE], app[ORIGIN], app[CLOCK])
+    service = CachingProxy(app[CONFIG], app[STORE], app[ORIGIN], app[CLOCK], app[TALLY])
     app[SERVICE] = service
     yield
     await service.close(grace=app[CONFIG].server.shutdown_timeout)
 
 
-def create_app(config: Config, *, clock: Clock = time.time) -> web.Application:
-    """Build the app; no I/O here, everything that opens something lives in a cleanup context."""
+async def _close_after_upgrade(request: web.Request, response: web.StreamResponse) -> None:
+    """We never switch protocols (RFC 9110 §7.8 lets a server ignore Upgrade), but a front proxy that does
+    not check for 101 may now treat the connection as a raw tunnel: close it, so nothing sent after this
+    request is ever read as a new one (websocket/h2c smuggling)."""
+    if "Upgrade" in request.headers:
+        response.force_close()
+
+
+def server_kwargs(config: Config) -> dict[str, Any]:
+    """The listener's limits, for `web.run_app(**...)`, `web.AppRunner(app, **...)` or `TestServer.start_server`.
+
+    Only limits: the caller still passes host/port or sock, `shutdown_timeout` and `access_log_class`.
+    """
+    server = config.server
+    return {
+        # aiohttp >= 3.14 arms this timer when the connection opens and again after each response, and
+        # incoming bytes do not extend it; so it is also the deadline for a complete request head, which
+        # is what cuts slowloris clients (RELIABILITY.md §0.4 describes 3.13, which armed it only after a
+        # response). tests/test_hostile.py sends a header a byte at a time to prove it.
+        "keepalive_timeout": server.keepalive_timeout,
+        # A refused body is drained for at most this long (aiohttp's default is 10 s per connection).
+        "lingering_time": server.lingering_time,
+        "max_line_size": server.max_line_size,
+        "max_field_size": server.max_field_size,
+        "max_headers": server.max_headers,
+    }
+
+
+def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = None, row: int = 0) -> web.Application:
+    """Build the app; no I/O here, everything that opens something lives in a cleanup context.
+
+    `slab` and `row`: the workers' shared counters and this worker's row in them (workers.py, tally.py).
+    """
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = config
     app[CLOCK] = clock
+    app[TALLY] = Tally((*Counters.FIELDS, *WRITE_ERRORS, *METRIC_SLOTS), slab, row)
     app.cleanup_ctx.extend([_store_ctx, _origin_ctx, _service_ctx])  # unwound in reverse
+    app.on_response_prepare.append(_close_after_upgrade)
     mount = config.server.mount
     app.router.add_get(mount or "/", serve_object)  # add_get also registers HEAD
     app.router.add_get(mount + "/{tail:.*}", serve_object)  # keys.py reads raw_path, not tail

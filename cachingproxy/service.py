@@ -19,6 +19,7 @@ from .models import Clock, Entry, ObjectMeta, Outcome
 from .origin import BodyCorrupt, ObjectMissing, OriginDenied, OriginError, OriginTimeout, OriginUnavailable, S3Origin
 from .policy import Action, Breaker, decide, may_serve_stale, within
 from .store import CacheStore, Staging
+from .tally import Tally
 
 __all__ = ["CHUNK_SIZE", "CachingProxy", "Counters", "Fill", "FromCache", "FromFill", "FromHead", "Resolved"]
 
@@ -29,30 +30,44 @@ CHUNK_SIZE = 256 * 1024
 NEGATIVE_CACHE_MAX = 10_000  # bounded and kept apart from bodies: random 404s never evict real entries
 
 
-@dataclass(slots=True)
 class Counters:
-    hits: int = 0
-    misses: int = 0
-    revalidated_unchanged: int = 0
-    revalidated_changed: int = 0
-    stale: int = 0
-    negative_hits: int = 0
-    s3_get: int = 0
-    s3_head: int = 0
-    s3_list: int = 0
-    bytes_from_s3: int = 0
-    integrity_failures: int = 0
-    bytes_served: int = 0  # bodies sent in full, added by the HTTP layer (admin.py's middleware)
+    """The service's counters, kept in the shared tally so that /stats totals every worker (tally.py).
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    Reading an attribute gives this worker's own count, so `counters.hits += 1` works as on plain ints;
+    `totals()` sums all workers.
+    """
+
+    FIELDS = ("hits", "misses", "revalidated_unchanged", "revalidated_changed", "stale", "negative_hits",
+              "s3_get", "s3_head", "s3_list", "bytes_from_s3", "integrity_failures",
+              "bytes_served")  # bodies sent in full, added by the HTTP layer (admin.py's middleware)
+
+    def __init__(self, tally: Tally | None = None) -> None:
+        object.__setattr__(self, "_tally", tally if tally is not None else Tally(self.FIELDS))
+
+    def __getattr__(self, name: str) -> int:
+        if name not in self.FIELDS:
+            raise AttributeError(name)
+        tally: Tally = object.__getattribute__(self, "_tally")
+        return tally.get(name)
+
+    def __setattr__(self, name: str, value: int) -> None:
+        if name not in self.FIELDS:
+            raise AttributeError(name)
+        tally: Tally = object.__getattribute__(self, "_tally")
+        delta = value - tally.get(name)
         # Every S3 request is counted by assigning one of the s3_* fields, so attributing it to the HTTP request
         # it was made for (the access log's "s3" field) needs no change at any call site. Fills and
         # revalidations run in tasks spawned by the request that started them, and tasks copy its context.
         op = _S3_OPERATIONS.get(name)
         calls = S3_CALLS.get() if op is not None else None
         if calls is not None and op is not None:
-            calls[op] += value - getattr(self, name, value)
-        object.__setattr__(self, name, value)
+            calls[op] += delta
+        tally.add(name, delta)
+
+    def totals(self) -> dict[str, int]:
+        tally: Tally = object.__getattribute__(self, "_tally")
+        totals = tally.totals()
+        return {name: totals[name] for name in self.FIELDS}
 
 
 class Fill:
@@ -70,6 +85,9 @@ class Fill:
         self.error: OriginError | None = None
         self.done = False
         self.readers = 0
+        # The chunk written last and its offset: readers keeping up with S3 (the usual case) take their
+        # bytes from here, the very object S3 gave us, instead of reading them back from the file.
+        self.recent: tuple[int, bytes] = (0, b"")
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -91,7 +109,7 @@ class Fill:
 class FromCache:
     entry: Entry
     outcome: Outcome
-    body: BinaryIO | None  # None for HEAD
+    body: BinaryIO | bytes | None  # an open file, or a small body held in memory (store.HOT_BODY_MAX); None for HEAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,12 +141,13 @@ class _Changed:
 class CachingProxy:
     """resolve(key) for the HTTP layer; owns single-flight state, the negative cache and the counters."""
 
-    def __init__(self, config: Config, store: CacheStore, origin: S3Origin, clock: Clock) -> None:
+    def __init__(self, config: Config, store: CacheStore, origin: S3Origin, clock: Clock,
+                 tally: Tally | None = None) -> None:
         self._cache_config = config.cache
         self._store = store
         self._origin = origin
         self._clock = clock
-        self.counters = Counters()
+        self.counters = Counters(tally)
         self._fills: dict[str, Fill] = {}
         self._revalidations: dict[str, asyncio.Task[_Unchanged | _Changed]] = {}
         self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
@@ -203,7 +222,12 @@ class CachingProxy:
                 await fill._wait()
                 continue
             count = min(available, end) - offset
-            chunk = await self._store.read_staging(staging, min(count, CHUNK_SIZE), offset)
+            at, recent = fill.recent
+            if at <= offset < at + len(recent):
+                # Whole when caught up: bytes[0:len] is the same object, so no copy at all.
+                chunk = recent[offset - at : offset - at + count]
+            else:
+                chunk = await self._store.read_staging(staging, min(count, CHUNK_SIZE), offset)
             if not chunk:
                 raise OriginUnavailable("staging file shorter than reported")
             offset += len(chunk)
@@ -313,31 +337,43 @@ class CachingProxy:
         return fill
 
     async def _join(self, fill: Fill, outcome: Outcome) -> FromFill:
-        # shield: a client that leaves must not cancel the fill other clients are waiting on.
-        meta = await asyncio.shield(fill.ready)
-        # Counted from here, not from the first read: the staging fd must outlive every joined request.
+        # Counted before waiting, not after: the staging fd must outlive every joined request, and a fill
+        # can end before its waiters resume (one that adopts another worker's body ends at once).
         fill.readers += 1
+        try:
+            # shield: a client that leaves must not cancel the fill other clients are waiting on.
+            meta = await asyncio.shield(fill.ready)
+        except BaseException:
+            self.release(fill)
+            raise
         return FromFill(fill, meta, outcome)
 
     async def _run_fill(self, fill: Fill) -> None:
         key = fill.key
         body = None
+        started = self._clock()
         try:
-            self.counters.s3_get += 1
-            body = await self._ask(lambda: self._origin.get(key))
-            fill.staging = await self._store.stage(key, body.meta)
-            fill.ready.set_result(body.meta)
-            async for chunk in body.chunks(CHUNK_SIZE):
-                await self._store.write(fill.staging, chunk)
-                self.counters.bytes_from_s3 += len(chunk)
+            # Single-flight across worker processes too: held until the body is committed.
+            async with self._store.fill_lock(key) as flight:
+                if flight.waited and await self._adopt(fill, started):
+                    return
+                self.counters.s3_get += 1
+                body = await self._ask(lambda: self._origin.get(key))
+                fill.staging = await self._store.stage(key, body.meta)
+                fill.ready.set_result(body.meta)
+                async for chunk in body.chunks(CHUNK_SIZE):
+                    at = fill.staging.written
+                    await self._store.write(fill.staging, chunk)
+                    fill.recent = (at, chunk)
+                    self.counters.bytes_from_s3 += len(chunk)
+                    fill._notify()
+                problem = fill.staging.problem()
+                if problem is not None:
+                    log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
+                    raise BodyCorrupt(problem)
+                await self._store.commit(fill.staging, self._clock())
+                fill.verified = True
                 fill._notify()
-            problem = fill.staging.problem()
-            if problem is not None:
-                log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
-                raise BodyCorrupt(problem)
-            await self._store.commit(fill.staging, self._clock())
-            fill.verified = True
-            fill._notify()
         except ObjectMissing as exc:
             self._remember_missing(key)
             fill.fail(exc)
@@ -363,6 +399,24 @@ class CachingProxy:
             if fill.staging is not None and not fill.verified:
                 await self._store.discard(fill.staging)
             self._release_staging(fill)
+
+    async def _adopt(self, fill: Fill, since: float) -> bool:
+        """After waiting on another worker's fill of the same key, serve what it committed instead of asking S3.
+
+        Only a version S3 confirmed after this fill began counts (as fresh as fetching it now would be);
+        otherwise the other fill failed, or committed nothing usable, and this one fetches after all.
+        """
+        entry = await self._store.lookup(fill.key)
+        if entry is None or entry.checked_at < since:
+            return False
+        staging = await self._store.adopt(entry)
+        if staging is None:
+            return False
+        fill.staging = staging
+        fill.ready.set_result(entry.meta)
+        fill.verified = True
+        fill._notify()
+        return True
 
     def _release_staging(self, fill: Fill) -> None:
         if fill.done and fill.readers == 0 and fill.staging is not None:

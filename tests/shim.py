@@ -40,6 +40,8 @@ class Shim:
         self.counts: collections.Counter[str] = collections.Counter()
         self.log: list[tuple[str, str]] = []  # (operation, key)
         self.headers: list[dict[str, str]] = []  # each request's headers, in the order of `log`
+        self.in_flight = 0  # requests being handled now, and the most there ever were at once
+        self.max_in_flight = 0
         self.fault: Fault | None = None
         self.faults: dict[str, Fault] = {}
         self._session: ClientSession | None = None
@@ -48,6 +50,7 @@ class Shim:
         self.port = 0
         self._never = asyncio.Event()
         self.release = asyncio.Event()  # lets a `stall_after` body continue
+        self.arrived = asyncio.Event()  # set by every request; clear it to wait for the next one
 
     @property
     def url(self) -> str:
@@ -101,8 +104,17 @@ class Shim:
             await self._session.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         op, key = self.operation(request)
         self.counts[op] += 1
+        self.arrived.set()
         self.log.append((op, key))
         self.headers.append(dict(request.headers))
         fault = self.faults.get(key, self.fault)

@@ -1,0 +1,373 @@
+"""Serving on every core: N worker processes on one port, one shared cache directory.
+
+`run_workers(config, n)` binds one listening socket per worker with SO_REUSEPORT, so the kernel spreads new
+connections across the workers by hash (no thundering herd, and no accept imbalance as with one shared
+socket). Bind errors therefore surface once, in the supervisor, before anything forks. Workers are forked
+(not spawned): the config is already parsed and nothing has opened a loop, a thread or a file yet; each
+worker then builds its own app, S3 client and diskcache connections. The supervisor forwards SIGTERM/SIGINT
+once to every worker, restarts a worker that dies on its own, and exits 0 when all workers stopped cleanly;
+workers die with it if it is killed.
+
+Misses stay single-flight across workers through store.FillLocks (one lock file per key being filled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+from .config import Config
+from .tally import Slab
+
+__all__ = [
+    "bind_sockets",
+    "default_workers",
+    "new_event_loop",
+    "resolve_workers",
+    "run_workers",
+    "serve_socket",
+]
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 1024  # per worker socket; aiohttp's default of 128 drops SYNs under a burst of new clients
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RESTART_WINDOW = 60.0  # a worker that died this many times within this many seconds is a crash loop: give up
+RESTART_LIMIT = 5
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+# serve(config, socket, supervised, ready): blocks until stopped; calls ready() once it accepts connections.
+ServeFn = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
+
+# The counters every worker adds to and /stats totals (tally.py): created by the supervisor before it forks,
+# and this process's row in it, set in each worker. Module state because fork is how they travel.
+_slab: Slab | None = None
+_row = 0
+
+
+def default_workers() -> int:
+    """Cores this process may run on (the affinity mask, which honours taskset and cgroup cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(configured: int) -> int:
+    """`[server] workers`: 0 means one per core."""
+    return configured if configured > 0 else default_workers()
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when the optional `fast` extra is installed, the standard one otherwise."""
+    try:
+        uvloop: Any = importlib.import_module("uvloop")
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
+    """`n` listening TCP sockets on one address with SO_REUSEPORT; port 0 picks one free port for all."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            address = sock.getsockname()  # the real port, when 0 was asked for
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: Callable[[], None]) -> None:
+    """Run the app on one pre-bound socket until SIGTERM (and SIGINT when not supervised); blocking."""
+    from aiohttp import web  # here, like __main__: the supervisor never needs it
+
+    from .app import AccessLogger, create_app, server_kwargs
+
+    loop = new_event_loop()
+    stopping = False
+
+    def stop() -> None:
+        # Only the first signal stops: a second one raised during cleanup would cut the graceful
+        # shutdown short (aiohttp's own handler stays armed until cleanup ends).
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise web.GracefulExit()
+
+    if supervised:
+        # Ctrl-C in a terminal reaches the whole process group; a supervised worker waits for the one
+        # SIGTERM its supervisor forwards instead.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM,) if supervised else STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # in case a caller left them blocked
+    with _logging_off_the_loop():
+        web.run_app(create_app(config, slab=_slab, row=_row), sock=sock,
+                    shutdown_timeout=config.server.shutdown_timeout, access_log_class=AccessLogger,
+                    print=lambda _: ready(), handle_signals=False, backlog=BACKLOG, loop=loop,
+                    **server_kwargs(config))
+
+
+class _Batched(logging.Handler):
+    """Collects records on the event loop and hands them to the real handlers on one thread, in batches.
+
+    A record costs the loop one list append. The thread wakes every FLUSH_INTERVAL seconds (or when
+    FLUSH_RECORDS are waiting), not once per record: a per-record wake-up (logging's QueueListener) made
+    the loop and the log thread trade the GIL on every request. What the thread does is what the handlers
+    did before (format, write), so a slow stderr (a pipe to journald, a terminal) never stalls a request.
+    """
+
+    FLUSH_INTERVAL = 0.2
+    FLUSH_RECORDS = 1024
+
+    def __init__(self, handlers: list[logging.Handler]) -> None:
+        super().__init__()
+        self._handlers = handlers
+        self._pending: list[logging.LogRecord] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Every argument our log calls pass is an immutable str or number: formatting later is safe.
+        self._pending.append(record)
+        if len(self._pending) >= self.FLUSH_RECORDS:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.FLUSH_INTERVAL)
+            self._wake.clear()
+            self._write()
+        self._write()
+
+    def _write(self) -> None:
+        batch, self._pending = self._pending, []  # one swap under the GIL: appends land in the new list
+        if not batch:
+            return
+        for handler in self._handlers:
+            records = [r for r in batch if r.levelno >= handler.level]
+            if type(handler) is not logging.StreamHandler:
+                for record in records:
+                    handler.handle(record)
+                continue
+            # A plain stream (stderr): the whole batch in one write and one flush, not one per line.
+            lines = []
+            for record in records:
+                if handler.filter(record):
+                    try:
+                        lines.append(handler.format(record) + handler.terminator)
+                    except Exception:
+                        handler.handleError(record)
+            if not lines:
+                continue
+            handler.acquire()
+            try:
+                handler.stream.write("".join(lines))
+                handler.flush()
+            except Exception:
+                handler.handleError(records[-1])
+            finally:
+                handler.release()
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        super().close()
+
+
+@contextlib.contextmanager
+def _logging_off_the_loop() -> Iterator[None]:
+    """Route the root logger's handlers through `_Batched`, per worker (threads do not survive fork).
+
+    Also turns off what logging gathers per record that our format never prints (the caller's file and
+    line, thread and process names): a few µs per access-log line (logging docs, "Optimization").
+    """
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # documented switch: no stack walk to find the caller
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    if not handlers:
+        yield
+        return
+    batched = _Batched(handlers)
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.addHandler(batched)
+    try:
+        yield
+    finally:
+        root.removeHandler(batched)
+        batched.close()  # writes what is still waiting
+        for handler in handlers:
+            root.addHandler(handler)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: die when the supervisor dies, even by SIGKILL, as one process would.
+
+    SIGKILL, not a graceful SIGTERM: a supervisor that vanished means the proxy crashed, and its restart
+    must not share the port and the staging directory with orphans still finishing their fills.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: int, slot: int,
+                 ready: multiprocessing.connection.Connection) -> None:
+    for signum in STOP_SIGNALS:  # still blocked: the supervisor's handlers must not run in a worker
+        signal.signal(signum, signal.SIG_DFL)
+    # A stop signal before `serve` installs its handlers just ends the worker (nothing to drain yet).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    _die_with_parent(parent)
+    global _row
+    _row = slot
+    serve(config, sock, True, lambda: ready.send(slot))
+
+
+def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket) -> int:
+    """Serve `config` with `n` processes (0: one per core); returns the exit status for the CLI.
+
+    Raises OSError when the address cannot be bound (before any worker starts).
+    """
+    n = resolve_workers(n)
+    server = config.server
+    socks = bind_sockets(server.host, server.port, n)
+    host, port = socks[0].getsockname()[:2]
+    banner = (f"cachingproxy: serving http://{host}:{port}{server.mount}/ with {n} worker"
+              f"{'s' if n > 1 else ''} (pid {os.getpid()})")
+
+    def announce() -> None:
+        # Printed once every worker has opened its cache and accepts: scripts and tests wait for this line.
+        print(banner, flush=True)
+
+    if n == 1:
+        # One worker needs no supervisor: serve in this process, with this process's signals.
+        for sock in socks[1:]:
+            sock.close()
+        serve(config, socks[0], False, announce)
+        return 0
+    return _supervise(config, socks, serve, announce)
+
+
+def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, announce: Callable[[], None]) -> int:
+    global _slab
+    _slab = Slab(rows=len(socks))  # a restarted worker gets its slot back, and with it its row
+    ctx = multiprocessing.get_context("fork")
+    ready_r, ready_w = ctx.Pipe(duplex=False)  # each worker sends its slot once it serves
+    waiting_for = set(range(len(socks)))
+    parent = os.getpid()
+    address = socks[0].getsockname()
+    workers: dict[int, multiprocessing.process.BaseProcess] = {}
+    restarts: list[float] = []
+    stopping = False
+    failed = False
+    kill_at = float("inf")
+
+    def spawn(slot: int, sock: socket.socket | None) -> None:
+        if sock is None:
+            sock = bind_sockets(address[0], address[1], 1)[0]
+        # Blocked across fork so a signal can never find a worker the loop below does not know yet, nor
+        # run the supervisor's handler inside a worker; the worker resets them, then unblocks.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc = ctx.Process(target=_worker_main, args=(serve, config, sock, parent, slot, ready_w),
+                               name=f"cachingproxy-worker-{slot}")
+            proc.start()
+            workers[slot] = proc
+        finally:
+            # The worker owns its socket now; keeping a copy here would leave a listening socket that
+            # nobody accepts on (its share of new connections would hang) if that worker died.
+            sock.close()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def stop_all(signum: int = signal.SIGTERM) -> None:
+        for proc in workers.values():
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signum)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping, kill_at
+        if not stopping:
+            stopping = True
+            kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
+            log.info("%s: stopping %d workers", signal.Signals(signum).name, len(workers))
+            stop_all()
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    try:
+        for slot, sock in enumerate(socks):
+            spawn(slot, sock)
+        while workers:
+            multiprocessing.connection.wait([ready_r, *(p.sentinel for p in workers.values())], timeout=1.0)
+            while ready_r.poll():  # drained every time, or wait() would return at once forever
+                slot = ready_r.recv()
+                if waiting_for:
+                    waiting_for.discard(slot)
+                    if not waiting_for:
+                        announce()
+            for slot, proc in list(workers.items()):
+                if proc.exitcode is None:
+                    continue
+                del workers[slot]
+                if stopping:
+                    # -SIGTERM: the stop arrived before the worker had its handlers, i.e. while starting.
+                    failed |= proc.exitcode not in (0, -signal.SIGTERM)
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW] + [now]
+                if len(restarts) > RESTART_LIMIT:
+                    log.error("worker %d exited with %s; %d restarts within %.0fs: stopping", slot,
+                              proc.exitcode, RESTART_LIMIT, RESTART_WINDOW)
+                    failed = stopping = True
+                    kill_at = now + config.server.shutdown_timeout + 5.0
+                    stop_all()
+                else:
+                    log.error("worker %d (pid %s) exited with %s: restarting it", slot, proc.pid, proc.exitcode)
+                    spawn(slot, None)
+            if workers and time.monotonic() > kill_at:
+                log.error("%d workers still running after the shutdown timeout: killing them", len(workers))
+                failed = True
+                stop_all(signal.SIGKILL)
+                kill_at = float("inf")
+    finally:
+        stop_all(signal.SIGKILL)  # only reached with workers left on an exception in this loop
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 1 if failed else 0

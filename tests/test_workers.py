@@ -1,0 +1,180 @@
+"""Serving on all cores (issue 6): worker processes on one port share one cache and one S3 read per cold key."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from cachingproxy.models import ObjectMeta
+from cachingproxy.store import CacheStore
+
+from .conftest import Bucket, free_port
+from .shim import Fault, Shim
+
+
+def write_config(tmp_path: Path, port: int, endpoint: str, bucket: str, workers: int) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f"""
+[server]
+port = {port}
+workers = {workers}
+[s3]
+bucket = "{bucket}"
+endpoint_url = "{endpoint}"
+addressing_style = "path"
+[cache]
+directory = "{tmp_path / 'cache'}"
+""")
+    return config
+
+
+@asynccontextmanager
+async def serving(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`python -m cachingproxy serve` until the test ends; yields the process and its readiness line."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cachingproxy", "serve", "--config",
+                                                str(config), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    drain: asyncio.Task[bytes] | None = None
+    seen: list[bytes] = []
+    try:
+        async with asyncio.timeout(60):
+            while b"serving http://" not in (line := await proc.stdout.readline()):
+                assert line, "the proxy exited before serving:\n" + b"".join(seen).decode(errors="replace")
+                seen.append(line)
+        drain = asyncio.create_task(proc.stdout.read())  # never let the child block on a full pipe
+        yield proc, line.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        if drain is not None:
+            drain.cancel()
+
+
+async def raw_get(port: int, path: str, sent: asyncio.Event | None = None,
+                  headed: asyncio.Event | None = None) -> tuple[str, bytes]:
+    """One GET on its own connection (so the kernel may give it to any worker); (X-Cache, body).
+
+    Sets `sent` once the request is in the kernel's hands, and `headed` once the response head arrived.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    if sent is not None:
+        sent.set()
+    head = (await reader.readuntil(b"\r\n\r\n"))[:-4]
+    if headed is not None:
+        headed.set()
+    body = await reader.read()
+    writer.close()
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 200"), lines[0]
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return headers["X-Cache"], body
+
+
+async def test_two_workers_fetch_a_cold_key_from_s3_once_and_stop_cleanly(
+        tmp_path: Path, bucket: Bucket, shim: Shim) -> None:
+    body = os.urandom(300_000)
+    bucket.put("big.bin", body)
+    # The first fill stalls mid-body until every request has been sent, so that all twenty are in the
+    # workers while the key is still cold.
+    shim.faults["big.bin"] = Fault(stall_after=100_000)
+    port = free_port()
+    async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=2)) as (proc, line):
+        assert "with 2 workers" in line
+        sent = [asyncio.Event() for _ in range(20)]
+        headed = asyncio.Event()
+        gets = [asyncio.create_task(raw_get(port, "/docs/big.bin", event, headed)) for event in sent]
+        for event in sent:
+            await event.wait()
+        # A head means that one worker's GetObject is under way (and stalled); the others' requests are in.
+        await headed.wait()
+        shim.release.set()
+        results = await asyncio.gather(*gets)
+        assert [got == body for _, got in results] == [True] * 20
+        assert shim.counts == {"GET": 1}
+        # Now cached for every worker: hits, still one GET in all.
+        again = await asyncio.gather(*(raw_get(port, "/docs/big.bin") for _ in range(8)))
+        assert {(outcome, got == body) for outcome, got in again} == {("HIT", True)}
+        assert shim.counts == {"GET": 1}
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_a_write_by_one_worker_reaches_every_workers_memory(tmp_path: Path) -> None:
+    """Two stores on one directory stand for two workers: what one commits, refreshes or purges, the other's
+    in-memory layer must not keep serving (a new ETag never goes out with an old body, nor a purged entry)."""
+    one = CacheStore(str(tmp_path), size_limit=10_000_000)
+    two = CacheStore(str(tmp_path), size_limit=10_000_000)
+    await one.open()
+    await two.open()
+
+    async def put(store: CacheStore, key: str, data: bytes, now: float) -> None:
+        meta = ObjectMeta(etag=f'"{hashlib.md5(data).hexdigest()}"', size=len(data), last_modified=None)
+        staging = await store.stage(key, meta)
+        await store.write(staging, data)
+        assert await store.commit(staging, now) is not None
+        staging.close()
+
+    async def served(store: CacheStore, key: str) -> tuple[str, bytes | None, float] | None:
+        entry = await store.lookup(key)
+        if entry is None:
+            return None
+        body = await store.open_body(entry)
+        data = body if isinstance(body, bytes) or body is None else body.read()
+        if body is not None:
+            await store.close_body(body)
+        return entry.meta.etag, data, entry.checked_at
+
+    try:
+        await put(one, "a.html", b"version one", 1.0)
+        for _ in range(2):  # the second time from memory
+            assert await served(two, "a.html") == ('"' + hashlib.md5(b"version one").hexdigest() + '"',
+                                                   b"version one", 1.0)
+        await put(one, "a.html", b"version two!", 2.0)
+        assert await served(two, "a.html") == ('"' + hashlib.md5(b"version two!").hexdigest() + '"',
+                                               b"version two!", 2.0)
+        entry = await one.lookup("a.html")
+        assert entry is not None
+        await one.mark_checked(entry.checked(entry.meta, 3.0))
+        served_two = await served(two, "a.html")
+        assert served_two is not None and served_two[2] == 3.0
+        await one.forget("a.html")
+        assert await served(two, "a.html") is None
+        await put(two, "b.html", b"b", 4.0)
+        assert await served(one, "b.html") is not None
+        await two.purge_prefix("")
+        assert await served(one, "b.html") is None
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_stats_from_any_worker_total_every_workers_counts(
+        tmp_path: Path, bucket: Bucket, shim: Shim, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket.put("a.html", b"<p>a</p>")
+    monkeypatch.setenv("CACHINGPROXY_ADMIN_TOKEN", "t0ken")
+    port = free_port()
+    async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=2)):
+        # Each on its own connection: the kernel spreads them over both workers (all 16 on one: p = 2**-15).
+        for _ in range(16):
+            await raw_get(port, "/docs/a.html")
+        answers = []
+        for _ in range(6):  # likewise spread: without shared counters, some worker would report only its share
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"http://127.0.0.1:{port}/_admin/stats", headers={"Authorization": "Bearer t0ken"}) as resp:
+                assert resp.status == 200
+                stats = await resp.json()
+            answers.append((sum(stats["responses"].values()), stats["s3_requests"]["GET"]))
+    assert answers == [(16, shim.counts["GET"])] * 6
