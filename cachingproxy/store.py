@@ -45,6 +45,7 @@ _FORMAT = 1  # bump when the stored metadata layout changes; older records read 
 # A short SQLite timeout: under contention a lookup becomes a miss instead of pinning a thread for
 # diskcache's default 60 s (RELIABILITY.md §0.7).
 _SQLITE_TIMEOUT = 0.5
+_COMMIT_ATTEMPTS = 3  # a commit waits at most this many SQLite timeouts for another writer
 _CACHE_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
 _TOUCH_INTERVAL = 10.0  # seconds between batched access-time write-backs
 WRITE_ERRORS = ("cache_write_errors",)  # this module's tally cell
@@ -634,9 +635,18 @@ class CacheStore:
             return None
         try:
             old = _decode(cache.get(_meta_key(staging.key)))
-            with cache.transact():
-                cache.set(_body_key(staging.key, staging.meta.etag), _Staged(path, staging.written), read=True)
-                cache.set(_meta_key(staging.key), _encode(entry))
+            for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+                try:
+                    # BEGIN IMMEDIATE is where another writer makes us time out, before the file moves, so a
+                    # verified body is worth another try rather than a refetch from S3 later.
+                    with cache.transact():
+                        cache.set(_body_key(staging.key, staging.meta.etag), _Staged(path, staging.written),
+                                  read=True)
+                        cache.set(_meta_key(staging.key), _encode(entry))
+                    break
+                except diskcache.Timeout:
+                    if attempt == _COMMIT_ATTEMPTS or not os.path.exists(path):
+                        raise
             staging.path = None
             if old is not None and old.meta.etag != staging.meta.etag:
                 cache.delete(_body_key(staging.key, old.meta.etag))
@@ -645,6 +655,7 @@ class CacheStore:
             self._tally.add(WRITE_ERRORS[0])
             log.warning("cache write failed (%s): served without caching", exc.__class__.__name__)
             staging.discard_path()
+            return None
         return entry
 
     async def commit(self, staging: Staging, now: float) -> Entry | None:

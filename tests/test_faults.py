@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from cachingproxy.app import SERVICE
+from cachingproxy.app import SERVICE, STORE
 
 from .conftest import Bucket, FakeClock, MakeProxy
 from .shim import Fault, Shim
@@ -328,3 +328,22 @@ async def test_row24_expired_credentials_never_drop_or_negative_cache_entries(
     for key in pages:
         assert (await get(proxy, f"/docs/{key}"))[:2] == (200, "REVALIDATED")
     assert shim.counts == {"HEAD": 5}
+
+
+async def test_a_commit_outlasts_a_brief_write_lock_held_by_another_process(
+        proxy: Client, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
+    await warm_pages(proxy, bucket, 1)  # the cache index exists
+    bucket.put("new.html", b"new page")
+    locker = sqlite3.connect(tmp_path / "cache" / "db" / "cache.db", timeout=0.1, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        request = asyncio.create_task(get(proxy, "/docs/new.html"))
+        # The fault lasts 0.7 s: longer than one SQLite busy timeout (0.5 s), shorter than the commit's three.
+        await asyncio.sleep(0.7)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert await request == (200, "MISS", b"new page")
+    assert await get(proxy, "/docs/new.html") == (200, "HIT", b"new page")
+    assert proxy.app[STORE].write_errors == 0
+    assert shim.counts["GET"] == 2  # p0.html and new.html, each once
