@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 from functools import cache
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -37,7 +38,7 @@ from .service import S3_CALLS as CURRENT_S3_CALLS
 from .service import CachingProxy, Counters
 from .store import WRITE_ERRORS, CacheStore
 from .tally import Tally
-from .warm import Warmer
+from .warm import JobBoard, Warmer
 
 __all__ = [
     "ADMIN_MAX_BODY",
@@ -94,7 +95,8 @@ class Ops:
         self.metrics = Metrics(tally)
         self._tally = tally
         self.warmer = Warmer(service, store, origin, clock, s3_prefix=config.s3.prefix,
-                             concurrency=config.admin.warm_concurrency)
+                             concurrency=config.admin.warm_concurrency,
+                             board=JobBoard(Path(config.cache.directory) / "warm-jobs"))
         self.started = clock()
         self._s3_state: tuple[float, bool] | None = None  # (checked at, reachable)
         self._probe: asyncio.Task[bool] | None = None
@@ -209,10 +211,6 @@ async def _start_admin(config: Config, ops: Ops, *, leader: bool) -> web.AppRunn
     log.info("admin API on the proxy's port under %s/", admin.path)
     if config.server.host not in LOOPBACK:
         log.warning("the admin API is reachable wherever the proxy is; consider [admin] port on 127.0.0.1")
-    if config.server.workers != 1 and leader:
-        # Each worker has its own warm jobs and counters, and the kernel picks the worker per connection.
-        log.warning("with [server] workers != 1, set [admin] port: then one worker answers the admin API, "
-                    "and warm progress and stats stay consistent")
     return None
 
 
@@ -426,19 +424,20 @@ async def _warm_start(request: web.Request) -> web.Response:
     if set(body) - {"prefix"} or not isinstance(prefix, str) or len(prefix) > MAX_KEY or prefix.startswith("/"):
         raise _json_error(web.HTTPBadRequest, 'send {"prefix": "guides/"}: a key prefix below [s3] prefix')
     job, created = ops.warmer.start(prefix)
+    await ops.warmer.share(job)  # before the id is out: the client's next request may reach another worker
     return web.json_response({"id": job.id, "prefix": prefix, "created": created}, status=202,
                              headers={"Location": f"{request.path}/{job.id}", **NO_STORE})
 
 
 async def _warm_status(request: web.Request) -> web.Response:
-    job = _ops(request).warmer.get(request.match_info["id"])
+    job = await _ops(request).warmer.status(request.match_info["id"])
     if job is None:
         raise _json_error(web.HTTPNotFound, "no such warm job (only the latest are kept)")
-    return web.json_response(job.as_dict(), headers=NO_STORE)
+    return web.json_response(job, headers=NO_STORE)
 
 
 async def _warm_list(request: web.Request) -> web.Response:
-    jobs = [job.as_dict() for job in _ops(request).warmer.recent()]
+    jobs = await _ops(request).warmer.statuses()
     return web.json_response({"jobs": jobs}, headers=NO_STORE)
 
 

@@ -9,12 +9,17 @@ requests and nothing else, and doubles as a bulk revalidation (an office mirror 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import json
 import logging
+import os
+import re
 import secrets
 from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .models import Clock
@@ -22,13 +27,15 @@ from .origin import ListedObject, ObjectMissing, OriginDenied, OriginError, Orig
 from .service import CachingProxy
 from .store import CacheStore
 
-__all__ = ["KEEP_FAILURES", "KEEP_JOBS", "NOT_STORED", "WarmJob", "Warmer", "failure_reason"]
+__all__ = ["KEEP_FAILURES", "KEEP_JOBS", "NOT_STORED", "JobBoard", "WarmJob", "Warmer", "failure_reason"]
 
 log = logging.getLogger(__name__)
 
 KEEP_JOBS = 50  # finished jobs kept for GET {admin}/warm; running ones are always kept
 KEEP_FAILURES = 100  # failures listed per job (`failed` counts them all)
 _QUEUE_PER_WORKER = 4  # listed objects buffered ahead of the workers: listing never runs far ahead
+PUBLISH_INTERVAL = 0.25  # seconds between progress files of a running job (see JobBoard)
+_JOB_ID = re.compile(r"[0-9a-f]{12}")
 
 
 NOT_STORED = "fetched, but the cache could not store it (see cache_write_errors)"
@@ -94,11 +101,52 @@ class WarmJob:
         }
 
 
+class JobBoard:
+    """Warm jobs' progress as one small JSON file per job in the cache directory.
+
+    With [server] workers > 1 the kernel hands each admin request to any worker, so the one that runs a job is
+    rarely the one asked about it: every worker publishes its jobs here (every PUBLISH_INTERVAL while running,
+    and when done) and answers for the others' from here. Job ids are checked before they become file names.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+
+    def publish(self, job: dict[str, Any]) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._dir / f"{job['id']}.json"
+        tmp = path.with_name(f".{job['id']}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(job), encoding="utf-8")
+        os.replace(tmp, path)  # readers see the old progress or the new, never half a file
+
+    def read(self, job_id: str) -> dict[str, Any] | None:
+        if not _JOB_ID.fullmatch(job_id):
+            return None
+        try:
+            job: dict[str, Any] = json.loads((self._dir / f"{job_id}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return job
+
+    def recent(self) -> list[dict[str, Any]]:
+        """Newest first, at most KEEP_JOBS; older files are removed."""
+        try:
+            paths = sorted(self._dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            return []
+        for old in paths[KEEP_JOBS:]:
+            with contextlib.suppress(OSError):
+                old.unlink()
+        jobs = (self.read(path.stem) for path in paths[:KEEP_JOBS])
+        return sorted((job for job in jobs if job is not None), key=lambda job: job["started"], reverse=True)
+
+
 class Warmer:
     """start / get / recent / wait / tick over warm jobs; one job per prefix at a time."""
 
     def __init__(self, service: CachingProxy, store: CacheStore, origin: S3Origin, clock: Clock, *,
-                 s3_prefix: str, concurrency: int) -> None:
+                 s3_prefix: str, concurrency: int, board: JobBoard | None = None) -> None:
+        self._board = board
         self._service = service
         self._store = store
         self._origin = origin
@@ -124,6 +172,8 @@ class Warmer:
         self._trim()
         log.info("warm %s started for prefix %r", job.id, prefix)
         self._spawn(self._run(job))
+        if self._board is not None:
+            self._spawn(self._publish(job))
         return job, True
 
     def get(self, job_id: str) -> WarmJob | None:
@@ -132,6 +182,30 @@ class Warmer:
     def recent(self) -> list[WarmJob]:
         """Newest first."""
         return list(reversed(self._jobs.values()))
+
+    async def share(self, job: WarmJob) -> None:
+        """Publish `job` now, so that the id a client was just given is known to every worker at once."""
+        if self._board is not None:
+            try:
+                await asyncio.to_thread(self._board.publish, job.as_dict())
+            except OSError as exc:
+                log.warning("warm %s: progress not shared with other workers (%s)", job.id, exc.__class__.__name__)
+
+    async def status(self, job_id: str) -> dict[str, Any] | None:
+        """A job's progress, whichever worker runs it."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job.as_dict()
+        if self._board is None:
+            return None
+        return await asyncio.to_thread(self._board.read, job_id)
+
+    async def statuses(self) -> list[dict[str, Any]]:
+        """Recent jobs of every worker, newest first (this worker's own progress is the freshest)."""
+        mine = {job.id: job.as_dict() for job in self._jobs.values()}
+        shared = await asyncio.to_thread(self._board.recent) if self._board is not None else []
+        merged = {**{job["id"]: job for job in shared}, **mine}
+        return sorted(merged.values(), key=lambda job: job["started"], reverse=True)[:KEEP_JOBS]
 
     @property
     def running(self) -> int:
@@ -166,6 +240,13 @@ class Warmer:
                 return
             # Real time, not the app clock: this waits, and a fake clock in tests never advances by itself.
             await asyncio.sleep(interval)
+
+    async def _publish(self, job: WarmJob) -> None:
+        """Progress for the other workers: every PUBLISH_INTERVAL (real time) while running, and at the end."""
+        while not job.done:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.finished_event.wait(), PUBLISH_INTERVAL)
+            await self.share(job)
 
     async def _run(self, job: WarmJob) -> None:
         queue: asyncio.Queue[ListedObject | None] = asyncio.Queue(maxsize=self._workers * _QUEUE_PER_WORKER)

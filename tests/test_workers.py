@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -178,3 +179,34 @@ async def test_stats_from_any_worker_total_every_workers_counts(
                 stats = await resp.json()
             answers.append((sum(stats["responses"].values()), stats["s3_requests"]["GET"]))
     assert answers == [(16, shim.counts["GET"])] * 6
+
+
+async def test_any_worker_answers_for_a_warm_job_another_worker_runs(
+        tmp_path: Path, bucket: Bucket, shim: Shim, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(30):
+        bucket.put(f"guides/p{i}.html", b"<p>%d</p>" % i)
+    monkeypatch.setenv("CACHINGPROXY_ADMIN_TOKEN", "t0ken")
+    auth = {"Authorization": "Bearer t0ken"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/_admin"
+
+    async def admin(method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        # A new connection each time, as curl or a browser's parallel connections make: any worker may answer.
+        async with aiohttp.ClientSession() as session, session.request(method, base + path, headers=auth,
+                                                                        **kw) as resp:
+            return resp.status, await resp.json()
+
+    async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=2)):
+        status, started = await admin("POST", "/warm", json={"prefix": "guides/"})
+        assert status == 202
+        job_id = started["id"]
+        async with asyncio.timeout(30):
+            while True:  # polled like the CLI and the dashboard do; each poll may land on either worker
+                status, job = await admin("GET", f"/warm/{job_id}")
+                assert status == 200, job
+                if job["done"]:
+                    break
+                await asyncio.sleep(0.05)
+        assert (job["listed"], job["fetched"] + job["skipped"], job["failed"]) == (30, 30, 0)
+        listings = [await admin("GET", "/warm") for _ in range(6)]
+        assert [[j["id"] for j in jobs["jobs"]] for _, jobs in listings] == [[job_id]] * 6
