@@ -115,9 +115,23 @@ class JobBoard:
     def publish(self, job: dict[str, Any]) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         path = self._dir / f"{job['id']}.json"
+        new = not path.exists()
         tmp = path.with_name(f".{job['id']}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(job), encoding="utf-8")
         os.replace(tmp, path)  # readers see the old progress or the new, never half a file
+        if new:
+            self._newest()  # mirror mode starts jobs forever: keep the directory bounded without a reader
+
+    def _newest(self) -> list[Path]:
+        """The KEEP_JOBS newest job files, newest first; older ones are removed."""
+        try:
+            paths = sorted(self._dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        except OSError:
+            return []
+        for old in paths[KEEP_JOBS:]:
+            with contextlib.suppress(OSError):
+                old.unlink()
+        return paths[:KEEP_JOBS]
 
     def read(self, job_id: str) -> dict[str, Any] | None:
         if not _JOB_ID.fullmatch(job_id):
@@ -129,15 +143,8 @@ class JobBoard:
         return job
 
     def recent(self) -> list[dict[str, Any]]:
-        """Newest first, at most KEEP_JOBS; older files are removed."""
-        try:
-            paths = sorted(self._dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        except OSError:
-            return []
-        for old in paths[KEEP_JOBS:]:
-            with contextlib.suppress(OSError):
-                old.unlink()
-        jobs = (self.read(path.stem) for path in paths[:KEEP_JOBS])
+        """Newest first, at most KEEP_JOBS."""
+        jobs = (self.read(path.stem) for path in self._newest())
         return sorted((job for job in jobs if job is not None), key=lambda job: job["started"], reverse=True)
 
 

@@ -630,3 +630,16 @@ def test_admin_config_parses_lists_and_the_environment_token_wins() -> None:
 def test_bad_admin_config_names_the_key(admin: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({"s3": {"bucket": "b"}, "admin": admin}, "test.toml")
+
+
+def test_the_job_board_stays_bounded_and_never_reads_outside_its_directory(tmp_path: Path) -> None:
+    from cachingproxy.warm import KEEP_JOBS, JobBoard
+
+    board = JobBoard(tmp_path / "warm-jobs")
+    (tmp_path / "secret.json").write_text('{"id": "secret"}')
+    for i in range(KEEP_JOBS + 5):
+        board.publish({"id": f"{i:012x}", "started": float(i)})
+    assert len(list((tmp_path / "warm-jobs").glob("*.json"))) == KEEP_JOBS  # mirror mode never fills the disk
+    assert [job["id"] for job in board.recent()][:2] == [f"{KEEP_JOBS + 4:012x}", f"{KEEP_JOBS + 3:012x}"]
+    assert board.read("../secret") is None
+    assert board.read(f"{KEEP_JOBS + 4:012x}") == {"id": f"{KEEP_JOBS + 4:012x}", "started": float(KEEP_JOBS + 4)}
