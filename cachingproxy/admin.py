@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
-from .config import ADMIN_TOKEN_ENV, AdminConfig, Config, with_env_token
+from .config import ADMIN_TOKEN_ENV, AdminConfig, Config
 from .metrics import CONTENT_TYPE, Metrics, Snapshot
 from .models import Clock
 from .origin import OriginDenied, OriginError, S3Origin
@@ -44,17 +44,14 @@ __all__ = [
     "ADMIN_MAX_BODY",
     "OPS",
     "S3_CALLS",
-    "TOKEN_ENV",
     "Ops",
     "StructuredAccessLogger",
     "readiness",
     "setup_admin",
-    "with_env_token",
 ]
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = ADMIN_TOKEN_ENV  # read by config.load_config; with_env_token is re-exported from there
 ADMIN_MAX_BODY = 64 * 1024  # admin bodies are tiny JSON; aiohttp's default is 1 MiB (RELIABILITY.md §4)
 READY_PROBE_TIMEOUT = 2.0  # /readyz answers within this even when S3 accepts connections and never replies
 MAX_KEY = 1024  # S3's own key length limit, for keys and prefixes sent to the admin API
@@ -190,7 +187,7 @@ async def _start_admin(config: Config, ops: Ops, *, leader: bool) -> web.AppRunn
     """Say where the admin API is; start its own listener when it has one (and this process leads)."""
     admin = config.admin
     if not admin.token:
-        log.info("admin API off: set %s (or [admin] token) to turn it on", TOKEN_ENV)
+        log.info("admin API off: set %s (or [admin] token) to turn it on", ADMIN_TOKEN_ENV)
         return None
     if admin.port and not leader:
         log.info("admin API on port %d is served by another worker", admin.port)

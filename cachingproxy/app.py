@@ -27,7 +27,7 @@ from .service import CachingProxy, Counters, FromCache, FromFill, FromHead, Reso
 from .store import WRITE_ERRORS, CacheStore
 from .tally import Slab, Tally
 
-__all__ = ["CLOCK", "CONFIG", "ORIGIN", "OUTCOME", "SERVICE", "STORE", "TALLY", "AccessLogger", "create_app",
+__all__ = ["CLOCK", "CONFIG", "ORIGIN", "SERVICE", "STORE", "TALLY", "AccessLogger", "create_app",
            "server_kwargs"]
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ STORE = web.AppKey("store", CacheStore)
 ORIGIN = web.AppKey("origin", S3Origin)
 SERVICE = web.AppKey("service", CachingProxy)
 TALLY = web.AppKey("tally", Tally)
-OUTCOME = web.RequestKey("outcome", Outcome)
 
 # RFC 9110 §15.4.5: a 304 carries the validators and caching headers a 200 would.
 NOT_MODIFIED_HEADERS = frozenset({"ETag", "Last-Modified", "Cache-Control", "Expires", "Content-Location",
@@ -158,7 +157,6 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
         meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
         headers = _object_headers(meta)
         _cache_headers(headers, resolved, ttl, request.app[CLOCK]())
-        request[OUTCOME] = resolved.outcome
         if conditional:
             plan = evaluate(request.method, request.headers, etag=meta.etag, last_modified=meta.last_modified,
                             size=meta.size)
@@ -180,9 +178,9 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
         if request.method == "HEAD":
             pass
         elif isinstance(resolved, FromCache):
-            assert body is not None
+            assert body is not None and not isinstance(body, bytes)  # a GET of a bytes body returned above
             if plan.end > plan.start:
-                await _send_file(request, resp, body, plan.start, plan.end - plan.start)
+                await _send_file(request, body, plan.start, plan.end - plan.start)
         elif isinstance(resolved, FromFill):
             try:
                 async for chunk in request.app[SERVICE].read(resolved.fill, plan.start, plan.end):
@@ -238,13 +236,11 @@ def _abort(request: web.Request) -> None:
         transport.abort()
 
 
-async def _send_file(request: web.Request, resp: web.StreamResponse, body: BinaryIO | bytes, offset: int,
-                     count: int) -> None:
-    """The cached body under our own validators (aiohttp's FileResponse invents its own), never copied in Python."""
-    if isinstance(body, bytes):
-        # A small hot body held in memory (store.HOT_BODY_MAX): it leaves with the headers in one write.
-        await resp.write(body if count == len(body) else memoryview(body)[offset : offset + count])
-        return
+async def _send_file(request: web.Request, body: BinaryIO, offset: int, count: int) -> None:
+    """The cached file under our own validators (aiohttp's FileResponse invents its own), never copied in Python.
+
+    Bodies held in memory never get here: `_respond` sends them with their headers in one write.
+    """
     loop = asyncio.get_running_loop()
     transport = request.transport
     if transport is None:

@@ -391,7 +391,7 @@ class CacheStore:
             size_limit=self._size_limit,
             # Not "least-recently-used": that turns every read into a write transaction (RELIABILITY.md §0.7),
             # which serialises hits and times out under load. Hits are recorded in memory and written back
-            # as store_time in one batched transaction (_flush_touches), which approximates LRU to within
+            # as store_time in one batched transaction (_flush_keys), which approximates LRU to within
             # _TOUCH_INTERVAL and keeps every hit read-only.
             eviction_policy="least-recently-stored",
             timeout=_SQLITE_TIMEOUT,
@@ -449,7 +449,7 @@ class CacheStore:
 
     async def close(self) -> None:
         await self._wait_flush()
-        await self._run(self._flush_touches)
+        await self._run(self._flush_keys, self._take_touched())
         cache, self._cache = self._cache, None
         if cache is not None:
             # diskcache keeps one connection per thread (#133): closing from the executor closes the one
@@ -528,9 +528,7 @@ class CacheStore:
         self._touched.update((_meta_key(entry.key), _body_key(entry.key, entry.meta.etag)))
         if time.monotonic() - self._touch_flushed >= self._touch_interval and (
                 self._flushing is None or self._flushing.done()):
-            keys, self._touched = self._touched, set()
-            self._touch_flushed = time.monotonic()
-            self._flushing = self._executor.submit(self._flush_keys, keys)
+            self._flushing = self._executor.submit(self._flush_keys, self._take_touched())
 
     async def _wait_flush(self) -> None:
         # A write after a hit must not overtake the hit's touch (eviction would pick the entry just read).
@@ -538,10 +536,11 @@ class CacheStore:
         if flushing is not None and not flushing.done():
             await asyncio.wrap_future(flushing)
 
-    def _flush_touches(self) -> None:
+    def _take_touched(self) -> set[tuple[str, ...]]:
+        """The accesses noted since the last write-back (on the loop, where hits note them)."""
         keys, self._touched = self._touched, set()
         self._touch_flushed = time.monotonic()
-        self._flush_keys(keys)
+        return keys
 
     def _flush_keys(self, keys: set[tuple[str, ...]]) -> None:
         now = time.time()

@@ -20,9 +20,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachingproxy.admin import OPS, TOKEN_ENV, Ops, readiness, with_env_token
+from cachingproxy.admin import OPS, Ops, readiness
 from cachingproxy.app import SERVICE, AccessLogger, create_app
-from cachingproxy.config import ConfigError, parse_config
+from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
+from cachingproxy.config import ConfigError, parse_config, with_env_token
 from cachingproxy.warm import NOT_STORED
 
 from .conftest import Bucket, FakeClock, MakeProxy, config_for, free_port

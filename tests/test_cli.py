@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from cachingproxy.admin import TOKEN_ENV
 from cachingproxy.app import SERVICE
 from cachingproxy.cli import CliError, Progress, admin_base, format_bytes, render_table
+from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 
 from .conftest import Bucket, MakeProxy, free_port
 from .shim import Fault, Shim
