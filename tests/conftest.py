@@ -108,9 +108,10 @@ def config_for(tmp_path: Path, endpoint: str, bucket: str, **sections: dict[str,
     data: dict[str, Any] = {
         "server": {"mount": "/docs"},
         "s3": {"bucket": bucket, "endpoint_url": endpoint, "addressing_style": "path", "max_attempts": 1,
-               # No test waits for a connect timeout (refused is instant, a blackhole accepts), so this one
-               # is generous: a loaded 2-core CI box must never turn a local connect into a 504.
-               "connect_timeout": 5.0, "read_timeout": 2.0, "request_timeout": 5.0},
+               # Generous: the tests that want a timeout set their own, and the rest must never see one.
+               # CI once saw the in-process moto server pause for 2 s on a loaded 2-core box, which turned
+               # a plain 404 into a 504 under a 2 s read timeout.
+               "connect_timeout": 5.0, "read_timeout": 10.0, "request_timeout": 15.0},
         "cache": {"directory": str(tmp_path / "cache"), "ttl": 60},
     }
     for name, values in sections.items():
