@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import AsyncIterator
 from functools import cache
 from importlib.resources import files
@@ -42,12 +41,14 @@ from .warm import JobBoard, Warmer
 
 __all__ = [
     "ADMIN_MAX_BODY",
+    "BODY_SENT",
     "OPS",
     "S3_CALLS",
     "Ops",
     "StructuredAccessLogger",
     "readiness",
     "setup_admin",
+    "track_s3_calls",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ PAGE_HEADERS = {
 }
 
 S3_CALLS = web.RequestKey("s3_calls", collections.Counter)  # S3 requests made for this request, by operation
+BODY_SENT = web.RequestKey("body_sent", int)  # object body bytes an object response delivered in full
 
 
 def readiness(cache_ok: bool, s3_ok: bool) -> tuple[int, str]:
@@ -150,11 +152,10 @@ OPS = web.AppKey("ops", Ops)
 
 
 def setup_admin(app: web.Application) -> None:
-    """Add monitoring routes, the measuring middleware, the admin API and their lifetime to the proxy app."""
+    """Add monitoring routes, the admin API and their lifetime to the proxy app."""
     from .app import CONFIG  # app.py calls this function, so importing app.py at module level would be a cycle
 
     admin = app[CONFIG].admin
-    app.middlewares.insert(0, _measure)  # outermost: it sees every response with its final X-Cache
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -231,25 +232,11 @@ def _lead(directory: str) -> int | None:
     return fd
 
 
-@web.middleware
-async def _measure(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Latency by X-Cache, bytes served, and the S3 requests each request caused (for the access log)."""
+def track_s3_calls(request: web.Request) -> None:
+    """Attribute the S3 requests made from here on (in this request's task and the tasks it spawns) to it."""
     calls: collections.Counter[str] = collections.Counter()
     request[S3_CALLS] = calls
-    scope = CURRENT_S3_CALLS.set(calls)
-    started = time.perf_counter()  # a duration, not a timestamp: real time even when the app clock is fake
-    response: web.StreamResponse | None = None
-    try:
-        response = await handler(request)
-        return response
-    finally:
-        CURRENT_S3_CALLS.reset(scope)
-        ops = request.config_dict.get(OPS)
-        outcome = response.headers.get("X-Cache") if response is not None else None
-        if ops is not None:
-            ops.metrics.observe(outcome, time.perf_counter() - started)
-            if outcome is not None and response is not None and request.method == "GET":
-                ops.service.counters.bytes_served += _body_bytes(request, response)
+    CURRENT_S3_CALLS.set(calls)  # each request runs in its own task, so this ends with the request
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -271,39 +258,35 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, **NO_STORE})
 
 
-def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
-    """Body bytes of a response sent in full (0 for HEAD, and for a streamed one until its EOF is written).
-
-    A `web.Response` the handler returns (a small hot body from memory) is sent only after the middleware has
-    run, so there its body counts before it is written. Not `body_length` alone: that counts the header bytes
-    too, and sendfile bypasses it.
-    """
-    if request.method == "HEAD":
-        return 0
-    if isinstance(response, web.Response) and not response.prepared:
-        return response.content_length or 0
-    if not response.body_length:
-        return 0
-    return response.content_length if response.content_length is not None else response.body_length
-
-
 class StructuredAccessLogger(AbstractAccessLogger):
-    """One JSON object per request: method, path, status, bytes, cache (X-Cache), ms, s3 (requests it caused).
+    """After each response is sent: its latency by X-Cache and the object bytes it delivered go to the
+    metrics, and one JSON line (method, path, status, bytes, cache, ms, s3: the S3 requests it caused) to
+    the log. aiohttp calls it with the time from the request's arrival to the end of the send.
 
-    The path is logged without its query string and no header is logged, so neither can leak a token.
+    So every listener that serves the proxy must use this class (`app.server_kwargs` passes it). The path
+    is logged without its query string and no header is logged, so neither can leak a token.
     """
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        outcome = response.headers.get("X-Cache")
+        delivered = request.get(BODY_SENT)
+        ops = request.config_dict.get(OPS) if isinstance(request, web.Request) else None
+        if ops is not None:
+            ops.metrics.observe(outcome, time)
+            if delivered:
+                ops.service.counters.add("bytes_served", delivered)
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        if delivered is None:  # not an object response: whatever body it had in full, none for HEAD
+            delivered = (response.content_length or 0) if isinstance(response, web.Response) and \
+                request.method != "HEAD" else 0
         calls = request.get(S3_CALLS)
-        self.logger.info("%s", json.dumps({
-            "method": request.method,
-            "path": request.rel_url.raw_path,
-            "status": response.status,
-            "bytes": _body_bytes(request, response),
-            "cache": response.headers.get("X-Cache", "-"),
-            "ms": round(time * 1000, 1),
-            "s3": dict(calls) if calls else {},
-        }, separators=(",", ":")))
+        path = request.raw_path.partition("?")[0].partition("#")[0]
+        # Formatted by hand: json.dumps of the whole dict cost more than the rest of a cached hit's logging.
+        self.logger.info(
+            '{"method":%s,"path":%s,"status":%d,"bytes":%d,"cache":%s,"ms":%.1f,"s3":%s}',
+            json.dumps(request.method), json.dumps(path), response.status, delivered,
+            json.dumps(outcome or "-"), time * 1000, json.dumps(dict(calls), separators=(",", ":")) if calls else "{}")
 
 
 # -- the admin API --------------------------------------------------------------------------------------------
@@ -337,6 +320,7 @@ def _guard(admin: AdminConfig) -> Middleware:
         if request.match_info.route.name != DASHBOARD and not _authorized(request, token):
             raise _json_error(web.HTTPUnauthorized, "unauthorized",
                               headers={"WWW-Authenticate": 'Bearer realm="cachingproxy-admin"'})
+        track_s3_calls(request)
         return await handler(request)
 
     return guard

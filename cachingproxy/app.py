@@ -13,9 +13,9 @@ from typing import Any, BinaryIO
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from .admin import StructuredAccessLogger, setup_admin
+from .admin import BODY_SENT, StructuredAccessLogger, setup_admin, track_s3_calls
 from .conditional import Plan, evaluate
 from .config import Config
 from .keys import Key, Redirect, Reject, index_key, redirect_location, request_key
@@ -27,8 +27,7 @@ from .service import CachingProxy, Counters, FromCache, FromFill, FromHead, Reso
 from .store import WRITE_ERRORS, CacheStore
 from .tally import Slab, Tally
 
-__all__ = ["CLOCK", "CONFIG", "ORIGIN", "SERVICE", "STORE", "TALLY", "AccessLogger", "create_app",
-           "server_kwargs"]
+__all__ = ["CLOCK", "CONFIG", "ORIGIN", "SERVICE", "STORE", "TALLY", "create_app", "server_kwargs"]
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +64,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise web.HTTPInternalServerError(text="Internal Server Error\n") from None
 
 
-def _object_headers(meta: ObjectMeta) -> CIMultiDict[str]:
-    return CIMultiDict(_representation(meta))
+def _response_headers(resolved: Resolved, ttl: float, now: float) -> CIMultiDictProxy[str]:
+    """The object's headers plus X-Cache, Age (RFC 9111 §4) and Cache-Status (RFC 9211); read-only, since
+    they are shared: a Response copies them, anyone adding a header copies first."""
+    if isinstance(resolved, FromCache):
+        entry = resolved.entry
+        return _headers(entry.meta, resolved.outcome, max(0, int(now - entry.checked_at)),
+                        int(ttl_left(entry, ttl, now)))
+    return _headers(resolved.meta, resolved.outcome, 0, None)
 
 
 @functools.lru_cache(maxsize=4096)
-def _representation(meta: ObjectMeta) -> CIMultiDict[str]:
-    """The headers one object version always gets; cached, because a hot hit would rebuild (and re-date)
-    them on every request. Callers copy before adding per-response headers."""
+def _headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | None) -> CIMultiDictProxy[str]:
+    # Memoised: within a second every hit on an object gets the same headers, and building them (dates,
+    # strings, a multidict) cost more than the rest of a hit from memory.
     headers: CIMultiDict[str] = CIMultiDict(meta.headers)
     headers.setdefault("Content-Type", "binary/octet-stream")  # what S3 itself sends without one
     if meta.etag:
@@ -80,24 +85,30 @@ def _representation(meta: ObjectMeta) -> CIMultiDict[str]:
     if meta.last_modified is not None:
         headers["Last-Modified"] = email.utils.formatdate(meta.last_modified, usegmt=True)
     headers["Accept-Ranges"] = "bytes"
-    return headers
-
-
-def _cache_headers(headers: CIMultiDict[str], resolved: Resolved, ttl: float, now: float) -> None:
-    """X-Cache, Age (RFC 9111 §4) and Cache-Status (RFC 9211)."""
-    headers["X-Cache"] = resolved.outcome.value
-    if isinstance(resolved, FromCache):
-        left = int(ttl_left(resolved.entry, ttl, now))
-        headers["Age"] = str(max(0, int(now - resolved.entry.checked_at)))
-        status = {
-            Outcome.HIT: f"hit; ttl={left}",
-            Outcome.REVALIDATED: f"fwd=stale; fwd-status=304; ttl={left}",
-            Outcome.STALE: f"hit; ttl={left}; detail=stale-if-error",
-        }[resolved.outcome]
-    else:
-        headers["Age"] = "0"
-        status = "fwd=miss; fwd-status=200"
+    headers["X-Cache"] = outcome.value
+    headers["Age"] = str(age)
+    status = {
+        Outcome.HIT: f"hit; ttl={left}",
+        Outcome.REVALIDATED: f"fwd=stale; fwd-status=304; ttl={left}",
+        Outcome.STALE: f"hit; ttl={left}; detail=stale-if-error",
+    }.get(outcome, "fwd=miss; fwd-status=200")
     headers["Cache-Status"] = f"{CACHE_STATUS}; {status}"
+    return CIMultiDictProxy(headers)
+
+
+def _request_key(raw_path: str, config: Config) -> Key | Reject | Redirect:
+    if len(raw_path) > _MEMO_PATH:
+        return request_key(raw_path, mount=config.server.mount, prefix=config.s3.prefix,
+                           index_document=config.cache.index_document)
+    return _memo_request_key(raw_path, config.server.mount, config.s3.prefix, config.cache.index_document)
+
+
+_MEMO_PATH = 512  # longer paths are decoded every time, so hostile ones cannot make the memo below large
+
+
+@functools.lru_cache(maxsize=4096)
+def _memo_request_key(raw_path: str, mount: str, prefix: str, index_document: str) -> Key | Reject | Redirect:
+    return request_key(raw_path, mount=mount, prefix=prefix, index_document=index_document)
 
 
 async def serve_object(request: web.Request) -> web.StreamResponse:
@@ -108,16 +119,21 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         refusal.force_close()
         raise refusal
     config = request.app[CONFIG]
-    s3, cache = config.s3, config.cache
-    key = request_key(request.raw_path, mount=config.server.mount, prefix=s3.prefix,
-                      index_document=cache.index_document)
+    key = _request_key(request.raw_path, config)
     if isinstance(key, Redirect):
         raise web.HTTPMovedPermanently(location=key.location)
     if isinstance(key, Reject):
         raise (web.HTTPBadRequest if key.status == 400 else web.HTTPNotFound)(text=key.reason + "\n")
     service = request.app[SERVICE]
-    ttl = ttl_for(key.s3_key[len(s3.prefix):], cache.rules, cache.ttl)
+    cache = config.cache
+    ttl = ttl_for(key.s3_key[len(config.s3.prefix):], cache.rules, cache.ttl)
     want_body = request.method == "GET"
+    if want_body:
+        hit = service.hit_in_memory(key.s3_key, ttl=ttl)
+        if hit is not None:
+            # Most requests end here: nothing awaited, no S3 request possible, one write.
+            return _from_memory(request, hit, ttl, conditional=True, status=200)
+    track_s3_calls(request)
     try:
         resolved = await service.resolve(key.s3_key, ttl=ttl, want_body=want_body)
     except OriginDenied as exc:
@@ -150,29 +166,50 @@ async def _not_found(request: web.Request, key: Key) -> web.StreamResponse:
     raise web.HTTPNotFound(text="Not Found\n")
 
 
+def _plan(request: web.Request, meta: ObjectMeta, *, conditional: bool, status: int) -> Plan:
+    if conditional:
+        return evaluate(request.method, request.headers, etag=meta.etag, last_modified=meta.last_modified,
+                        size=meta.size)
+    return Plan(status=status, start=0, end=meta.size)
+
+
+def _with(headers: CIMultiDictProxy[str], plan: Plan) -> CIMultiDictProxy[str] | CIMultiDict[str]:
+    if not plan.content_range:
+        return headers
+    ranged = CIMultiDict(headers)
+    ranged["Content-Range"] = plan.content_range
+    return ranged
+
+
+def _from_memory(request: web.Request, resolved: FromCache, ttl: float, *, conditional: bool,
+                 status: int) -> web.Response:
+    """A GET of a small body held in memory: a Response sends head and body in one write (one syscall, one
+    segment); a StreamResponse sends its head alone at prepare(), which doubled a hit's send cost."""
+    body = resolved.body
+    assert isinstance(body, bytes)
+    meta = resolved.entry.meta
+    headers = _response_headers(resolved, ttl, request.app[CLOCK]())
+    plan = _plan(request, meta, conditional=conditional, status=status)
+    if plan.status in (304, 412, 416):
+        return _bodiless(plan, headers)
+    if plan.end - plan.start != len(body):
+        body = body[plan.start : plan.end]
+    request[BODY_SENT] = len(body)
+    return web.Response(status=plan.status, headers=_with(headers, plan), body=body)
+
+
 async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, conditional: bool,
                    status: int = 200) -> web.StreamResponse:
+    if isinstance(resolved, FromCache) and isinstance(resolved.body, bytes) and request.method == "GET":
+        return _from_memory(request, resolved, ttl, conditional=conditional, status=status)
     body = resolved.body if isinstance(resolved, FromCache) else None
     try:
         meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
-        headers = _object_headers(meta)
-        _cache_headers(headers, resolved, ttl, request.app[CLOCK]())
-        if conditional:
-            plan = evaluate(request.method, request.headers, etag=meta.etag, last_modified=meta.last_modified,
-                            size=meta.size)
-        else:
-            plan = Plan(status=status, start=0, end=meta.size)
+        headers = _response_headers(resolved, ttl, request.app[CLOCK]())
+        plan = _plan(request, meta, conditional=conditional, status=status)
         if plan.status in (304, 412, 416):
             return _bodiless(plan, headers)
-        if plan.content_range:
-            headers["Content-Range"] = plan.content_range
-        if isinstance(body, bytes) and request.method == "GET":
-            # A small hot body held in memory: a Response sends head and body in one write (one syscall, one
-            # segment); a StreamResponse sends its head alone at prepare(), which doubled a hit's send cost.
-            whole = plan.end - plan.start == len(body)
-            return web.Response(status=plan.status if conditional else status, headers=headers,
-                                body=body if whole else body[plan.start : plan.end])
-        resp = web.StreamResponse(status=plan.status if conditional else status, headers=headers)
+        resp = web.StreamResponse(status=plan.status, headers=_with(headers, plan))
         resp.content_length = plan.end - plan.start
         await resp.prepare(request)
         if request.method == "HEAD":
@@ -193,6 +230,8 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
         else:
             assert isinstance(resolved, FromHead)
         await _write_eof_flushed(request, resp)
+        if request.method == "GET":
+            request[BODY_SENT] = plan.end - plan.start
         return resp
     finally:
         if body is not None:
@@ -201,7 +240,7 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
             request.app[SERVICE].release(resolved.fill)
 
 
-def _bodiless(plan: Plan, headers: CIMultiDict[str]) -> web.Response:
+def _bodiless(plan: Plan, headers: CIMultiDictProxy[str]) -> web.Response:
     if plan.status == 304:
         kept: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k in NOT_MODIFIED_HEADERS)
         return web.Response(status=304, headers=kept)
@@ -303,11 +342,6 @@ async def _drained(transport: asyncio.Transport) -> None:
         await asyncio.sleep(0.001)
 
 
-# One JSON line per request (method, path, status, bytes, X-Cache, ms, S3 calls made); it lives with the
-# middleware that measures the S3 calls.
-AccessLogger = StructuredAccessLogger
-
-
 # -- lifetimes ----------------------------------------------------------------------------------------
 
 
@@ -345,10 +379,12 @@ async def _close_after_upgrade(request: web.Request, response: web.StreamRespons
 def server_kwargs(config: Config) -> dict[str, Any]:
     """The listener's limits, for `web.run_app(**...)`, `web.AppRunner(app, **...)` or `TestServer.start_server`.
 
-    Only limits: the caller still passes host/port or sock, `shutdown_timeout` and `access_log_class`.
+    Limits, and the access logger that also feeds the metrics; the caller still passes host/port or sock
+    and `shutdown_timeout`.
     """
     server = config.server
     return {
+        "access_log_class": StructuredAccessLogger,
         # aiohttp >= 3.14 arms this timer when the connection opens and again after each response, and
         # incoming bytes do not extend it; so it is also the deadline for a complete request head, which
         # is what cuts slowloris clients (RELIABILITY.md §0.4 describes 3.13, which armed it only after a

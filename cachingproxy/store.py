@@ -364,7 +364,7 @@ class CacheStore:
         self._staging_dir = self._root / "staging"
         # Counted in the shared tally so /stats totals every worker (tally.py).
         self._tally = tally if tally is not None else Tally(WRITE_ERRORS)
-        self._touched: set[tuple[str, ...]] = set()
+        self._touched: dict[str, str] = {}  # key -> ETag of the body read
         self._touch_flushed = time.monotonic()
         self._flushing: Future[None] | None = None
         self._hot = _Hot()
@@ -482,15 +482,20 @@ class CacheStore:
     def _lookup_sync(self, key: str) -> Entry | None:
         return _decode(self._guard(lambda c: c.get(_meta_key(key)), None))
 
+    def entry_in_memory(self, key: str) -> Entry | None:
+        """The entry as this worker last read it, if no write anywhere has happened since (see `_Stamp`)."""
+        if self._stamp is None:
+            return None
+        self._hot.sync(self._stamp.read())
+        return self._hot.entry(key)
+
     async def lookup(self, key: str) -> Entry | None:
-        stamp = self._stamp.read() if self._stamp is not None else None
-        if stamp is not None:
-            self._hot.sync(stamp)
-            entry = self._hot.entry(key)
-            if entry is not None:
-                return entry  # no executor hop, no SQLite: the hot path
+        entry = self.entry_in_memory(key)
+        if entry is not None:
+            return entry  # no executor hop, no SQLite: the hot path
+        stamp = self._hot.stamp
         entry = await self._run(self._lookup_sync, key)
-        if entry is not None and stamp is not None:
+        if entry is not None and self._stamp is not None:
             self._hot.remember(entry, stamp)
         return entry
 
@@ -525,7 +530,7 @@ class CacheStore:
 
     def _note_hit(self, entry: Entry) -> None:
         """Remember the access for eviction; written back in one batch per interval, off the hit's path."""
-        self._touched.update((_meta_key(entry.key), _body_key(entry.key, entry.meta.etag)))
+        self._touched[entry.key] = entry.meta.etag
         if time.monotonic() - self._touch_flushed >= self._touch_interval and (
                 self._flushing is None or self._flushing.done()):
             self._flushing = self._executor.submit(self._flush_keys, self._take_touched())
@@ -536,13 +541,13 @@ class CacheStore:
         if flushing is not None and not flushing.done():
             await asyncio.wrap_future(flushing)
 
-    def _take_touched(self) -> set[tuple[str, ...]]:
-        """The accesses noted since the last write-back (on the loop, where hits note them)."""
-        keys, self._touched = self._touched, set()
+    def _take_touched(self) -> list[tuple[str, ...]]:
+        """The cache keys read since the last write-back (taken on the loop, where hits note them)."""
+        touched, self._touched = self._touched, {}
         self._touch_flushed = time.monotonic()
-        return keys
+        return [k for key, etag in touched.items() for k in (_meta_key(key), _body_key(key, etag))]
 
-    def _flush_keys(self, keys: set[tuple[str, ...]]) -> None:
+    def _flush_keys(self, keys: list[tuple[str, ...]]) -> None:
         now = time.time()
 
         def touch(cache: diskcache.Cache) -> None:
@@ -556,14 +561,21 @@ class CacheStore:
         if keys:
             self._guard(touch, None)
 
+    def body_in_memory(self, entry: Entry) -> bytes | None:
+        """A small body this worker already holds (read once from its file, size-checked then)."""
+        if entry.meta.size > HOT_BODY_MAX:
+            return None
+        data = self._hot.body(entry)
+        if data is not None:
+            self._note_hit(entry)
+        return data
+
     async def open_body(self, entry: Entry) -> BinaryIO | bytes | None:
         """The body: bytes when small (held in memory after the first hit), else an open file to sendfile
         from; None when it is gone or damaged (then: refetch)."""
-        if entry.meta.size <= HOT_BODY_MAX:
-            data = self._hot.body(entry)
-            if data is not None:
-                self._note_hit(entry)
-                return data
+        data = self.body_in_memory(entry)
+        if data is not None:
+            return data
         body = await self._run(self._open_body_sync, entry)
         if isinstance(body, bytes):
             self._hot.keep_body(entry, body)

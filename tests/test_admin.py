@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from cachingproxy.admin import OPS, Ops, readiness
-from cachingproxy.app import SERVICE, AccessLogger, create_app
+from cachingproxy.app import SERVICE, create_app, server_kwargs
 from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 from cachingproxy.config import ConfigError, parse_config, with_env_token
 from cachingproxy.warm import NOT_STORED
@@ -577,10 +577,10 @@ async def test_access_log_is_one_json_line_per_request_with_the_s3_calls_it_caus
     logger.propagate = False
     try:
         config = config_for(tmp_path, shim.url, bucket.name, admin={"token": TOKEN})
-        # The class `serve` runs with (app.AccessLogger). start_server, not TestServer(**kwargs): aiohttp's
+        # The listener settings `serve` runs with. start_server, not TestServer(**kwargs): aiohttp's
         # TestServer drops constructor keywords it does not know, and the log would silently be the default.
         server = TestServer(create_app(config, clock=clock))
-        await server.start_server(access_log_class=AccessLogger, access_log=logger)
+        await server.start_server(**server_kwargs(config), access_log=logger)
         proxy = await aiohttp_client(server)
         assert len(await (await proxy.get("/docs/a.html")).read()) == 100
         await proxy.app[SERVICE].settle()  # committed: the next GET is a HIT, not a join of the same fill

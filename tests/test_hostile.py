@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp.test_utils import TestServer
 
-from cachingproxy.app import SERVICE, STORE, AccessLogger, create_app, server_kwargs
+from cachingproxy.app import SERVICE, STORE, create_app, server_kwargs
 
 from .conftest import Bucket, FakeClock, MakeProxy, config_for, free_port, raw_request
 from .shim import Fault, Shim
@@ -261,7 +261,7 @@ async def test_request_bytes_do_not_forge_log_lines(aiohttp_client: Any, tmp_pat
     config = config_for(tmp_path, shim.url, bucket.name, s3={"prefix": PREFIX})
     caplog.set_level(logging.INFO, logger="hostile.access")
     server = TestServer(create_app(config, clock=clock))
-    await server.start_server(**server_kwargs(config), access_log_class=AccessLogger,
+    await server.start_server(**server_kwargs(config),
                               access_log=logging.getLogger("hostile.access"))
     proxy = await aiohttp_client(server)
     for target in ("/docs/a%0d%0aforged%20200", "/docs/a.txt%0aGET%20/forged", "/docs/a.txt"):
