@@ -24,6 +24,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,6 +121,9 @@ class Staging:
         self._spill: bytearray | None = None if fd is not None else bytearray()
         self._md5 = hashlib.md5(usedforsecurity=False) if meta.md5 else None
         self._closed = False
+        # A fill writes in an executor thread while the loop may close the file (a cancelled fill, the last
+        # reader leaving): the fd must never be closed, and perhaps reused, under a write.
+        self._lock = threading.Lock()
 
     @property
     def committable(self) -> bool:
@@ -127,6 +131,12 @@ class Staging:
 
     def write(self, chunk: bytes) -> None:
         """Blocking: call through the store's executor."""
+        with self._lock:
+            self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        if self._closed:
+            return
         view = memoryview(chunk)
         if self._spill is None and self.fd is not None:
             try:
@@ -162,11 +172,12 @@ class Staging:
         return None
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._spill = None
-            if self.fd is not None:
-                os.close(self.fd)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._spill = None
+                if self.fd is not None:
+                    os.close(self.fd)
 
     def discard_path(self) -> None:
         if self.path is not None:
