@@ -55,8 +55,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RESTART_WINDOW = 60.0  # a worker that died this many times within this many seconds is a crash loop: give up
 RESTART_LIMIT = 5
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
-_MMAP_THRESHOLD = 64 * 1024
 
 # serve(config, socket, supervised, ready): blocks until stopped; calls ready() once it accepts connections.
 ServeFn = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
@@ -117,8 +115,6 @@ def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
 def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: Callable[[], None]) -> None:
     """Run the app on one pre-bound socket until SIGTERM (and SIGINT when not supervised); blocking."""
     from aiohttp import web  # here, like __main__: the supervisor never needs it
-
-    _return_big_buffers()
 
     from .app import create_app, server_kwargs
 
@@ -273,15 +269,6 @@ def _logging_off_the_loop() -> Iterator[None]:
         batched.close()  # writes what is still waiting
         for handler in handlers:
             root.addHandler(handler)
-
-
-def _return_big_buffers() -> None:
-    """glibc: serve every allocation of 64 KiB or more (body chunks, socket buffers) from its own mapping,
-    which goes back to the kernel when freed. By default the threshold climbs after the first such free
-    and later chunks stay in the heap for good: each worker kept ~20 MiB more after 32 clients had pulled
-    a 100 MB object (benchmarks/run.py, peak RSS row)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: leave malloc alone
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
 def _die_with_parent(parent: int) -> None:
