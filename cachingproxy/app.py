@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import functools
 import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any, BinaryIO
@@ -212,24 +215,33 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
         resp = web.StreamResponse(status=plan.status, headers=_with(headers, plan))
         resp.content_length = plan.end - plan.start
         await resp.prepare(request)
-        if request.method == "HEAD":
-            pass
-        elif isinstance(resolved, FromCache):
-            assert body is not None and not isinstance(body, bytes)  # a GET of a bytes body returned above
-            if plan.end > plan.start:
-                await _send_file(request, body, plan.start, plan.end - plan.start)
-        elif isinstance(resolved, FromFill):
-            try:
+        stall = request.app[CONFIG].server.send_timeout
+        try:
+            if request.method == "HEAD":
+                pass
+            elif isinstance(resolved, FromCache):
+                assert body is not None and not isinstance(body, bytes)  # a GET of a bytes body returned above
+                if plan.end > plan.start:
+                    await _send_file(request, body, plan.start, plan.end - plan.start, stall)
+            elif isinstance(resolved, FromFill):
                 async for chunk in request.app[SERVICE].read(resolved.fill, plan.start, plan.end):
-                    await resp.write(chunk)
-            except OriginError:
-                # Headers and part of the body are out: the only honest signal left is to cut the
-                # connection, so the client sees a short body instead of a complete-looking wrong one.
-                _abort(request)
-                return resp
-        else:
-            assert isinstance(resolved, FromHead)
-        await _write_eof_flushed(request, resp)
+                    async with asyncio.timeout(stall):
+                        await resp.write(chunk)
+            else:
+                assert isinstance(resolved, FromHead)
+            async with asyncio.timeout(stall):
+                await _write_eof_flushed(request, resp)
+        except OriginError:
+            # Headers and part of the body are out: the only honest signal left is to cut the
+            # connection, so the client sees a short body instead of a complete-looking wrong one.
+            _abort(request)
+            return resp
+        except TimeoutError:
+            # nginx's send_timeout: a client that takes nothing for this long (a zero TCP window holds a
+            # connection open for ever) gives up its connection, its open file and its place in a fill.
+            log.info("client took no bytes for %.0f s: connection dropped", stall)
+            _abort(request)
+            return resp
         if request.method == "GET":
             request[BODY_SENT] = plan.end - plan.start
         return resp
@@ -270,40 +282,40 @@ async def _write_eof_flushed(request: web.Request, resp: web.StreamResponse) -> 
 
 
 def _abort(request: web.Request) -> None:
+    """Reset the connection. SO_LINGER 0 makes the close an RST that also drops what the kernel still holds
+    for the client (as nginx's reset_timedout_connection); a plain close would queue a FIN behind megabytes
+    a stalled client never reads, keeping the socket alive in the kernel."""
     transport = request.transport
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    transport.abort()
 
 
-async def _send_file(request: web.Request, body: BinaryIO, offset: int, count: int) -> None:
-    """The cached file under our own validators (aiohttp's FileResponse invents its own), never copied in Python.
+_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}
 
-    Bodies held in memory never get here: `_respond` sends them with their headers in one write.
+
+async def _send_file(request: web.Request, body: BinaryIO, offset: int, count: int, stall: float) -> None:
+    """sendfile(2) from the cached file under our own validators (aiohttp's FileResponse invents its own),
+    never copied in Python; TimeoutError when the client takes nothing for `stall` seconds.
+
+    Bodies held in memory never get here: `_respond` sends them with their headers in one write. The socket
+    is reached through a dup of its fd, because uvloop has no loop.sendfile (uvloop#228) and refuses
+    add_writer on an fd one of its transports owns; both fds are the same socket, so the bytes stay in order
+    as long as nothing else writes meanwhile, which holds: this handler is the only writer of its connection.
+    The standard loop takes the same path, so tests run what production runs.
     """
     loop = asyncio.get_running_loop()
     transport = request.transport
-    if transport is None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if transport is None or sock is None:
         raise ConnectionResetError("client went away")
-    try:
-        await loop.sendfile(transport, body, offset, count)
-        return
-    except NotImplementedError:
-        pass  # uvloop has no loop.sendfile (uvloop#228)
-    await _sendfile_beside(loop, transport, body.fileno(), offset, count)
-
-
-async def _sendfile_beside(loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, fd: int, offset: int,
-                           count: int) -> None:
-    """sendfile(2) for loops without loop.sendfile: straight to the socket once the transport's buffer is empty.
-
-    The socket is reached through a dup of its fd, because uvloop refuses add_writer on an fd one of its
-    transports owns; both fds are the same socket, so the bytes stay in order as long as nothing else
-    writes meanwhile, which holds: this handler is the only writer of its connection.
-    """
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        raise ConnectionResetError("client went away")
-    await _drained(transport)
+    async with asyncio.timeout(stall):
+        await _drained(transport)
+    fd = body.fileno()
     out = os.dup(sock.fileno())
     try:
         while count > 0:
@@ -320,7 +332,8 @@ async def _sendfile_beside(loop: asyncio.AbstractEventLoop, transport: asyncio.T
             writable = loop.create_future()
             loop.add_writer(out, _wake, writable)
             try:
-                await writable
+                async with asyncio.timeout(stall):
+                    await writable
             finally:
                 loop.remove_writer(out)
             if transport.is_closing():

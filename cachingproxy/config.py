@@ -39,6 +39,7 @@ class ServerConfig:
     shutdown_timeout: float = 10.0
     keepalive_timeout: float = 15.0  # also the deadline for a request head (slowloris), see app.server_kwargs
     lingering_time: float = 2.0
+    send_timeout: float = 60.0  # a response that makes no progress this long is cut (nginx send_timeout)
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 64
@@ -183,6 +184,7 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     _check(0 <= server.workers <= 256, src, "server.workers", "must be 0-256 (0 = one per core)")
     _check(server.keepalive_timeout > 0, src, "server.keepalive_timeout", "must be > 0")
     _check(server.lingering_time >= 0, src, "server.lingering_time", "must be >= 0")
+    _check(server.send_timeout > 0, src, "server.send_timeout", "must be > 0")
     for key in ("max_line_size", "max_field_size", "max_headers"):
         _check(getattr(server, key) >= 1, src, f"server.{key}", "must be >= 1")
     _check(bool(s3.bucket), src, "s3.bucket", "is required")

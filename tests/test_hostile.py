@@ -11,6 +11,8 @@ import asyncio
 import logging
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
 import time
@@ -584,6 +586,62 @@ async def test_slowloris_is_cut_and_others_are_served(make_proxy: MakeProxy, buc
     runner = proxy.server.runner
     assert runner is not None and runner.server is not None
     assert len(runner.server.connections) == 0  # every slow socket is gone: nothing pins the server
+
+
+# -- clients that stop reading --------------------------------------------------------------------------------
+
+
+async def _stuck_get(port: int, path: str) -> socket.socket:
+    """A GET on a socket with a tiny receive buffer that then reads nothing: the server's sends stall."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return sock
+
+
+def _hang_up(sock: socket.socket, timeout: float) -> bool:
+    """Block until the peer closes or resets `sock` (True), or `timeout` passes (False); reads nothing."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return bool(poller.poll(timeout * 1000))
+
+
+async def _read_to_end(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    try:
+        while chunk := await loop.sock_recv(sock, 1 << 20):
+            data += chunk
+    except ConnectionResetError:
+        pass  # an abort: what arrived before it is all there is
+    return data
+
+
+async def test_a_client_that_stops_reading_is_cut_after_send_timeout(
+        make_proxy: MakeProxy, bucket: Bucket) -> None:
+    body = os.urandom(24 * 1024 * 1024)  # far more than the socket buffers on both sides hold
+    bucket.put(PREFIX + "big.bin", body)
+    proxy = await make_proxy(s3={"prefix": PREFIX}, server={"send_timeout": 0.5})
+    assert proxy.port is not None
+    loop = asyncio.get_running_loop()
+    for outcome in ("MISS", "HIT"):  # streamed from a fill, then sendfile from the cache file
+        start = loop.time()
+        sock = await _stuck_get(proxy.port, "/docs/big.bin")
+        # Woken by the server's close or reset, without reading a byte (POLLRDHUP, never POLLIN).
+        assert await asyncio.to_thread(_hang_up, sock, 10.0)
+        assert loop.time() - start >= 0.5  # it waited the whole send_timeout
+        got = await _read_to_end(sock)
+        sock.close()
+        head, _, partial = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and f"X-Cache: {outcome}".encode() in head
+        assert 0 < len(partial) < len(body) and body.startswith(partial)  # cut short, never complete-looking
+        # The fill went on without its stuck reader: the object is cached whole and served to others.
+        await proxy.app[SERVICE].settle()
+        status, headers, full = await raw_request(proxy, "/docs/big.bin")
+        assert (status, headers["x-cache"], full == body) == (200, "HIT", True)
 
 
 async def test_idle_connection_is_closed_after_a_response(make_proxy: MakeProxy, bucket: Bucket) -> None:
