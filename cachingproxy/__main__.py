@@ -19,11 +19,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cachingproxy: {exc}", file=sys.stderr)
         return 2
     # Imported here so that `--help` and config errors stay instant.
-    from .workers import LogFormatter, run_workers
+    from .workers import LogFormatter, OneLineBadRequests, run_workers
 
     handler = logging.StreamHandler()
     handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
     # botocore DEBUG is wire-level, credentials included (botocore#2626): never let it through.
     logging.getLogger("botocore").setLevel(logging.WARNING)
     server = config.server

@@ -270,7 +270,10 @@ class StructuredAccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         outcome = response.headers.get("X-Cache")
         delivered = request.get(BODY_SENT)
-        ops = request.config_dict.get(OPS) if isinstance(request, web.Request) else None
+        try:
+            ops = request.config_dict.get(OPS) if isinstance(request, web.Request) else None
+        except (AssertionError, AttributeError):  # refused by aiohttp before routing: no app to count in
+            ops = None
         if ops is not None:
             ops.metrics.observe(outcome, time)
             if delivered:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LogFormatter",
+    "OneLineBadRequests",
     "bind_sockets",
     "default_workers",
     "new_event_loop",
@@ -170,6 +171,21 @@ class LogFormatter(logging.Formatter):
             self._second, self._stamp = second, stamp
         msec_format = self.default_msec_format
         return msec_format % (self._stamp, record.msecs) if msec_format else self._stamp
+
+
+class OneLineBadRequests(logging.Filter):
+    """For the `aiohttp.server` logger: aiohttp logs each malformed request it answers 400 with a full
+    traceback; one line says as much, and a scanner cannot fill the log with stack traces."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError  # a worker has aiohttp loaded already
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.args = (record.getMessage(), " ".join(str(exc).split()))  # one line, whatever it quotes
+            record.msg = "%s: %s"
+            record.exc_info = record.exc_text = None
+        return True
 
 
 class _Batched(logging.Handler):
