@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .admin import BODY_SENT, StructuredAccessLogger, setup_admin, track_s3_calls
+from .admin import BODY_SENT, STARTED, StructuredAccessLogger, setup_admin, track_s3_calls
 from .conditional import Plan, evaluate
 from .config import Config
 from .keys import Key, Redirect, Reject, index_key, redirect_location, request_key
@@ -115,6 +115,7 @@ def _memo_request_key(raw_path: str, mount: str, prefix: str, index_document: st
 
 
 async def serve_object(request: web.Request) -> web.StreamResponse:
+    request[STARTED] = time.perf_counter()
     if request.body_exists:
         # RFC 9110 §9.3.1: a GET body has no meaning, and a front proxy may frame it differently (request
         # smuggling, RELIABILITY.md §4). Refuse it and close, so no byte after it is read as a request.

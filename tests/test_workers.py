@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
+import json
 import os
 import signal
 import sys
@@ -39,21 +41,29 @@ directory = "{tmp_path / 'cache'}"
 
 
 @asynccontextmanager
-async def serving(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`python -m cachingproxy serve` until the test ends; yields the process and its readiness line."""
+async def serving(config: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, asyncio.Queue[bytes]]]:
+    """`python -m cachingproxy serve` until the test ends; yields the process, its readiness line and a queue
+    of every line it prints after that."""
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cachingproxy", "serve", "--config",
                                                 str(config), stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None
-    drain: asyncio.Task[bytes] | None = None
+    stdout = proc.stdout
+    later: asyncio.Queue[bytes] = asyncio.Queue()
+    drain: asyncio.Task[None] | None = None
     seen: list[bytes] = []
+
+    async def pump() -> None:  # never let the child block on a full pipe
+        while line := await stdout.readline():
+            later.put_nowait(line)
+
     try:
         async with asyncio.timeout(60):
-            while b"serving http://" not in (line := await proc.stdout.readline()):
+            while b"serving http://" not in (line := await stdout.readline()):
                 assert line, "the proxy exited before serving:\n" + b"".join(seen).decode(errors="replace")
                 seen.append(line)
-        drain = asyncio.create_task(proc.stdout.read())  # never let the child block on a full pipe
-        yield proc, line.decode()
+        drain = asyncio.create_task(pump())
+        yield proc, line.decode(), later
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -92,7 +102,7 @@ async def test_two_workers_fetch_a_cold_key_from_s3_once_and_stop_cleanly(
     # workers while the key is still cold.
     shim.faults["big.bin"] = Fault(stall_after=100_000)
     port = free_port()
-    async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=2)) as (proc, line):
+    async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=2)) as (proc, line, _):
         assert "with 2 workers" in line
         sent = [asyncio.Event() for _ in range(20)]
         headed = asyncio.Event()
@@ -210,3 +220,22 @@ async def test_any_worker_answers_for_a_warm_job_another_worker_runs(
         assert (job["listed"], job["fetched"] + job["skipped"], job["failed"]) == (30, 30, 0)
         listings = [await admin("GET", "/warm") for _ in range(6)]
         assert [[j["id"] for j in jobs["jobs"]] for _, jobs in listings] == [[job_id]] * 6
+
+
+async def test_the_served_process_times_requests_finer_than_its_loop_clock(
+        tmp_path: Path, bucket: Bucket, shim: Shim) -> None:
+    """uvloop's loop.time() moves in whole milliseconds, and it is what aiohttp hands the access logger: a
+    0.3 ms hit must not be logged (and binned in the latency histogram) as 0 or 1 ms."""
+    assert importlib.util.find_spec("uvloop") is not None  # the workers run on it (workers.new_event_loop)
+    bucket.put("a.html", b"a" * 1000)
+    port = free_port()
+    async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=1)) as (_, _, log):
+        for _ in range(30):
+            await raw_get(port, "/docs/a.html")
+        hits: list[float] = []
+        async with asyncio.timeout(20):
+            while len(hits) < 29:  # the first request is the miss
+                _, _, entry = (await log.get()).partition(b" aiohttp.access: ")
+                if entry and json.loads(entry)["cache"] == "HIT":
+                    hits.append(json.loads(entry)["ms"])
+    assert any(ms != int(ms) for ms in hits), hits
