@@ -266,7 +266,8 @@ async def _metrics(request: web.Request) -> web.Response:
 class StructuredAccessLogger(AbstractAccessLogger):
     """After each response is sent: its latency by X-Cache and the object bytes it delivered go to the
     metrics, and one JSON line (method, path, status, bytes, cache, ms, s3: the S3 requests it caused) to
-    the log. aiohttp calls it with the time from the request's arrival to the end of the send.
+    the log. Latency runs to the end of the send, from the object handler's STARTED stamp (or, for other
+    routes, from aiohttp's own start, which has millisecond resolution under uvloop).
 
     So every listener that serves the proxy must use this class (`app.server_kwargs` passes it). The path
     is logged without its query string and no header is logged, so neither can leak a token.
