@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -19,14 +18,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cachingproxy: {exc}", file=sys.stderr)
         return 2
     # Imported here so that `--help` and config errors stay instant.
-    from .workers import LogFormatter, OneLineBadRequests, run_workers
+    from .logsetup import configure_logging
+    from .workers import run_workers
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
-    # botocore DEBUG is wire-level, credentials included (botocore#2626): never let it through.
-    logging.getLogger("botocore").setLevel(logging.WARNING)
+    configure_logging()
     server = config.server
     try:
         # [server] workers processes on one port; each exits 0 on SIGTERM/SIGINT after a graceful drain.
@@ -37,13 +32,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _admin_client(args: argparse.Namespace) -> int:
-    from .cli import run  # imported here: the aiohttp client is not needed for `serve` or `--help`
+    from .admin_client import run  # imported here: the aiohttp client is not needed for `serve` or `--help`
 
     return run(args)
 
 
 def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`warm`, `stats` and `purge`: clients of a running proxy's admin API (cachingproxy/cli.py)."""
+    """`warm`, `stats` and `purge`: clients of a running proxy's admin API (cachingproxy/admin_client.py)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("CACHINGPROXY_URL", "http://127.0.0.1:8080"),
                         help="the proxy, or its admin listener: http://host:port[/admin-path] "

@@ -24,13 +24,13 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
+from .logsetup import logging_off_the_loop
 from .tally import Slab
 
 if TYPE_CHECKING:
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 __all__ = [
-    "LogFormatter",
-    "OneLineBadRequests",
     "bind_sockets",
     "default_workers",
     "new_event_loop",
@@ -139,7 +137,7 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # in case a caller left them blocked
     app = create_app(config, slab=_slab, row=_row)
     app.on_startup.append(_freeze_heap)  # runs after the app's cleanup contexts have opened everything
-    with _logging_off_the_loop():
+    with logging_off_the_loop():
         web.run_app(app, sock=sock,
                     shutdown_timeout=config.server.shutdown_timeout,
                     print=lambda _: ready(), handle_signals=False, backlog=BACKLOG, loop=loop,
@@ -153,138 +151,6 @@ async def _freeze_heap(app: web.Application) -> None:
     live for the whole process were never going to be collected anyway."""
     gc.collect()
     gc.freeze()
-
-
-class LogFormatter(logging.Formatter):
-    """logging.Formatter whose timestamp is built once per second: strftime per record was a third of
-    what formatting an access-log line cost."""
-
-    _second = -1
-    _stamp = ""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second or datefmt:
-            stamp = time.strftime(datefmt or self.default_time_format, self.converter(record.created))
-            if datefmt:
-                return stamp
-            self._second, self._stamp = second, stamp
-        msec_format = self.default_msec_format
-        return msec_format % (self._stamp, record.msecs) if msec_format else self._stamp
-
-
-class OneLineBadRequests(logging.Filter):
-    """For the `aiohttp.server` logger: aiohttp logs each malformed request it answers 400 with a full
-    traceback; one line says as much, and a scanner cannot fill the log with stack traces."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from aiohttp.http_exceptions import HttpProcessingError  # a worker has aiohttp loaded already
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.args = (record.getMessage(), " ".join(str(exc).split()))  # one line, whatever it quotes
-            record.msg = "%s: %s"
-            record.exc_info = record.exc_text = None
-        return True
-
-
-class _Batched(logging.Handler):
-    """Collects records on the event loop and hands them to the real handlers on one thread, in batches.
-
-    A record costs the loop one list append. The thread wakes every FLUSH_INTERVAL seconds (or when
-    FLUSH_RECORDS are waiting), not once per record: a per-record wake-up (logging's QueueListener) made
-    the loop and the log thread trade the GIL on every request. What the thread does is what the handlers
-    did before (format, write), so a slow stderr (a pipe to journald, a terminal) never stalls a request.
-    """
-
-    FLUSH_INTERVAL = 0.2
-    FLUSH_RECORDS = 1024
-
-    def __init__(self, handlers: list[logging.Handler]) -> None:
-        super().__init__()
-        self._handlers = handlers
-        self._pending: list[logging.LogRecord] = []
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
-        self._thread.start()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # Every argument our log calls pass is an immutable str or number: formatting later is safe.
-        self._pending.append(record)
-        if len(self._pending) >= self.FLUSH_RECORDS:
-            self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stopping:
-            self._wake.wait(self.FLUSH_INTERVAL)
-            self._wake.clear()
-            self._write()
-        self._write()
-
-    def _write(self) -> None:
-        batch, self._pending = self._pending, []  # one swap under the GIL: appends land in the new list
-        if not batch:
-            return
-        for handler in self._handlers:
-            records = [r for r in batch if r.levelno >= handler.level]
-            if type(handler) is not logging.StreamHandler:
-                for record in records:
-                    handler.handle(record)
-                continue
-            # A plain stream (stderr): the whole batch in one write and one flush, not one per line.
-            lines = []
-            for record in records:
-                if handler.filter(record):
-                    try:
-                        lines.append(handler.format(record) + handler.terminator)
-                    except Exception:
-                        handler.handleError(record)
-            if not lines:
-                continue
-            handler.acquire()
-            try:
-                handler.stream.write("".join(lines))
-                handler.flush()
-            except Exception:
-                handler.handleError(records[-1])
-            finally:
-                handler.release()
-
-    def close(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        self._thread.join()
-        super().close()
-
-
-@contextlib.contextmanager
-def _logging_off_the_loop() -> Iterator[None]:
-    """Route the root logger's handlers through `_Batched`, per worker (threads do not survive fork).
-
-    Also turns off what logging gathers per record that our format never prints (the caller's file and
-    line, thread and process names): a few µs per access-log line (logging docs, "Optimization").
-    """
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None  # documented switch: no stack walk to find the caller
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    if not handlers:
-        yield
-        return
-    batched = _Batched(handlers)
-    for handler in handlers:
-        root.removeHandler(handler)
-    root.addHandler(batched)
-    try:
-        yield
-    finally:
-        root.removeHandler(batched)
-        batched.close()  # writes what is still waiting
-        for handler in handlers:
-            root.addHandler(handler)
 
 
 def _die_with_parent(parent: int) -> None:

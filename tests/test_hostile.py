@@ -480,7 +480,7 @@ async def cli_proxy(request: pytest.FixtureRequest, tmp_path: Path, shim: Shim,
         await asyncio.wait_for(proc.wait(), 20)
         log = await drain if drain is not None else b""
     # Every test on this process sent it hostile bytes; aiohttp answers the malformed ones 400 itself and
-    # would log each with a stack trace (workers.OneLineBadRequests keeps it to one line).
+    # would log each with a stack trace (logsetup.OneLineBadRequests keeps it to one line).
     assert b"Traceback" not in log, log.decode(errors="replace")[-3000:]
 
 
