@@ -1,68 +1,39 @@
-"""Operations: the admin API (warm, purge, stats, dashboard), /metrics, /healthz, /readyz and the access log.
+"""The admin API: warm, purge, stats and the dashboard, behind `Authorization: Bearer <token>`.
 
-The admin API is a sub-app under `[admin] path` on the proxy's listener, or its own listener on
-`[admin] host:port`, and is off (404) without a token. Every admin route except the dashboard page needs
-`Authorization: Bearer <token>`. The page itself holds no data and fetches it from JS with that header, so a
-cross-site form post, or a page on a rebinding DNS name, cannot act through an operator's browser
-(RELIABILITY.md §4, admin exposure). /metrics, /healthz and /readyz sit at the root, outside the token.
+It is a sub-app under `[admin] path` on the proxy's listener, or its own listener on `[admin] host:port`, and is
+off (404) without a token. Every route except the dashboard page needs the token. The page itself holds no data
+and fetches it from JS with that header, so a cross-site form post, or a page on a rebinding DNS name, cannot act
+through an operator's browser (docs/reliability.md, admin exposure).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import collections
-import fcntl
 import hashlib
 import hmac
 import json
 import logging
-import os
 import re
-from collections.abc import AsyncIterator
 from functools import cache
 from importlib.resources import files
-from pathlib import Path
-from time import perf_counter
 from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler, Middleware
 
+from .accesslog import StructuredAccessLogger, track_s3_calls
 from .config import ADMIN_TOKEN_ENV, AdminConfig, Config
-from .metrics import CONTENT_TYPE, Metrics, Snapshot
-from .models import Clock
-from .origin import OriginDenied, OriginError, S3Origin
-from .service import S3_CALLS as CURRENT_S3_CALLS
-from .service import CachingProxy, Counters
-from .store import WRITE_ERRORS, CacheStore
-from .tally import Tally
-from .warm import JobBoard, Warmer
+from .monitoring import NO_STORE, OPS, Ops
 
-__all__ = [
-    "ADMIN_MAX_BODY",
-    "BODY_SENT",
-    "OPS",
-    "S3_CALLS",
-    "STARTED",
-    "Ops",
-    "StructuredAccessLogger",
-    "readiness",
-    "setup_admin",
-    "track_s3_calls",
-]
+__all__ = ["ADMIN_MAX_BODY", "MAX_KEY", "mount_admin", "start_admin_listener"]
 
 log = logging.getLogger(__name__)
 
 ADMIN_MAX_BODY = 64 * 1024  # admin bodies are tiny JSON; aiohttp's default is 1 MiB (RELIABILITY.md §4)
-READY_PROBE_TIMEOUT = 2.0  # /readyz answers within this even when S3 accepts connections and never replies
 MAX_KEY = 1024  # S3's own key length limit, for keys and prefixes sent to the admin API
 JSON_TYPE = "application/json"
 DASHBOARD = "dashboard"  # route name: the one admin route that needs no token
-LEADER_LOCK = "admin.lock"  # in [cache] directory; see _lead
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
-NO_STORE = {"Cache-Control": "no-store"}
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
@@ -70,126 +41,9 @@ PAGE_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 
-S3_CALLS = web.RequestKey("s3_calls", collections.Counter)  # S3 requests made for this request, by operation
-BODY_SENT = web.RequestKey("body_sent", int)  # object body bytes an object response delivered in full
-# time.perf_counter() when the object handler began. aiohttp's own request time comes from loop.time(),
-# which under uvloop moves in whole milliseconds: a 0.3 ms hit would be logged and binned as 0 or 1 ms.
-STARTED = web.RequestKey("started", float)
 
 
-def readiness(cache_ok: bool, s3_ok: bool) -> tuple[int, str]:
-    """/readyz: "ready" when both work; "degraded" but still 200 when one does (the mirror is serving); else 503."""
-    if cache_ok and s3_ok:
-        return 200, "ready"
-    if cache_ok or s3_ok:
-        return 200, "degraded"
-    return 503, "unavailable"
-
-
-class Ops:
-    """What the operations routes share: the warmer, the metrics and the cached S3 reachability check."""
-
-    def __init__(self, config: Config, clock: Clock, store: CacheStore, origin: S3Origin,
-                 service: CachingProxy, tally: Tally) -> None:
-        self.config = config
-        self.clock = clock
-        self.store = store
-        self.origin = origin
-        self.service = service
-        self.metrics = Metrics(tally)
-        self._tally = tally
-        self.warmer = Warmer(service, store, origin, clock, s3_prefix=config.s3.prefix,
-                             concurrency=config.admin.warm_concurrency,
-                             board=JobBoard(Path(config.cache.directory) / "warm-jobs"))
-        self.started = clock()
-        self._s3_state: tuple[float, bool] | None = None  # (checked at, reachable)
-        self._probe: asyncio.Task[bool] | None = None
-
-    async def s3_reachable(self) -> bool:
-        """One 1-key ListObjectsV2 per `readiness_ttl`, shared by concurrent callers."""
-        state = self._s3_state
-        if state is not None and self.clock() - state[0] < self.config.admin.readiness_ttl:
-            return state[1]
-        if self._probe is None:
-            probe = self._probe = asyncio.create_task(self._check_s3())
-            probe.add_done_callback(lambda _: setattr(self, "_probe", None))
-        return await asyncio.shield(self._probe)
-
-    async def snapshot(self) -> Snapshot:
-        rows, volume = await self.store.stats()
-        totals = self._tally.totals()  # every worker's counts, not only this one's (tally.py)
-        return Snapshot(
-            **{name: totals[name] for name in Counters.FIELDS},
-            cache_write_errors=totals[WRITE_ERRORS[0]], cache_available=self.store.available,
-            # One metadata row and one body row per object. An exact count would read every key (14 s for 100k
-            # objects), which a dashboard refresh cannot afford.
-            entries=rows // 2,
-            bytes_on_disk=volume, size_limit=self.config.cache.size_limit_mb * 1024 * 1024,
-            uptime=max(0.0, self.clock() - self.started), warm_jobs_running=self.warmer.running,
-            responses=self.metrics.responses,
-        )
-
-    async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-        await self.warmer.close()
-
-    async def _check_s3(self) -> bool:
-        self.service.counters.s3_list += 1
-        try:
-            async with asyncio.timeout(READY_PROBE_TIMEOUT):
-                await self.origin.list_page(self.config.s3.prefix, max_keys=1)
-            ok = True
-        except OriginDenied as exc:
-            # AccessDenied on a list is a read-only role without s3:ListBucket: S3 answered, and GETs may well
-            # work. An expired token or a bad signature is an outage for the proxy too.
-            ok = exc.proves_absence
-        except (OriginError, TimeoutError):
-            ok = False
-        self._s3_state = (self.clock(), ok)
-        return ok
-
-
-OPS = web.AppKey("ops", Ops)
-
-
-# -- the proxy's root: monitoring, measurement and lifetime ------------------------------------------------
-
-
-def setup_admin(app: web.Application) -> None:
-    """Add monitoring routes, the admin API and their lifetime to the proxy app."""
-    from .app import CONFIG  # app.py calls this function, so importing app.py at module level would be a cycle
-
-    admin = app[CONFIG].admin
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    if not admin.port:
-        _mount(app, admin)
-    app.cleanup_ctx.append(_ops_ctx)
-
-
-async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
-    from .app import CLOCK, CONFIG, ORIGIN, SERVICE, STORE, TALLY  # see setup_admin
-
-    config = app[CONFIG]
-    ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[ORIGIN], app[SERVICE], app[TALLY])
-    lead = _lead(config.cache.directory)
-    runner: web.AppRunner | None = None
-    try:
-        runner = await _start_admin(config, ops, leader=lead is not None)
-        if config.admin.warm_prefixes and lead is not None:
-            ops.warmer.start_mirror(config.admin.warm_prefixes, config.admin.warm_interval)
-        yield
-    finally:
-        await ops.close()
-        if runner is not None:
-            await runner.cleanup()
-        if lead is not None and lead >= 0:
-            os.close(lead)  # releases the lock; a restarted worker takes it over
-
-
-async def _start_admin(config: Config, ops: Ops, *, leader: bool) -> web.AppRunner | None:
+async def start_admin_listener(config: Config, ops: Ops, *, leader: bool) -> web.AppRunner | None:
     """Say where the admin API is; start its own listener when it has one (and this process leads)."""
     admin = config.admin
     if not admin.token:
@@ -201,7 +55,7 @@ async def _start_admin(config: Config, ops: Ops, *, leader: bool) -> web.AppRunn
     if admin.port:
         root = web.Application(client_max_size=ADMIN_MAX_BODY)
         root[OPS] = ops
-        _mount(root, admin)
+        mount_admin(root, admin)
         runner = web.AppRunner(root, handle_signals=False, access_log_class=StructuredAccessLogger)
         await runner.setup()
         try:
@@ -217,94 +71,11 @@ async def _start_admin(config: Config, ops: Ops, *, leader: bool) -> web.AppRunn
     return None
 
 
-def _lead(directory: str) -> int | None:
-    """Claim the duties that must run once per cache, not once per worker: the admin listener and mirror mode.
-
-    With [server] workers > 1 every worker builds this app on the same cache directory. The first to flock
-    LEADER_LOCK keeps its descriptor open for its lifetime; the kernel drops the lock if it dies, and the
-    worker that replaces it takes the lock again. Returns the descriptor, -1 when there is no directory to
-    coordinate through (acting alone), or None when another process holds the lock.
-    """
-    try:
-        fd = os.open(os.path.join(directory, LEADER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def track_s3_calls(request: web.Request) -> None:
-    """Attribute the S3 requests made from here on (in this request's task and the tasks it spawns) to it."""
-    calls: collections.Counter[str] = collections.Counter()
-    request[S3_CALLS] = calls
-    CURRENT_S3_CALLS.set(calls)  # each request runs in its own task, so this ends with the request
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"}, headers=NO_STORE)
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    ops = request.app[OPS]
-    cache_ok = ops.store.available
-    s3_ok = await ops.s3_reachable()
-    status, word = readiness(cache_ok, s3_ok)
-    body = {"status": word, "cache": "ok" if cache_ok else "unavailable", "s3": "ok" if s3_ok else "unreachable"}
-    return web.json_response(body, status=status, headers=NO_STORE)
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    ops = request.app[OPS]
-    body = ops.metrics.render(await ops.snapshot())
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, **NO_STORE})
-
-
-class StructuredAccessLogger(AbstractAccessLogger):
-    """After each response is sent: its latency by X-Cache and the object bytes it delivered go to the
-    metrics, and one JSON line (method, path, status, bytes, cache, ms, s3: the S3 requests it caused) to
-    the log. Latency runs to the end of the send, from the object handler's STARTED stamp (or, for other
-    routes, from aiohttp's own start, which has millisecond resolution under uvloop).
-
-    So every listener that serves the proxy must use this class (`app.server_kwargs` passes it). The path
-    is logged without its query string and no header is logged, so neither can leak a token.
-    """
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        started = request.get(STARTED)
-        if started is not None:
-            time = perf_counter() - started
-        outcome = response.headers.get("X-Cache")
-        delivered = request.get(BODY_SENT)
-        try:
-            ops = request.config_dict.get(OPS) if isinstance(request, web.Request) else None
-        except (AssertionError, AttributeError):  # refused by aiohttp before routing: no app to count in
-            ops = None
-        if ops is not None:
-            ops.metrics.observe(outcome, time)
-            if delivered:
-                ops.service.counters.add("bytes_served", delivered)
-        if not self.logger.isEnabledFor(logging.INFO):
-            return
-        if delivered is None:  # not an object response: whatever body it had in full, none for HEAD
-            delivered = (response.content_length or 0) if isinstance(response, web.Response) and \
-                request.method != "HEAD" else 0
-        calls = request.get(S3_CALLS)
-        path = request.raw_path.partition("?")[0].partition("#")[0]
-        # Formatted by hand: json.dumps of the whole dict cost more than the rest of a cached hit's logging.
-        self.logger.info(
-            '{"method":%s,"path":%s,"status":%d,"bytes":%d,"cache":%s,"ms":%.1f,"s3":%s}',
-            json.dumps(request.method), json.dumps(path), response.status, delivered,
-            json.dumps(outcome or "-"), time * 1000, json.dumps(dict(calls), separators=(",", ":")) if calls else "{}")
-
-
 # -- the admin API --------------------------------------------------------------------------------------------
 
 
-def _mount(parent: web.Application, admin: AdminConfig) -> None:
+def mount_admin(parent: web.Application, admin: AdminConfig) -> None:
+    """The admin API under `admin.path` of `parent` (the proxy app, or the admin listener's own root)."""
     if admin.token:
         # Registered before the sub-app, which would answer 404 for its bare prefix.
         parent.router.add_get(admin.path, _to_dashboard)

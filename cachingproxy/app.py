@@ -18,28 +18,27 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .admin import BODY_SENT, STARTED, StructuredAccessLogger, setup_admin, track_s3_calls
+from .accesslog import StructuredAccessLogger, track_s3_calls
+from .admin import mount_admin, start_admin_listener
+from .appkeys import BODY_SENT, CLOCK, CONFIG, ORIGIN, SERVICE, STARTED, STORE, TALLY
 from .conditional import Plan, evaluate
 from .config import Config
 from .keys import Key, Redirect, Reject, index_key, redirect_location, request_key
 from .metrics import SLOTS as METRIC_SLOTS
 from .models import Clock, ObjectMeta, Outcome
-from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin, open_origin
+from .monitoring import OPS, Ops, add_monitoring_routes
+from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, open_origin
 from .policy import ttl_for, ttl_left
 from .service import CachingProxy, Counters, FromCache, FromFill, FromHead, Resolved
 from .store import WRITE_ERRORS, CacheStore
 from .tally import Slab, Tally
 
-__all__ = ["CLOCK", "CONFIG", "ORIGIN", "SERVICE", "STORE", "TALLY", "create_app", "server_kwargs"]
+__all__ = ["create_app", "server_kwargs"]
 
 log = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", Config)
-CLOCK = web.AppKey("clock", Clock)
-STORE = web.AppKey("store", CacheStore)
-ORIGIN = web.AppKey("origin", S3Origin)
-SERVICE = web.AppKey("service", CachingProxy)
-TALLY = web.AppKey("tally", Tally)
+LEADER = web.AppKey("leader", bool)
+
 
 # RFC 9110 §15.4.5: a 304 carries the validators and caching headers a 200 would.
 NOT_MODIFIED_HEADERS = frozenset({"ETag", "Last-Modified", "Cache-Control", "Expires", "Content-Location",
@@ -382,6 +381,24 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     await service.close(grace=app[CONFIG].server.shutdown_timeout)
 
 
+async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Monitoring and the admin API; with several workers only the leader (`leader=True`, see workers.py)
+    opens the admin listener and runs mirror mode."""
+    config = app[CONFIG]
+    ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[ORIGIN], app[SERVICE], app[TALLY])
+    leader = app[LEADER]
+    runner: web.AppRunner | None = None
+    try:
+        runner = await start_admin_listener(config, ops, leader=leader)
+        if config.admin.warm_prefixes and leader:
+            ops.warmer.start_mirror(config.admin.warm_prefixes, config.admin.warm_interval)
+        yield
+    finally:
+        await ops.close()
+        if runner is not None:
+            await runner.cleanup()
+
+
 async def _close_after_upgrade(request: web.Request, response: web.StreamResponse) -> None:
     """We never switch protocols (RFC 9110 §7.8 lets a server ignore Upgrade), but a front proxy that does
     not check for 101 may now treat the connection as a raw tunnel: close it, so nothing sent after this
@@ -412,19 +429,24 @@ def server_kwargs(config: Config) -> dict[str, Any]:
     }
 
 
-def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = None, row: int = 0) -> web.Application:
+def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = None, row: int = 0,
+               leader: bool = True) -> web.Application:
     """Build the app; no I/O here, everything that opens something lives in a cleanup context.
 
     `slab` and `row`: the workers' shared counters and this worker's row in them (workers.py, tally.py).
+    `leader`: this process runs the once-per-proxy duties (the admin listener, mirror mode; workers.py).
     """
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = config
     app[CLOCK] = clock
     app[TALLY] = Tally((*Counters.FIELDS, *WRITE_ERRORS, *METRIC_SLOTS), slab, row)
-    app.cleanup_ctx.extend([_store_ctx, _origin_ctx, _service_ctx])  # unwound in reverse
+    app[LEADER] = leader
+    app.cleanup_ctx.extend([_store_ctx, _origin_ctx, _service_ctx, _ops_ctx])  # unwound in reverse
     app.on_response_prepare.append(_close_after_upgrade)
     mount = config.server.mount
     app.router.add_get(mount or "/", serve_object)  # add_get also registers HEAD
     app.router.add_get(mount + "/{tail:.*}", serve_object)  # keys.py reads raw_path, not tail
-    setup_admin(app)  # /metrics, /healthz, /readyz, the admin API and the access log's measurements
+    add_monitoring_routes(app)
+    if not config.admin.port:
+        mount_admin(app, config.admin)
     return app

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import gc
 import importlib
 import logging
@@ -53,6 +54,7 @@ BACKLOG = 1024  # per worker socket; aiohttp's default of 128 drops SYNs under a
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RESTART_WINDOW = 60.0  # a worker that died this many times within this many seconds is a crash loop: give up
 RESTART_LIMIT = 5
+LEADER_LOCK = "admin.lock"  # in [cache] directory; see claim_leadership
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # serve(config, socket, supervised, ready): blocks until stopped; calls ready() once it accepts connections.
@@ -135,7 +137,9 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
     for signum in (signal.SIGTERM,) if supervised else STOP_SIGNALS:
         loop.add_signal_handler(signum, stop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # in case a caller left them blocked
-    app = create_app(config, slab=_slab, row=_row)
+    # Held for the process's lifetime: the kernel releases it when the worker dies, and its successor takes it.
+    leadership = claim_leadership(config.cache.directory)
+    app = create_app(config, slab=_slab, row=_row, leader=leadership is not None)
     app.on_startup.append(_freeze_heap)  # runs after the app's cleanup contexts have opened everything
     with logging_off_the_loop():
         web.run_app(app, sock=sock,
@@ -151,6 +155,27 @@ async def _freeze_heap(app: web.Application) -> None:
     live for the whole process were never going to be collected anyway."""
     gc.collect()
     gc.freeze()
+
+
+def claim_leadership(directory: str) -> int | None:
+    """Claim the duties that must run once per cache, not once per worker: the admin listener and mirror mode.
+
+    With [server] workers > 1 every worker builds this app on the same cache directory. The first to flock
+    LEADER_LOCK keeps its descriptor open for its lifetime; the kernel drops the lock if it dies, and the
+    worker that replaces it takes the lock again. Returns the descriptor, -1 when there is no directory to
+    coordinate through (acting alone), or None when another process holds the lock.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)  # before the store opens it: workers elect before building the app
+        fd = os.open(os.path.join(directory, LEADER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _die_with_parent(parent: int) -> None:

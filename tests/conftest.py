@@ -126,10 +126,10 @@ MakeProxy = Callable[..., Awaitable[TestClient[Any, Any]]]
 def make_proxy(aiohttp_client: Any, tmp_path: Path, shim: Shim, bucket: Bucket, clock: FakeClock) -> MakeProxy:
     """Start the real app on a real socket in front of the shim; keyword arguments override config sections."""
 
-    async def make(**sections: dict[str, Any]) -> TestClient[Any, Any]:
+    async def make(leader: bool = True, **sections: dict[str, Any]) -> TestClient[Any, Any]:
         config = config_for(tmp_path, shim.url, bucket.name, **sections)
         # TestServer(**kwargs) drops its kwargs; start_server(**kwargs) hands them to the AppRunner.
-        server = TestServer(create_app(config, clock=clock))
+        server = TestServer(create_app(config, clock=clock, leader=leader))
         await server.start_server(**server_kwargs(config))
         client: TestClient[Any, Any] = await aiohttp_client(server)
         return client

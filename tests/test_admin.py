@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -20,11 +21,13 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachingproxy.admin import OPS, Ops, readiness
-from cachingproxy.app import SERVICE, create_app, server_kwargs
+from cachingproxy.app import create_app, server_kwargs
+from cachingproxy.appkeys import SERVICE
 from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 from cachingproxy.config import ConfigError, parse_config, with_env_token
+from cachingproxy.monitoring import OPS, Ops, readiness
 from cachingproxy.warm import NOT_STORED
+from cachingproxy.workers import claim_leadership
 
 from .conftest import Bucket, FakeClock, MakeProxy, config_for, free_port
 from .shim import Fault, Shim
@@ -473,13 +476,16 @@ async def test_admin_on_its_own_port(make_proxy: MakeProxy, bucket: Bucket, shim
 
 
 async def test_workers_on_one_cache_share_one_admin_listener_and_one_mirror(
-        make_proxy: MakeProxy, bucket: Bucket, shim: Shim) -> None:
+        make_proxy: MakeProxy, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
     """[server] workers > 1: each worker builds the app on the same cache directory; one of them leads."""
     bucket.put("guides/a.html", b"a")
     port = free_port()
     settings = {"token": TOKEN, "host": "127.0.0.1", "port": port, "warm_prefixes": ["guides/"]}
-    first = await make_proxy(admin=settings)
-    second = await make_proxy(admin=settings)  # would fail with EADDRINUSE if it bound the admin port too
+    directory = str(tmp_path / "cache")
+    lead = claim_leadership(directory)
+    assert lead is not None and claim_leadership(directory) is None  # the lock file elects exactly one
+    first = await make_proxy(admin=settings, leader=True)
+    second = await make_proxy(admin=settings, leader=False)  # would fail with EADDRINUSE if it bound the port
     (job,) = ops(first).warmer.recent()
     assert ops(second).warmer.recent() == []  # no second mirror: the LIST is not doubled
     assert (await ops(first).warmer.wait(job.id)).fetched == 1
@@ -489,6 +495,7 @@ async def test_workers_on_one_cache_share_one_admin_listener_and_one_mirror(
     assert shim.counts == {"LIST": 1, "GET": 1}
     # Both workers serve the same disk cache.
     assert (await second.get("/docs/guides/a.html")).headers["X-Cache"] == "HIT"
+    os.close(lead)
 
 
 # -- health -------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cachingproxy.admin_client import CliError, Progress, admin_base, format_bytes, render_table
-from cachingproxy.app import SERVICE
+from cachingproxy.appkeys import SERVICE
 from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 
 from .conftest import Bucket, MakeProxy, free_port

@@ -28,7 +28,7 @@ from urllib.parse import quote
 import pytest
 import pytest_asyncio
 
-from cachingproxy.app import SERVICE
+from cachingproxy.appkeys import SERVICE
 from cachingproxy.demo import seed_bucket
 
 from . import browser as chromium

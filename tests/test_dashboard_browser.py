@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from cachingproxy.app import SERVICE
+from cachingproxy.appkeys import SERVICE
 
 from . import browser as chromium
 from .browser import fresh_context, new_page

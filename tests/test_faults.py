@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from cachingproxy.app import SERVICE, STORE
+from cachingproxy.appkeys import SERVICE, STORE
 
 from .conftest import Bucket, FakeClock, MakeProxy
 from .shim import Fault, Shim

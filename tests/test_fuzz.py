@@ -19,7 +19,7 @@ from urllib.parse import quote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachingproxy.app import SERVICE, STORE
+from cachingproxy.appkeys import SERVICE, STORE
 
 from .conftest import Bucket, MakeProxy
 from .shim import Shim

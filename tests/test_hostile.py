@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp.test_utils import TestServer
 
-from cachingproxy.app import SERVICE, STORE, create_app, server_kwargs
+from cachingproxy.app import create_app, server_kwargs
+from cachingproxy.appkeys import SERVICE, STORE
 
 from .conftest import Bucket, FakeClock, MakeProxy, config_for, free_port, raw_request
 from .shim import Fault, Shim

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from cachingproxy.app import SERVICE, STORE
+from cachingproxy.appkeys import SERVICE, STORE
 
 from .conftest import Bucket, FakeClock, MakeProxy
 from .shim import Shim

@@ -6,7 +6,7 @@ import hashlib
 import os
 from typing import Any
 
-from cachingproxy.app import SERVICE
+from cachingproxy.appkeys import SERVICE
 
 from .conftest import Bucket, MakeProxy, raw_request
 from .shim import Fault, Shim

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cachingproxy.app import SERVICE
+from cachingproxy.appkeys import SERVICE
 from cachingproxy.models import ObjectMeta
 from cachingproxy.store import CacheStore
 
