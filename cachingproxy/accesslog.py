@@ -11,8 +11,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .appkeys import BODY_SENT, S3_CALLS, STARTED
+from .counters import S3_CALLS as CURRENT_S3_CALLS
 from .monitoring import OPS
-from .service import S3_CALLS as CURRENT_S3_CALLS
 
 __all__ = ["StructuredAccessLogger", "track_s3_calls"]
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 
 from .config import ADMIN_TOKEN_ENV
+from .counters import COUNTERS
 
 __all__ = ["CliError", "Progress", "admin_base", "format_bytes", "render_table", "run"]
 
@@ -248,35 +249,33 @@ async def _stats(admin: Admin, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return EXIT_OK
-    r, q, rv = s["responses"], s["s3_requests"], s["revalidations"]
+    r = s["responses"]
     fill = f" ({s['bytes_on_disk'] / s['size_limit'] * 100:.1f}%)" if s["size_limit"] else ""
-    sections = [
-        ("Responses", [
+    sections: dict[str, list[tuple[str, str]]] = {
+        "Responses": [
             ("hit ratio", f"{s['hit_ratio'] * 100:.1f}%"),
             ("HIT", str(r["HIT"])), ("MISS", str(r["MISS"])),
             ("REVALIDATED", str(r["REVALIDATED"])), ("STALE", str(r["STALE"])),
-            ("negative hits", str(s["negative_hits"])),
-            ("bytes served", format_bytes(s["bytes_served"])),
-        ]),
-        ("S3", [
+        ],
+        "S3": [
             ("reachable", "yes" if s.get("s3") == "ok" else "NO (serving from cache)"),
-            ("GET", str(q["GET"])), ("HEAD", str(q["HEAD"])), ("LIST", str(q["LIST"])),
             ("requests saved", str(s["s3_requests_saved"])),
-            ("revalidated, unchanged", str(rv["unchanged"])),
-            ("revalidated, changed", str(rv["changed"])),
-            ("bytes received", format_bytes(s["bytes_from_s3"])),
-        ]),
-        ("Cache", [
+        ],
+        "Cache": [
             ("state", str(s["cache"])),
             ("objects", str(s["entries"])),
             ("on disk", f"{format_bytes(s['bytes_on_disk'])} of {format_bytes(s['size_limit'])}{fill}"),
-            ("integrity failures", str(s["integrity_failures"])),
-            ("write errors", str(s["cache_write_errors"])),
             ("warm jobs running", str(s["warm_jobs_running"])),
             ("uptime", format_duration(s["uptime"])),
-        ]),
-    ]
-    print("\n\n".join(render_table(rows, title) for title, rows in sections))
+        ],
+    }
+    for counter in COUNTERS:  # every declared counter, under its section, described by its help text
+        value: Any = s
+        for part in counter.stats:
+            value = value[part]
+        shown = format_bytes(value) if counter.unit == "bytes" else str(value)
+        sections.setdefault(counter.section, []).append((counter.help.rstrip("."), shown))
+    print("\n\n".join(render_table(rows, title) for title, rows in sections.items()))
     return EXIT_OK
 
 

@@ -20,17 +20,19 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .accesslog import StructuredAccessLogger, track_s3_calls
 from .admin import mount_admin, start_admin_listener
-from .appkeys import BODY_SENT, CLOCK, CONFIG, ORIGIN, SERVICE, STARTED, STORE, TALLY
+from .appkeys import BODY_SENT, CLOCK, CONFIG, COUNTERS, ORIGIN, SERVICE, STARTED, STORE, TALLY
 from .conditional import Plan, evaluate
 from .config import Config
+from .counters import NAMES as COUNTER_NAMES
+from .counters import Counters
 from .keys import Key, Redirect, Reject, index_key, redirect_location, request_key
 from .metrics import SLOTS as METRIC_SLOTS
 from .models import Clock, ObjectMeta, Outcome
 from .monitoring import OPS, Ops, add_monitoring_routes
 from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, open_origin
-from .policy import ttl_for, ttl_left
-from .service import CachingProxy, Counters, FromCache, FromFill, FromHead, Resolved
-from .store import WRITE_ERRORS, CacheStore
+from .policy import ttl_left, windows_for
+from .service import CachingProxy, FromCache, FromFill, FromHead, Resolved
+from .store import CacheStore
 from .tally import Slab, Tally
 
 __all__ = ["create_app", "server_kwargs"]
@@ -128,8 +130,8 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
     if isinstance(key, Reject):
         raise (web.HTTPBadRequest if key.status == 400 else web.HTTPNotFound)(text=key.reason + "\n")
     service = request.app[SERVICE]
-    cache = config.cache
-    ttl = ttl_for(key.s3_key[len(config.s3.prefix):], cache.rules, cache.ttl)
+    windows = windows_for(key.s3_key[len(config.s3.prefix):], config.cache)
+    ttl = windows.ttl
     want_body = request.method == "GET"
     if want_body:
         hit = service.hit_in_memory(key.s3_key, ttl=ttl)
@@ -138,7 +140,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
             return _from_memory(request, hit, ttl, conditional=True, status=200)
     track_s3_calls(request)
     try:
-        resolved = await service.resolve(key.s3_key, ttl=ttl, want_body=want_body)
+        resolved = await service.resolve(key.s3_key, windows=windows, want_body=want_body)
     except OriginDenied as exc:
         # A GET's AccessDenied is what S3 says for a missing key to a reader without s3:ListBucket; a
         # body-less HEAD 403 on a cold key is read the same way so HEAD and GET agree.
@@ -159,13 +161,13 @@ async def _not_found(request: web.Request, key: Key) -> web.StreamResponse:
     error_document = config.cache.error_document
     if error_document:
         error_key = config.s3.prefix + error_document
-        ttl = ttl_for(error_document, config.cache.rules, config.cache.ttl)
+        windows = windows_for(error_document, config.cache)
         try:
-            resolved = await service.resolve(error_key, ttl=ttl, want_body=request.method == "GET")
+            resolved = await service.resolve(error_key, windows=windows, want_body=request.method == "GET")
         except OriginError:
             pass
         else:
-            return await _respond(request, resolved, ttl, conditional=False, status=404)
+            return await _respond(request, resolved, windows.ttl, conditional=False, status=404)
     raise web.HTTPNotFound(text="Not Found\n")
 
 
@@ -369,13 +371,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _origin_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_origin(app[CONFIG].s3) as origin:
+    async with open_origin(app[CONFIG].s3, app[COUNTERS]) as origin:
         app[ORIGIN] = origin
         yield
 
 
 async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
-    service = CachingProxy(app[CONFIG], app[STORE], app[ORIGIN], app[CLOCK], app[TALLY])
+    service = CachingProxy(app[CONFIG], app[STORE], app[ORIGIN], app[CLOCK], app[COUNTERS])
     app[SERVICE] = service
     yield
     await service.close(grace=app[CONFIG].server.shutdown_timeout)
@@ -439,7 +441,8 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = config
     app[CLOCK] = clock
-    app[TALLY] = Tally((*Counters.FIELDS, *WRITE_ERRORS, *METRIC_SLOTS), slab, row)
+    app[TALLY] = Tally((*COUNTER_NAMES, *METRIC_SLOTS), slab, row)
+    app[COUNTERS] = Counters(app[TALLY])
     app[LEADER] = leader
     app.cleanup_ctx.extend([_store_ctx, _origin_ctx, _service_ctx, _ops_ctx])  # unwound in reverse
     app.on_response_prepare.append(_close_after_upgrade)

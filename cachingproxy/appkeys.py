@@ -8,13 +8,14 @@ import collections
 from aiohttp import web
 
 from .config import Config
+from .counters import Counters
 from .models import Clock
 from .origin import S3Origin
 from .service import CachingProxy
 from .store import CacheStore
 from .tally import Tally
 
-__all__ = ["BODY_SENT", "CLOCK", "CONFIG", "ORIGIN", "S3_CALLS", "SERVICE", "STARTED", "STORE", "TALLY"]
+__all__ = ["BODY_SENT", "CLOCK", "CONFIG", "COUNTERS", "ORIGIN", "S3_CALLS", "SERVICE", "STARTED", "STORE", "TALLY"]
 
 CONFIG = web.AppKey("config", Config)
 CLOCK = web.AppKey("clock", Clock)
@@ -22,6 +23,7 @@ STORE = web.AppKey("store", CacheStore)
 ORIGIN = web.AppKey("origin", S3Origin)
 SERVICE = web.AppKey("service", CachingProxy)
 TALLY = web.AppKey("tally", Tally)
+COUNTERS = web.AppKey("counters", Counters)
 
 S3_CALLS = web.RequestKey("s3_calls", collections.Counter)  # S3 requests made for this request, by operation
 BODY_SENT = web.RequestKey("body_sent", int)  # object body bytes an object response delivered in full

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .counters import COUNTERS, FAMILIES, nest
 from .tally import Tally
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "OUTCOMES", "SLOTS", "Metrics", "Snapshot"]
@@ -49,21 +50,9 @@ SLOTS = tuple(
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Every counter at one moment, as /stats and /metrics report it."""
+    """Every figure at one moment, as /stats and /metrics report it."""
 
-    hits: int
-    misses: int
-    revalidated_unchanged: int
-    revalidated_changed: int
-    stale: int
-    negative_hits: int
-    s3_get: int
-    s3_head: int
-    s3_list: int
-    bytes_from_s3: int
-    bytes_served: int
-    integrity_failures: int
-    cache_write_errors: int
+    counters: Mapping[str, int]  # every name in counters.COUNTERS, summed over the workers
     cache_available: bool
     entries: int
     bytes_on_disk: int
@@ -81,26 +70,20 @@ class Snapshot:
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "hits": self.hits,
-            "misses": self.misses,
-            "revalidations": {"unchanged": self.revalidated_unchanged, "changed": self.revalidated_changed},
-            "stale_served": self.stale,
-            "negative_hits": self.negative_hits,
-            "s3_requests": {"GET": self.s3_get, "HEAD": self.s3_head, "LIST": self.s3_list},
+            **nest(self.counters),
             # A fresh hit is a request S3 never saw.
             "s3_requests_saved": self.responses.get("HIT", 0),
-            "bytes_from_s3": self.bytes_from_s3,
-            "bytes_served": self.bytes_served,
             "responses": {o: self.responses.get(o, 0) for o in OUTCOMES},
             "hit_ratio": round(self.hit_ratio, 4),
             "entries": self.entries,
             "bytes_on_disk": self.bytes_on_disk,
             "size_limit": self.size_limit,
             "cache": "ok" if self.cache_available else "unavailable",
-            "integrity_failures": self.integrity_failures,
-            "cache_write_errors": self.cache_write_errors,
             "warm_jobs_running": self.warm_jobs_running,
             "uptime": round(self.uptime, 3),
+            # The declarations, for the dashboard's table of every counter (the CLI imports counters.py).
+            "counters": [{"name": c.name, "help": c.help, "section": c.section, "unit": c.unit,
+                          "value": self.counters[c.name]} for c in COUNTERS],
         }
 
 
@@ -118,30 +101,18 @@ class _SnapshotCollector(Collector):
         if s is None:
             return
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(f"cachingproxy_{name}", doc, value=value)
-
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"cachingproxy_{name}", doc, value=value)
 
-        yield counter("cache_hits", "Lookups answered from disk without asking S3.", s.hits)
-        yield counter("cache_misses", "Lookups that needed a GetObject (or a HeadObject for HEAD).", s.misses)
-        revalidations = CounterMetricFamily("cachingproxy_revalidations", "HeadObject revalidations by result.",
-                                            labels=["result"])
-        revalidations.add_metric(["unchanged"], s.revalidated_unchanged)
-        revalidations.add_metric(["changed"], s.revalidated_changed)
-        yield revalidations
-        yield counter("stale_served", "Responses served stale because S3 failed (stale-if-error).", s.stale)
-        yield counter("negative_hits", "Requests answered 404 from the negative cache.", s.negative_hits)
-        requests = CounterMetricFamily("cachingproxy_s3_requests", "Requests made to S3 by operation.",
-                                       labels=["operation"])
-        for op, value in (("GET", s.s3_get), ("HEAD", s.s3_head), ("LIST", s.s3_list)):
-            requests.add_metric([op], value)
-        yield requests
-        yield counter("s3_received_bytes", "Object bytes received from S3.", s.bytes_from_s3)
-        yield counter("served_bytes", "Object bytes sent to clients in complete responses.", s.bytes_served)
-        yield counter("integrity_failures", "S3 bodies rejected by the length or MD5 check.", s.integrity_failures)
-        yield counter("cache_write_errors", "Bodies that could not be written to the cache.", s.cache_write_errors)
+        families: dict[str, CounterMetricFamily] = {}
+        for c in COUNTERS:
+            family = families.get(c.metric)
+            if family is None:
+                family = families[c.metric] = CounterMetricFamily(
+                    f"cachingproxy_{c.metric}", FAMILIES.get(c.metric, c.help),
+                    labels=[name for name, _ in c.labels])
+            family.add_metric([value for _, value in c.labels], s.counters[c.name])
+        yield from families.values()
         yield gauge("cache_available", "1 when the disk cache is open.", 1 if s.cache_available else 0)
         yield gauge("cache_entries", "Cached objects.", s.entries)
         yield gauge("cache_bytes", "Bytes the cache uses on disk.", s.bytes_on_disk)

@@ -15,8 +15,8 @@ from .config import Config
 from .metrics import CONTENT_TYPE, Metrics, Snapshot
 from .models import Clock
 from .origin import OriginDenied, OriginError, S3Origin
-from .service import CachingProxy, Counters
-from .store import WRITE_ERRORS, CacheStore
+from .service import CachingProxy
+from .store import CacheStore
 from .tally import Tally
 from .warm import JobBoard, Warmer
 
@@ -46,7 +46,6 @@ class Ops:
         self.origin = origin
         self.service = service
         self.metrics = Metrics(tally)
-        self._tally = tally
         self.warmer = Warmer(service, store, origin, clock, s3_prefix=config.s3.prefix,
                              concurrency=config.admin.warm_concurrency,
                              board=JobBoard(Path(config.cache.directory) / "warm-jobs"))
@@ -66,10 +65,9 @@ class Ops:
 
     async def snapshot(self) -> Snapshot:
         rows, volume = await self.store.stats()
-        totals = self._tally.totals()  # every worker's counts, not only this one's (tally.py)
         return Snapshot(
-            **{name: totals[name] for name in Counters.FIELDS},
-            cache_write_errors=totals[WRITE_ERRORS[0]], cache_available=self.store.available,
+            counters=self.service.counters.totals(),  # every worker's, not only this one's
+            cache_available=self.store.available,
             # One metadata row and one body row per object. An exact count would read every key (14 s for 100k
             # objects), which a dashboard refresh cannot afford.
             entries=rows // 2,
@@ -84,7 +82,6 @@ class Ops:
         await self.warmer.close()
 
     async def _check_s3(self) -> bool:
-        self.service.counters.s3_list += 1
         try:
             async with asyncio.timeout(READY_PROBE_TIMEOUT):
                 await self.origin.list_page(self.config.s3.prefix, max_keys=1)

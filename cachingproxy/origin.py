@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import email.utils
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import ClientError, ConnectTimeoutError, FlexibleChecksumError, ReadTimeoutError
+from botocore.exceptions import (
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    FlexibleChecksumError,
+    ReadTimeoutError,
+)
 
 from .config import S3Config
+from .counters import Counters
 from .models import ObjectMeta
 
 __all__ = [
@@ -172,63 +180,58 @@ class ObjectBody:
 
 
 class S3Origin:
-    """head/get/list on one bucket; keys are full S3 keys (the prefix is already joined)."""
+    """head/get/list_page on one bucket; keys are full S3 keys (the prefix is already joined)."""
 
-    def __init__(self, client: Any, config: S3Config) -> None:
+    def __init__(self, client: Any, config: S3Config, counters: Counters | None = None) -> None:
         self._client = client
         self._bucket = config.bucket
         self._deadline = config.request_timeout
         self._read_timeout = config.read_timeout + 1.0
+        self._counters = counters
 
     async def head(self, key: str) -> ObjectMeta:
-        with _translated("HeadObject", key):
-            async with asyncio.timeout(self._deadline):
-                resp = await self._client.head_object(Bucket=self._bucket, Key=key)
+        resp = await self._send("HeadObject", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key))
         return meta_from_headers(resp["ResponseMetadata"]["HTTPHeaders"])
 
     async def get(self, key: str) -> ObjectBody:
         """Start a GetObject; the caller reads `chunks()` and must `close()` it."""
-        with _translated("GetObject", key):
-            async with asyncio.timeout(self._deadline):
-                resp = await self._client.get_object(Bucket=self._bucket, Key=key)
+        resp = await self._send("GetObject", key, lambda: self._client.get_object(Bucket=self._bucket, Key=key))
         return ObjectBody(meta_from_headers(resp["ResponseMetadata"]["HTTPHeaders"]), resp["Body"], key,
                           self._read_timeout)
 
-    async def list(self, prefix: str) -> AsyncIterator[ListedObject]:
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix}
-            if token:
-                kwargs["ContinuationToken"] = token
-            with _translated("ListObjectsV2", prefix):
-                async with asyncio.timeout(self._deadline):
-                    page = await self._client.list_objects_v2(**kwargs)
-            for item in page.get("Contents", []):
-                yield ListedObject(key=item["Key"], etag=item["ETag"], size=int(item["Size"]))
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-
     async def list_page(self, prefix: str, token: str | None = None, *,
                         max_keys: int = 1000) -> tuple[tuple[ListedObject, ...], str | None]:
-        """One ListObjectsV2 request: a page of objects and the token for the next page (None at the end).
-
-        `list()` hides its requests; warm jobs and the readiness probe count each one they make.
-        """
+        """One ListObjectsV2 request: a page of objects and the token for the next page (None at the end)."""
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix, "MaxKeys": max_keys}
         if token:
             kwargs["ContinuationToken"] = token
-        with _translated("ListObjectsV2", prefix):
-            async with asyncio.timeout(self._deadline):
-                page = await self._client.list_objects_v2(**kwargs)
+        page = await self._send("ListObjectsV2", prefix, lambda: self._client.list_objects_v2(**kwargs))
         items = tuple(ListedObject(key=item["Key"], etag=item["ETag"], size=int(item["Size"]))
                       for item in page.get("Contents", []))
         following = page.get("NextContinuationToken")
         return items, (following if page.get("IsTruncated") and following else None)
 
+    async def _send(self, op: str, key: str, call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """One S3 operation under the request deadline, with botocore's errors translated and its attempts counted.
+
+        The counting hooks (`_count_attempts`) see each attempt's start and end; one our deadline cut short
+        (or a cancelled request) was still received by S3, so it is counted here.
+        """
+        in_flight: list[str] = []
+        token = _IN_FLIGHT.set(in_flight)
+        try:
+            with _translated(op, key):
+                async with asyncio.timeout(self._deadline):
+                    return await call()
+        finally:
+            _IN_FLIGHT.reset(token)
+            if self._counters is not None:
+                for name in in_flight:
+                    self._counters.add(name)
+
 
 @asynccontextmanager
-async def open_origin(config: S3Config) -> AsyncIterator[S3Origin]:
+async def open_origin(config: S3Config, counters: Counters | None = None) -> AsyncIterator[S3Origin]:
     """One client for the app's lifetime, held open across the yield (aiobotocore#806)."""
     aio_config = AioConfig(
         connect_timeout=config.connect_timeout,
@@ -246,4 +249,44 @@ async def open_origin(config: S3Config) -> AsyncIterator[S3Origin]:
         endpoint_url=config.endpoint_url or None,
         config=aio_config,
     ) as client:
-        yield S3Origin(client, config)
+        if counters is not None:
+            _count_attempts(client, counters)
+        yield S3Origin(client, config, counters)
+
+
+def _count_attempts(client: Any, counters: Counters) -> None:
+    """Count each request S3 received, retries included, so the proxy's figures equal S3's.
+
+    botocore emits before-send and then response-received once per HTTP attempt (aiobotocore/endpoint.py
+    `_get_response`), the latter with the answer or the exception that replaced it. An attempt whose connection
+    was refused or never opened carried no request and is not counted; one abandoned in between (our deadline)
+    is left in `_IN_FLIGHT` for `S3Origin._send` to count.
+    """
+
+    def sending(event_name: str, **_: Any) -> None:  # must return None: a value would replace the response
+        name = _COUNTED.get(event_name.rpartition(".")[2])
+        in_flight = _IN_FLIGHT.get()
+        if name is not None and in_flight is not None:
+            in_flight.append(name)
+
+    def received(event_name: str, exception: Exception | None = None, **_: Any) -> None:
+        name = _COUNTED.get(event_name.rpartition(".")[2])
+        if name is None:
+            return
+        in_flight = _IN_FLIGHT.get()
+        if in_flight is not None and name in in_flight:
+            in_flight.remove(name)
+        if not isinstance(exception, _NOT_SENT):
+            counters.add(name)
+
+    client.meta.events.register("before-send.s3", sending)
+    client.meta.events.register("response-received.s3", received)
+
+
+# The attempts of the S3 call running in this task that have started and not ended (see _count_attempts).
+_IN_FLIGHT: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("s3_in_flight", default=None)
+_NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
+
+
+# Every operation the proxy sends, and its counter (counters.COUNTERS).
+_COUNTED = {"GetObject": "s3_get", "HeadObject": "s3_head", "ListObjectsV2": "s3_list"}

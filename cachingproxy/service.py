@@ -8,70 +8,40 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import contextvars
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar, assert_never
 
 from .config import Config
+from .counters import Counters
 from .models import Clock, Entry, ObjectMeta, Outcome
 from .origin import BodyCorrupt, ObjectMissing, OriginDenied, OriginError, OriginTimeout, OriginUnavailable, S3Origin
-from .policy import Action, Breaker, decide, may_serve_stale, within
+from .policy import (
+    Breaker,
+    Confirm,
+    Fail,
+    Fetch,
+    Health,
+    Revalidate,
+    Serve,
+    ServeAndRefresh,
+    ServeStale,
+    Windows,
+    decide,
+    is_fresh,
+)
 from .store import CacheStore, Staging
-from .tally import Tally
 
-__all__ = ["CHUNK_SIZE", "CachingProxy", "Counters", "Fill", "FromCache", "FromFill", "FromHead", "Resolved"]
+__all__ = ["CHUNK_SIZE", "CachingProxy", "Fill", "FromCache", "FromFill", "FromHead", "Resolved"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CHUNK_SIZE = 256 * 1024
+_ANY = Windows(ttl=0.0)  # a listing's row of the decision table does not depend on the TTL
 NEGATIVE_CACHE_MAX = 10_000  # bounded and kept apart from bodies: random 404s never evict real entries
-
-
-class Counters:
-    """The service's counters, kept in the shared tally so that /stats totals every worker (tally.py).
-
-    Reading an attribute gives this worker's own count, so `counters.hits += 1` works as on plain ints;
-    `totals()` sums all workers.
-    """
-
-    FIELDS = ("hits", "misses", "revalidated_unchanged", "revalidated_changed", "stale", "negative_hits",
-              "s3_get", "s3_head", "s3_list", "bytes_from_s3", "integrity_failures",
-              "bytes_served")  # bodies sent in full, added by the HTTP layer (admin.py's middleware)
-
-    def __init__(self, tally: Tally | None = None) -> None:
-        object.__setattr__(self, "_tally", tally if tally is not None else Tally(self.FIELDS))
-
-    def __getattr__(self, name: str) -> int:
-        if name not in self.FIELDS:
-            raise AttributeError(name)
-        tally: Tally = object.__getattribute__(self, "_tally")
-        return tally.get(name)
-
-    def __setattr__(self, name: str, value: int) -> None:
-        if name not in self.FIELDS:
-            raise AttributeError(name)
-        tally: Tally = object.__getattribute__(self, "_tally")
-        self.add(name, value - tally.get(name))
-
-    def add(self, name: str, delta: int = 1) -> None:
-        """`counters.add("hits")` is `counters.hits += 1` with one shared-memory access instead of three."""
-        tally: Tally = object.__getattribute__(self, "_tally")
-        # Every S3 request is counted through here (one of the s3_* fields), so attributing it to the HTTP
-        # request it was made for (the access log's "s3" field) needs no change at any call site. Fills and
-        # revalidations run in tasks spawned by the request that started them, and tasks copy its context.
-        op = _S3_OPERATIONS.get(name)
-        calls = S3_CALLS.get() if op is not None else None
-        if calls is not None and op is not None:
-            calls[op] += delta
-        tally.add(name, delta)
-
-    def totals(self) -> dict[str, int]:
-        tally: Tally = object.__getattribute__(self, "_tally")
-        totals = tally.totals()
-        return {name: totals[name] for name in self.FIELDS}
 
 
 class Fill:
@@ -146,12 +116,12 @@ class CachingProxy:
     """resolve(key) for the HTTP layer; owns single-flight state, the negative cache and the counters."""
 
     def __init__(self, config: Config, store: CacheStore, origin: S3Origin, clock: Clock,
-                 tally: Tally | None = None) -> None:
+                 counters: Counters | None = None) -> None:
         self._cache_config = config.cache
         self._store = store
         self._origin = origin
         self._clock = clock
-        self.counters = Counters(tally)
+        self.counters = counters if counters is not None else Counters()
         self._fills: dict[str, Fill] = {}
         self._revalidations: dict[str, asyncio.Task[_Unchanged | _Changed]] = {}
         self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
@@ -170,7 +140,7 @@ class CachingProxy:
         if key in self._fills:
             return None
         entry = self._store.entry_in_memory(key)
-        if entry is None or decide(entry, ttl, self._clock()) is not Action.SERVE:
+        if entry is None or not is_fresh(entry, ttl, self._clock()):
             return None
         body = self._store.body_in_memory(entry)
         if body is None:
@@ -178,45 +148,91 @@ class CachingProxy:
         self.counters.add("hits")
         return FromCache(entry, Outcome.HIT, body)
 
-    async def resolve(self, key: str, *, ttl: float, want_body: bool) -> Resolved:
-        """Find the best answer for `key`; raises ObjectMissing or another OriginError when there is none."""
+    async def resolve(self, key: str, *, windows: Windows, want_body: bool) -> Resolved:
+        """Find the best answer for `key`; raises ObjectMissing or another OriginError when there is none.
+
+        Executes what `policy.decide` says, and asks it again after anything that changes the inputs (S3
+        failed, the body turned out evicted); every choice is the table's.
+        """
         if want_body and key in self._fills:
             return await self._join(self._fills[key], Outcome.MISS)
-        now = self._clock()
         entry = await self._store.lookup(key)
-        action = decide(entry, ttl, now)
-        if entry is not None and action is Action.SERVE:
-            found = await self._from_cache(entry, Outcome.HIT, want_body)
-            if found is not None:
-                self.counters.add("hits")
-                return found
-        elif entry is not None and action is Action.REVALIDATE:
-            if within(entry, ttl, self._cache_config.stale_while_revalidate, now):
-                found = await self._from_cache(entry, Outcome.STALE, want_body)
-                if found is not None:
-                    self.counters.stale += 1
-                    self._start_shared(self._revalidations, key, lambda: self._refresh(entry))
-                    return found
-            try:
-                result = await self._shared(self._revalidations, key, lambda: self._revalidate(entry))
-                if isinstance(result, _Unchanged):
-                    found = await self._from_cache(result.entry, Outcome.REVALIDATED, want_body)
+        health = self._breaker.health(self._clock())
+        error: OriginError | None = None
+        while True:
+            action = decide(entry, self._clock(), windows, health)
+            match action:
+                case Serve() | Confirm():  # Confirm needs a listing, which requests never have
+                    assert entry is not None
+                    found = await self._from_cache(entry, Outcome.HIT, want_body)
                     if found is not None:
+                        self.counters.add("hits")
                         return found
-                elif not want_body:
-                    return FromHead(result.meta, Outcome.MISS)
-                return await self._fetch(key, want_body)
-            except ObjectMissing:
-                raise
-            except OriginError as exc:
-                # RFC 5861 §4 stale-if-error: a failed revalidation or refetch never takes a good copy away.
-                if may_serve_stale(entry, ttl, self._cache_config.stale_if_error, self._clock()):
+                case ServeAndRefresh():
+                    assert entry is not None
                     found = await self._from_cache(entry, Outcome.STALE, want_body)
                     if found is not None:
-                        self.counters.stale += 1
+                        self.counters.add("stale")
+                        self._start_shared(self._revalidations, key, functools.partial(self._refresh, entry))
                         return found
-                raise exc from None
-        return await self._fetch(key, want_body)
+                case ServeStale():
+                    assert entry is not None
+                    found = await self._from_cache(entry, Outcome.STALE, want_body)
+                    if found is not None:
+                        self.counters.add("stale")
+                        return found
+                case Revalidate():
+                    assert entry is not None
+                    try:
+                        result = await self._shared(self._revalidations, key,
+                                                    functools.partial(self._revalidate, entry))
+                    except ObjectMissing:
+                        raise
+                    except OriginError as exc:
+                        error, health = exc, _failed(exc)
+                        continue
+                    if isinstance(result, _Unchanged):
+                        found = await self._from_cache(result.entry, Outcome.REVALIDATED, want_body)
+                        if found is not None:
+                            return found
+                    elif not want_body:
+                        return FromHead(result.meta, Outcome.MISS)
+                    try:
+                        return await self._fetch(key, want_body)
+                    except ObjectMissing:
+                        raise
+                    except OriginError as exc:
+                        error, health = exc, _failed(exc)  # the old copy may still be served stale
+                        continue
+                case Fetch():
+                    try:
+                        return await self._fetch(key, want_body)
+                    except OriginError as exc:
+                        if entry is None or isinstance(exc, ObjectMissing):
+                            raise
+                        error, health = exc, _failed(exc)
+                        continue
+                case Fail():
+                    raise error if error is not None else OriginUnavailable("no answer")
+                case _:
+                    assert_never(action)
+            # The body was evicted or found damaged after the lookup: that is a miss, not an error.
+            entry = None
+
+    async def confirm_listed(self, key: str, etag: str) -> bool:
+        """A listing reports `etag` for `key`: True when the cached copy is that version, with a body that opens
+        (then it is marked checked, as after a 304); False when it needs fetching (warm-up)."""
+        entry = await self._store.lookup(key)
+        if entry is None or not isinstance(decide(entry, self._clock(), _ANY, listed_etag=etag), Confirm):
+            return False
+        # Metadata and body are separate diskcache rows and LRU eviction can take the body alone; open_body
+        # also drops a body whose size is wrong. Either way the object needs fetching.
+        body = await self._store.open_body(entry)
+        if body is None:
+            return False
+        await self._store.close_body(body)
+        await self._store.mark_checked(entry.checked(entry.meta, self._clock()))
+        return True
 
     async def exists(self, key: str) -> bool:
         """Whether `key` is cached or in S3; used for the `dir` -> `dir/` redirect."""
@@ -307,9 +323,9 @@ class CachingProxy:
             # Same body; S3 may still have changed Content-Type or Cache-Control, so keep its new headers.
             fresh = entry.checked(meta, self._clock())
             await self._store.mark_checked(fresh)
-            self.counters.revalidated_unchanged += 1
+            self.counters.add("revalidated_unchanged")
             return _Unchanged(fresh)
-        self.counters.revalidated_changed += 1
+        self.counters.add("revalidated_changed")
         return _Changed(meta)
 
     async def _head(self, key: str) -> ObjectMeta:
@@ -318,7 +334,6 @@ class CachingProxy:
     async def _head_once(self, key: str) -> ObjectMeta:
         if self._known_missing(key):
             raise ObjectMissing(key)
-        self.counters.s3_head += 1
         try:
             return await self._ask(lambda: self._origin.head(key))
         except ObjectMissing:
@@ -336,7 +351,7 @@ class CachingProxy:
     def _known_missing(self, key: str) -> bool:
         expires = self._negative.get(key)
         if expires is not None and self._clock() < expires:
-            self.counters.negative_hits += 1
+            self.counters.add("negative_hits")
             return True
         return False
 
@@ -345,9 +360,9 @@ class CachingProxy:
             raise ObjectMissing(key)
         if not want_body:
             meta = await self._head(key)
-            self.counters.misses += 1
+            self.counters.add("misses")
             return FromHead(meta, Outcome.MISS)
-        self.counters.misses += 1
+        self.counters.add("misses")
         return await self._join(self._fill_for(key), Outcome.MISS)
 
     def _fill_for(self, key: str) -> Fill:
@@ -378,7 +393,6 @@ class CachingProxy:
             async with self._store.fill_lock(key) as flight:
                 if flight.waited and await self._adopt(fill, started):
                     return
-                self.counters.s3_get += 1
                 body = await self._ask(lambda: self._origin.get(key))
                 fill.staging = await self._store.stage(key, body.meta)
                 fill.ready.set_result(body.meta)
@@ -386,7 +400,7 @@ class CachingProxy:
                     at = fill.staging.written
                     await self._store.write(fill.staging, chunk)
                     fill.recent = (at, chunk)
-                    self.counters.bytes_from_s3 += len(chunk)
+                    self.counters.add("bytes_from_s3", len(chunk))
                     fill._notify()
                 problem = fill.staging.problem()
                 if problem is not None:
@@ -404,7 +418,7 @@ class CachingProxy:
             fill.fail(exc)
         except OriginError as exc:
             if isinstance(exc, BodyCorrupt):
-                self.counters.integrity_failures += 1
+                self.counters.add("integrity_failures")
             fill.fail(exc)
         except Exception:
             log.exception("fill failed")
@@ -447,9 +461,8 @@ class CachingProxy:
     # -- plumbing -------------------------------------------------------------------------------------
 
     async def _ask(self, call: Callable[[], Awaitable[T]]) -> T:
-        """Every S3 call goes through the breaker, which decides whether to try and learns from the result."""
-        if not self._breaker.allow(self._clock()):
-            raise OriginUnavailable("circuit open")
+        """Every HEAD and GET reports to the breaker; the breaker never refuses one (see policy.Breaker)."""
+        self._breaker.sending(self._clock())
         try:
             result = await call()
         except (OriginUnavailable, OriginTimeout):
@@ -500,6 +513,5 @@ class CachingProxy:
         return fill.ready.result()
 
 
-_S3_OPERATIONS = {"s3_get": "GET", "s3_head": "HEAD", "s3_list": "LIST"}
-# S3 requests made on behalf of the current HTTP request, by operation; set by admin.track_s3_calls.
-S3_CALLS: contextvars.ContextVar[collections.Counter[str] | None] = contextvars.ContextVar("s3_calls", default=None)
+def _failed(exc: OriginError) -> Health:
+    return Health.TIMED_OUT if isinstance(exc, OriginTimeout) else Health.FAILED

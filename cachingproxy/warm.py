@@ -277,9 +277,6 @@ class Warmer:
     async def _list(self, job: WarmJob, queue: asyncio.Queue[ListedObject | None]) -> None:
         token: str | None = None
         while True:
-            # Counted here: the service counts the GET and HEAD requests it makes, and this is the only LIST user
-            # besides the readiness probe.
-            self._service.counters.s3_list += 1
             try:
                 page, token = await self._origin.list_page(self._s3_prefix + job.prefix, token)
             except OriginError as exc:
@@ -303,7 +300,7 @@ class Warmer:
     async def _warm_one(self, job: WarmJob, item: ListedObject) -> None:
         key = item.key[len(self._s3_prefix):]
         try:
-            if await self._cached(item):
+            if await self._service.confirm_listed(item.key, item.etag):
                 job.skipped += 1
             else:
                 meta = await self._service.prefetch(item.key)
@@ -323,21 +320,6 @@ class Warmer:
             job.fail(key, "internal error")
         job.processed_bytes += item.size
 
-    async def _cached(self, item: ListedObject) -> bool:
-        """Cached under the listed ETag, with a body that opens: then mark it checked and skip it."""
-        entry = await self._store.lookup(item.key)
-        if entry is None or entry.meta.etag != item.etag:
-            return False
-        # Metadata and body are separate diskcache rows and LRU eviction can take the body alone; open_body
-        # also drops a body whose size is wrong. Either way the object needs fetching.
-        body = await self._store.open_body(entry)
-        if body is None:
-            return False
-        await self._store.close_body(body)
-        # The listing is S3 confirming this version now: the entry is as fresh as after a 304.
-        await self._store.mark_checked(entry.checked(entry.meta, self._clock()))
-        return True
-
     # -- plumbing -------------------------------------------------------------------------------------
 
     def _trim(self) -> None:
@@ -347,7 +329,7 @@ class Warmer:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # A fresh context: the job outlives the admin request that started it, and S3 calls it makes must not
-        # be attributed to that request in the access log (service.S3_CALLS is a context variable).
+        # be attributed to that request in the access log (counters.S3_CALLS is a context variable).
         task = asyncio.create_task(coro, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,107 @@
+"""Every counter the proxy keeps, declared once: `/stats`, `/metrics`, the dashboard and the CLI table all
+derive from `COUNTERS`, so adding a counter is one line here and one `counters.add(...)` where it happens.
+
+Counts live in the workers' shared tally (tally.py), so any worker reports the whole proxy. The S3 request
+counters are also attributed to the HTTP request that caused them (`S3_CALLS`, read by the access log).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .tally import Tally
+
+__all__ = ["COUNTERS", "FAMILIES", "NAMES", "S3_CALLS", "Counter", "Counters", "nest"]
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One monotonically increasing count."""
+
+    name: str  # the tally cell and the argument of Counters.add
+    help: str  # /metrics HELP text and the dashboard's description
+    stats: tuple[str, ...]  # its place in the /stats JSON: ("s3_requests", "GET") is stats["s3_requests"]["GET"]
+    metric: str  # Prometheus family, after "cachingproxy_"; counters sharing one differ by `labels`
+    section: str  # where the CLI table and the dashboard list it
+    labels: tuple[tuple[str, str], ...] = ()
+    unit: str = ""  # "bytes": shown as KiB/MiB by the CLI and the dashboard
+
+
+COUNTERS: tuple[Counter, ...] = (
+    Counter("hits", "Lookups answered from disk without asking S3.", ("hits",), "cache_hits", "Responses"),
+    Counter("misses", "Lookups that needed a GetObject (or a HeadObject for HEAD).", ("misses",), "cache_misses",
+            "Responses"),
+    Counter("stale", "Responses served stale because S3 failed (stale-if-error) or while revalidating.",
+            ("stale_served",), "stale_served", "Responses"),
+    Counter("negative_hits", "Requests answered 404 from the negative cache.", ("negative_hits",), "negative_hits",
+            "Responses"),
+    Counter("bytes_served", "Object bytes sent to clients in complete responses.", ("bytes_served",), "served_bytes",
+            "Responses", unit="bytes"),
+    Counter("s3_get", "GetObject requests sent to S3.", ("s3_requests", "GET"), "s3_requests", "S3",
+            (("operation", "GET"),)),
+    Counter("s3_head", "HeadObject requests sent to S3.", ("s3_requests", "HEAD"), "s3_requests", "S3",
+            (("operation", "HEAD"),)),
+    Counter("s3_list", "ListObjectsV2 requests sent to S3.", ("s3_requests", "LIST"), "s3_requests", "S3",
+            (("operation", "LIST"),)),
+    Counter("revalidated_unchanged", "HeadObject revalidations that found the same ETag.",
+            ("revalidations", "unchanged"), "revalidations", "S3", (("result", "unchanged"),)),
+    Counter("revalidated_changed", "HeadObject revalidations that found a new version.",
+            ("revalidations", "changed"), "revalidations", "S3", (("result", "changed"),)),
+    Counter("bytes_from_s3", "Object bytes received from S3.", ("bytes_from_s3",), "s3_received_bytes", "S3",
+            unit="bytes"),
+    Counter("integrity_failures", "S3 bodies rejected by the length or MD5 check.", ("integrity_failures",),
+            "integrity_failures", "Cache"),
+    Counter("cache_write_errors", "Bodies that could not be written to the cache.", ("cache_write_errors",),
+            "cache_write_errors", "Cache"),
+)
+# HELP for the Prometheus families that several labelled counters share.
+FAMILIES = {
+    "s3_requests": "Requests sent to S3, by operation.",
+    "revalidations": "HeadObject revalidations, by result.",
+}
+NAMES = tuple(counter.name for counter in COUNTERS)
+_S3_OPERATION = {c.name: dict(c.labels)["operation"] for c in COUNTERS if c.metric == "s3_requests"}
+
+# S3 requests made on behalf of the current HTTP request, by operation (set by accesslog.track_s3_calls).
+# Fills and revalidations run in tasks spawned by the request that started them, and tasks copy its context.
+S3_CALLS: contextvars.ContextVar[collections.Counter[str] | None] = contextvars.ContextVar("s3_calls", default=None)
+
+
+class Counters:
+    """add(name) for the code that counts, totals() for whoever reports."""
+
+    def __init__(self, tally: Tally | None = None) -> None:
+        self._tally = tally if tally is not None else Tally(NAMES)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        self._tally.add(name, amount)
+        operation = _S3_OPERATION.get(name)
+        if operation is not None:
+            calls = S3_CALLS.get()
+            if calls is not None:
+                calls[operation] += amount
+
+    def get(self, name: str) -> int:
+        """This worker's own count (tests)."""
+        return self._tally.get(name)
+
+    def totals(self) -> dict[str, int]:
+        """Every counter summed over all workers."""
+        totals = self._tally.totals()
+        return {name: totals[name] for name in NAMES}
+
+
+def nest(values: Mapping[str, int]) -> dict[str, Any]:
+    """The counters as /stats shows them, each at its declared path."""
+    out: dict[str, Any] = {}
+    for counter in COUNTERS:
+        *parents, leaf = counter.stats
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = values[counter.name]
+    return out
