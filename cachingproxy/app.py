@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import email.utils
-import functools
 import logging
-import os
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator
-from typing import Any, BinaryIO
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -25,9 +19,11 @@ from .conditional import Plan, evaluate
 from .config import Config
 from .counters import NAMES as COUNTER_NAMES
 from .counters import Counters
-from .keys import Key, Redirect, Reject, index_key, redirect_location, request_key
+from .headers import NOT_MODIFIED_HEADERS
+from .hitpath import memo_headers, memo_request_key, reset, send_file
+from .keys import Key, Redirect, Reject, index_key, redirect_location
 from .metrics import SLOTS as METRIC_SLOTS
-from .models import Clock, ObjectMeta, Outcome
+from .models import Clock, ObjectMeta
 from .monitoring import OPS, Ops, add_monitoring_routes
 from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, open_origin
 from .policy import ttl_left, windows_for
@@ -40,12 +36,6 @@ __all__ = ["create_app", "server_kwargs"]
 log = logging.getLogger(__name__)
 
 LEADER = web.AppKey("leader", bool)
-
-
-# RFC 9110 §15.4.5: a 304 carries the validators and caching headers a 200 would.
-NOT_MODIFIED_HEADERS = frozenset({"ETag", "Last-Modified", "Cache-Control", "Expires", "Content-Location",
-                                  "X-Cache", "Age", "Cache-Status"})
-CACHE_STATUS = "cachingproxy"
 
 
 @web.middleware
@@ -68,53 +58,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise web.HTTPInternalServerError(text="Internal Server Error\n") from None
 
 
-def _response_headers(resolved: Resolved, ttl: float, now: float) -> CIMultiDictProxy[str]:
-    """The object's headers plus X-Cache, Age (RFC 9111 §4) and Cache-Status (RFC 9211); read-only, since
-    they are shared: a Response copies them, anyone adding a header copies first."""
-    if isinstance(resolved, FromCache):
-        entry = resolved.entry
-        return _headers(entry.meta, resolved.outcome, max(0, int(now - entry.checked_at)),
-                        int(ttl_left(entry, ttl, now)))
-    return _headers(resolved.meta, resolved.outcome, 0, None)
-
-
-@functools.lru_cache(maxsize=4096)
-def _headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | None) -> CIMultiDictProxy[str]:
-    # Memoised: within a second every hit on an object gets the same headers, and building them (dates,
-    # strings, a multidict) cost more than the rest of a hit from memory.
-    headers: CIMultiDict[str] = CIMultiDict(meta.headers)
-    headers.setdefault("Content-Type", "binary/octet-stream")  # what S3 itself sends without one
-    if meta.etag:
-        headers["ETag"] = meta.etag
-    if meta.last_modified is not None:
-        headers["Last-Modified"] = email.utils.formatdate(meta.last_modified, usegmt=True)
-    headers["Accept-Ranges"] = "bytes"
-    headers["X-Cache"] = outcome.value
-    headers["Age"] = str(age)
-    status = {
-        Outcome.HIT: f"hit; ttl={left}",
-        Outcome.REVALIDATED: f"fwd=stale; fwd-status=304; ttl={left}",
-        Outcome.STALE: f"hit; ttl={left}; detail=stale-if-error",
-    }.get(outcome, "fwd=miss; fwd-status=200")
-    headers["Cache-Status"] = f"{CACHE_STATUS}; {status}"
-    return CIMultiDictProxy(headers)
-
-
-def _request_key(raw_path: str, config: Config) -> Key | Reject | Redirect:
-    if len(raw_path) > _MEMO_PATH:
-        return request_key(raw_path, mount=config.server.mount, prefix=config.s3.prefix,
-                           index_document=config.cache.index_document)
-    return _memo_request_key(raw_path, config.server.mount, config.s3.prefix, config.cache.index_document)
-
-
-_MEMO_PATH = 512  # longer paths are decoded every time, so hostile ones cannot make the memo below large
-
-
-@functools.lru_cache(maxsize=4096)
-def _memo_request_key(raw_path: str, mount: str, prefix: str, index_document: str) -> Key | Reject | Redirect:
-    return request_key(raw_path, mount=mount, prefix=prefix, index_document=index_document)
-
-
 async def serve_object(request: web.Request) -> web.StreamResponse:
     request[STARTED] = time.perf_counter()
     if request.body_exists:
@@ -124,7 +67,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         refusal.force_close()
         raise refusal
     config = request.app[CONFIG]
-    key = _request_key(request.raw_path, config)
+    key = memo_request_key(request.raw_path, config.server.mount, config.s3.prefix, config.cache.index_document)
     if isinstance(key, Redirect):
         raise web.HTTPMovedPermanently(location=key.location)
     if isinstance(key, Reject):
@@ -193,7 +136,7 @@ def _from_memory(request: web.Request, resolved: FromCache, ttl: float, *, condi
     body = resolved.body
     assert isinstance(body, bytes)
     meta = resolved.entry.meta
-    headers = _response_headers(resolved, ttl, request.app[CLOCK]())
+    headers = response_headers(resolved, ttl, request.app[CLOCK]())
     plan = _plan(request, meta, conditional=conditional, status=status)
     if plan.status in (304, 412, 416):
         return _bodiless(plan, headers)
@@ -210,7 +153,7 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
     body = resolved.body if isinstance(resolved, FromCache) else None
     try:
         meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
-        headers = _response_headers(resolved, ttl, request.app[CLOCK]())
+        headers = response_headers(resolved, ttl, request.app[CLOCK]())
         plan = _plan(request, meta, conditional=conditional, status=status)
         if plan.status in (304, 412, 416):
             return _bodiless(plan, headers)
@@ -224,9 +167,9 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
             elif isinstance(resolved, FromCache):
                 assert body is not None and not isinstance(body, bytes)  # a GET of a bytes body returned above
                 if plan.end > plan.start:
-                    await _send_file(request, body, plan.start, plan.end - plan.start, stall)
+                    await send_file(request, body, plan.start, plan.end - plan.start, stall)
             elif isinstance(resolved, FromFill):
-                async for chunk in request.app[SERVICE].read(resolved.fill, plan.start, plan.end):
+                async for chunk in resolved.fill.read(plan.start, plan.end):
                     async with asyncio.timeout(stall):
                         await resp.write(chunk)
             else:
@@ -236,13 +179,13 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
         except OriginError:
             # Headers and part of the body are out: the only honest signal left is to cut the
             # connection, so the client sees a short body instead of a complete-looking wrong one.
-            _abort(request)
+            reset(request)
             return resp
         except TimeoutError:
             # nginx's send_timeout: a client that takes nothing for this long (a zero TCP window holds a
             # connection open for ever) gives up its connection, its open file and its place in a fill.
             log.info("client took no bytes for %.0f s: connection dropped", stall)
-            _abort(request)
+            reset(request)
             return resp
         if request.method == "GET":
             request[BODY_SENT] = plan.end - plan.start
@@ -251,7 +194,7 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
         if body is not None:
             await request.app[STORE].close_body(body)
         if isinstance(resolved, FromFill):
-            request.app[SERVICE].release(resolved.fill)
+            resolved.fill.leave()
 
 
 def _bodiless(plan: Plan, headers: CIMultiDictProxy[str]) -> web.Response:
@@ -283,80 +226,6 @@ async def _write_eof_flushed(request: web.Request, resp: web.StreamResponse) -> 
             transport.set_write_buffer_limits()  # the loop's defaults again, for the next request
 
 
-def _abort(request: web.Request) -> None:
-    """Reset the connection. SO_LINGER 0 makes the close an RST that also drops what the kernel still holds
-    for the client (as nginx's reset_timedout_connection); a plain close would queue a FIN behind megabytes
-    a stalled client never reads, keeping the socket alive in the kernel."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
-    transport.abort()
-
-
-_RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}
-
-
-async def _send_file(request: web.Request, body: BinaryIO, offset: int, count: int, stall: float) -> None:
-    """sendfile(2) from the cached file under our own validators (aiohttp's FileResponse invents its own),
-    never copied in Python; TimeoutError when the client takes nothing for `stall` seconds.
-
-    Bodies held in memory never get here: `_respond` sends them with their headers in one write. The socket
-    is reached through a dup of its fd, because uvloop has no loop.sendfile (uvloop#228) and refuses
-    add_writer on an fd one of its transports owns; both fds are the same socket, so the bytes stay in order
-    as long as nothing else writes meanwhile, which holds: this handler is the only writer of its connection.
-    The standard loop takes the same path, so tests run what production runs.
-    """
-    loop = asyncio.get_running_loop()
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if transport is None or sock is None:
-        raise ConnectionResetError("client went away")
-    async with asyncio.timeout(stall):
-        await _drained(transport)
-    fd = body.fileno()
-    out = os.dup(sock.fileno())
-    try:
-        while count > 0:
-            try:
-                sent = os.sendfile(out, fd, offset, count)
-            except BlockingIOError:
-                sent = -1
-            if sent == 0:
-                raise ConnectionResetError("cached body shrank while being sent")
-            if sent > 0:
-                offset += sent
-                count -= sent
-                continue
-            writable = loop.create_future()
-            loop.add_writer(out, _wake, writable)
-            try:
-                async with asyncio.timeout(stall):
-                    await writable
-            finally:
-                loop.remove_writer(out)
-            if transport.is_closing():
-                raise ConnectionResetError("client went away")
-    finally:
-        os.close(out)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
-async def _drained(transport: asyncio.Transport) -> None:
-    """Until the transport's write buffer is empty: at most the response head, which almost always left at once."""
-    while transport.get_write_buffer_size() > 0:
-        if transport.is_closing():
-            raise ConnectionResetError("client went away")
-        await asyncio.sleep(0.001)
-
-
 # -- lifetimes ----------------------------------------------------------------------------------------
 
 
@@ -381,6 +250,16 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SERVICE] = service
     yield
     await service.close(grace=app[CONFIG].server.shutdown_timeout)
+
+
+def response_headers(resolved: Resolved, ttl: float, now: float) -> CIMultiDictProxy[str]:
+    """The object's headers plus X-Cache, Age (RFC 9111 §4) and Cache-Status (RFC 9211); read-only, since
+    they are shared: a Response copies them, anyone adding a header copies first."""
+    if isinstance(resolved, FromCache):
+        entry = resolved.entry
+        return memo_headers(entry.meta, resolved.outcome, max(0, int(now - entry.checked_at)),
+                            int(ttl_left(entry, ttl, now)))
+    return memo_headers(resolved.meta, resolved.outcome, 0, None)
 
 
 async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -10,12 +10,13 @@ import collections
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar, assert_never
 
 from .config import Config
 from .counters import Counters
+from .fill import CHUNK_SIZE, Fill
 from .models import Clock, Entry, ObjectMeta, Outcome
 from .origin import BodyCorrupt, ObjectMissing, OriginDenied, OriginError, OriginTimeout, OriginUnavailable, S3Origin
 from .policy import (
@@ -32,51 +33,15 @@ from .policy import (
     decide,
     is_fresh,
 )
-from .store import CacheStore, Staging
+from .store import CacheStore
 
-__all__ = ["CHUNK_SIZE", "CachingProxy", "Fill", "FromCache", "FromFill", "FromHead", "Resolved"]
+__all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "Resolved"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-CHUNK_SIZE = 256 * 1024
 _ANY = Windows(ttl=0.0)  # a listing's row of the decision table does not depend on the TTL
 NEGATIVE_CACHE_MAX = 10_000  # bounded and kept apart from bodies: random 404s never evict real entries
-
-
-class Fill:
-    """One GetObject streaming into one staging file, shared by every request for that key.
-
-    Readers follow the file as it grows (so one slow client never slows S3 or the others), and the last
-    byte of the object is released only once the whole body has been verified.
-    """
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.ready: asyncio.Future[ObjectMeta] = asyncio.get_running_loop().create_future()
-        self.staging: Staging | None = None
-        self.verified = False
-        self.error: OriginError | None = None
-        self.done = False
-        self.readers = 0
-        # The chunk written last and its offset: readers keeping up with S3 (the usual case) take their
-        # bytes from here, the very object S3 gave us, instead of reading them back from the file.
-        self.recent: tuple[int, bytes] = (0, b"")
-        self._changed = asyncio.Event()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def _wait(self) -> None:
-        await self._changed.wait()
-
-    def fail(self, error: OriginError) -> None:
-        self.error = error
-        if not self.ready.done():
-            self.ready.set_exception(error)
-            self.ready.exception()  # retrieved: nobody may be waiting on a failed fill
-        self._notify()
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,43 +209,6 @@ class CachingProxy:
             return False
         return True
 
-    async def read(self, fill: Fill, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of a fill as they arrive; raises OriginError if the fill fails first."""
-        staging = fill.staging
-        assert staging is not None, "read() only between _join() and release()"
-        size = staging.meta.size
-        offset = start
-        while offset < end:
-            # The final byte waits for verification, so a corrupt or short body can never look complete.
-            available = staging.written if fill.verified else min(staging.written, size - 1)
-            if available <= offset:
-                if fill.error is not None:
-                    raise fill.error
-                await fill._wait()
-                continue
-            count = min(available, end) - offset
-            at, recent = fill.recent
-            if at <= offset < at + len(recent):
-                # Whole when caught up: bytes[0:len] is the same object, so no copy at all.
-                chunk = recent[offset - at : offset - at + count]
-            else:
-                chunk = await self._store.read_staging(staging, min(count, CHUNK_SIZE), offset)
-            if not chunk:
-                raise OriginUnavailable("staging file shorter than reported")
-            offset += len(chunk)
-            yield chunk
-        # A whole-object response ends only once the body is verified and indexed, so the next
-        # request for the key is a hit (this is what makes an empty object wait too).
-        while end == size and not fill.verified:
-            if fill.error is not None:
-                raise fill.error
-            await fill._wait()
-
-    def release(self, fill: Fill) -> None:
-        """The request that joined `fill` is done with it (read or not): the last one closes the file."""
-        fill.readers -= 1
-        self._release_staging(fill)
-
     async def settle(self) -> None:
         """Wait for background fills and revalidations (tests, and graceful shutdown before closing the store)."""
         while pending := [*self._tasks, *self._revalidations.values()]:
@@ -368,7 +296,7 @@ class CachingProxy:
     def _fill_for(self, key: str) -> Fill:
         fill = self._fills.get(key)
         if fill is None:
-            fill = self._fills[key] = Fill(key)
+            fill = self._fills[key] = Fill(key, self._store.read_staging)
             self._spawn(self._run_fill(fill))
         return fill
 
@@ -380,7 +308,7 @@ class CachingProxy:
             # shield: a client that leaves must not cancel the fill other clients are waiting on.
             meta = await asyncio.shield(fill.ready)
         except BaseException:
-            self.release(fill)
+            fill.leave()
             raise
         return FromFill(fill, meta, outcome)
 
@@ -401,14 +329,14 @@ class CachingProxy:
                     await self._store.write(fill.staging, chunk)
                     fill.recent = (at, chunk)
                     self.counters.add("bytes_from_s3", len(chunk))
-                    fill._notify()
+                    fill.notify()
                 problem = fill.staging.problem()
                 if problem is not None:
                     log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
                     raise BodyCorrupt(problem)
                 await self._store.commit(fill.staging, self._clock())
                 fill.verified = True
-                fill._notify()
+                fill.notify()
         except ObjectMissing as exc:
             self._remember_missing(key)
             fill.fail(exc)
@@ -433,7 +361,7 @@ class CachingProxy:
                 del self._fills[key]
             if fill.staging is not None and not fill.verified:
                 await self._store.discard(fill.staging)
-            self._release_staging(fill)
+            fill.close_if_unused()
 
     async def _adopt(self, fill: Fill, since: float) -> bool:
         """After waiting on another worker's fill of the same key, serve what it committed instead of asking S3.
@@ -450,13 +378,8 @@ class CachingProxy:
         fill.staging = staging
         fill.ready.set_result(entry.meta)
         fill.verified = True
-        fill._notify()
+        fill.notify()
         return True
-
-    def _release_staging(self, fill: Fill) -> None:
-        if fill.done and fill.readers == 0 and fill.staging is not None:
-            staging, fill.staging = fill.staging, None
-            staging.close()
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -506,10 +429,7 @@ class CachingProxy:
         """
         self._negative.pop(key, None)  # a listing has just shown that the key exists
         fill = self._fill_for(key)
-        while not fill.verified:
-            if fill.error is not None:
-                raise fill.error
-            await fill._wait()
+        await fill.verified_body()
         return fill.ready.result()
 
 

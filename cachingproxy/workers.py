@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import gc
 import importlib
 import logging
 import multiprocessing
@@ -37,7 +36,6 @@ from .tally import Slab
 if TYPE_CHECKING:
     import asyncio
 
-    from aiohttp import web
 
 __all__ = [
     "bind_sockets",
@@ -118,6 +116,7 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
     from aiohttp import web  # here, like __main__: the supervisor never needs it
 
     from .app import create_app, server_kwargs
+    from .hitpath import freeze_heap
 
     loop = new_event_loop()
     stopping = False
@@ -140,21 +139,12 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
     # Held for the process's lifetime: the kernel releases it when the worker dies, and its successor takes it.
     leadership = claim_leadership(config.cache.directory)
     app = create_app(config, slab=_slab, row=_row, leader=leadership is not None)
-    app.on_startup.append(_freeze_heap)  # runs after the app's cleanup contexts have opened everything
+    app.on_startup.append(freeze_heap)
     with logging_off_the_loop():
         web.run_app(app, sock=sock,
                     shutdown_timeout=config.server.shutdown_timeout,
                     print=lambda _: ready(), handle_signals=False, backlog=BACKLOG, loop=loop,
                     **server_kwargs(config))
-
-
-async def _freeze_heap(app: web.Application) -> None:
-    """Move everything alive once the worker is up (modules, botocore's service models: most of the heap) out
-    of the garbage collector's view. Its full collections otherwise walk all of it, pauses of several ms
-    that were most of the p99 of cached hits (61 ms before, 13 ms after, `make bench --quick`). Objects that
-    live for the whole process were never going to be collected anyway."""
-    gc.collect()
-    gc.freeze()
 
 
 def claim_leadership(directory: str) -> int | None:

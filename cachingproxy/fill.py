@@ -1,0 +1,100 @@
+"""One GetObject shared by every request for its key: the staging file it streams into, and its readers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from .models import ObjectMeta
+from .origin import OriginError, OriginUnavailable
+from .store import Staging
+
+__all__ = ["CHUNK_SIZE", "Fill"]
+
+CHUNK_SIZE = 256 * 1024
+
+
+class Fill:
+    """One GetObject streaming into one staging file, shared by every request for that key.
+
+    Readers follow the file as it grows (so one slow client never slows S3 or the others), and the last
+    byte of the object is released only once the whole body has been verified.
+    """
+
+    def __init__(self, key: str, read_staging: Callable[[Staging, int, int], Awaitable[bytes]]) -> None:
+        self.key = key
+        self._read_staging = read_staging
+        self.ready: asyncio.Future[ObjectMeta] = asyncio.get_running_loop().create_future()
+        self.staging: Staging | None = None
+        self.verified = False
+        self.error: OriginError | None = None
+        self.done = False
+        self.readers = 0
+        # The chunk written last and its offset: readers keeping up with S3 (the usual case) take their
+        # bytes from here, the very object S3 gave us, instead of reading them back from the file.
+        self.recent: tuple[int, bytes] = (0, b"")
+        self._changed = asyncio.Event()
+
+    def notify(self) -> None:
+        """Readers waiting in `changed` look again: more bytes, the end, or an error."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def fail(self, error: OriginError) -> None:
+        self.error = error
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()  # retrieved: nobody may be waiting on a failed fill
+        self.notify()
+
+    async def read(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of a fill as they arrive; raises OriginError if the fill fails first."""
+        staging = self.staging
+        assert staging is not None, "read() only between joining and leave()"
+        size = staging.meta.size
+        offset = start
+        while offset < end:
+            # The final byte waits for verification, so a corrupt or short body can never look complete.
+            available = staging.written if self.verified else min(staging.written, size - 1)
+            if available <= offset:
+                if self.error is not None:
+                    raise self.error
+                await self.changed()
+                continue
+            count = min(available, end) - offset
+            at, recent = self.recent
+            if at <= offset < at + len(recent):
+                # Whole when caught up: bytes[0:len] is the same object, so no copy at all.
+                chunk = recent[offset - at : offset - at + count]
+            else:
+                chunk = await self._read_staging(staging, min(count, CHUNK_SIZE), offset)
+            if not chunk:
+                raise OriginUnavailable("staging file shorter than reported")
+            offset += len(chunk)
+            yield chunk
+        # A whole-object response ends only once the body is verified and indexed, so the next
+        # request for the key is a hit (this is what makes an empty object wait too).
+        while end == size and not self.verified:
+            if self.error is not None:
+                raise self.error
+            await self.changed()
+
+    async def verified_body(self) -> None:
+        """Until the whole body is verified; raises the fill's OriginError if it fails first."""
+        while not self.verified:
+            if self.error is not None:
+                raise self.error
+            await self.changed()
+
+    def leave(self) -> None:
+        """A request that joined this fill is done with it (read or not): the last one closes the file."""
+        self.readers -= 1
+        self.close_if_unused()
+
+    def close_if_unused(self) -> None:
+        if self.done and self.readers == 0 and self.staging is not None:
+            staging, self.staging = self.staging, None
+            staging.close()
