@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check cachingproxy tests benchmarks
 	$(BIN)/mypy cachingproxy
+	$(BIN)/lint-imports
 
 # install-browser.sh is instant once chromium is there and never fails; without chromium the browser suites
 # are skipped, and -rs prints why in the summary.

@@ -23,14 +23,14 @@ from aiohttp.typedefs import Handler, Middleware
 
 from .accesslog import StructuredAccessLogger, track_s3_calls
 from .config import ADMIN_TOKEN_ENV, AdminConfig, Config
+from .keys import MAX_KEY_BYTES
 from .monitoring import NO_STORE, OPS, Ops
 
-__all__ = ["ADMIN_MAX_BODY", "MAX_KEY", "mount_admin", "start_admin_listener"]
+__all__ = ["ADMIN_MAX_BODY", "mount_admin", "start_admin_listener"]
 
 log = logging.getLogger(__name__)
 
 ADMIN_MAX_BODY = 64 * 1024  # admin bodies are tiny JSON; aiohttp's default is 1 MiB (RELIABILITY.md §4)
-MAX_KEY = 1024  # S3's own key length limit, for keys and prefixes sent to the admin API
 JSON_TYPE = "application/json"
 DASHBOARD = "dashboard"  # route name: the one admin route that needs no token
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -145,6 +145,11 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def _key_sized(text: str) -> bool:
+    """Within S3's key length limit, which counts UTF-8 bytes, not characters."""
+    return len(text.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES
+
+
 def _ops(request: web.Request) -> Ops:
     return request.config_dict[OPS]
 
@@ -185,7 +190,7 @@ async def _warm_start(request: web.Request) -> web.Response:
     ops = _ops(request)
     body = await _json_object(request)
     prefix = body.get("prefix", "")
-    if set(body) - {"prefix"} or not isinstance(prefix, str) or len(prefix) > MAX_KEY or prefix.startswith("/"):
+    if set(body) - {"prefix"} or not isinstance(prefix, str) or not _key_sized(prefix) or prefix.startswith("/"):
         raise _json_error(web.HTTPBadRequest, 'send {"prefix": "guides/"}: a key prefix below [s3] prefix')
     job, created = ops.warmer.start(prefix)
     await ops.warmer.share(job)  # before the id is out: the client's next request may reach another worker
@@ -210,9 +215,9 @@ async def _purge(request: web.Request) -> web.Response:
     body = await _json_object(request)
     s3_prefix = ops.config.s3.prefix
     match body:
-        case {"key": str(key)} if len(body) == 1 and 0 < len(key) <= MAX_KEY:
+        case {"key": str(key)} if len(body) == 1 and key and _key_sized(key):
             purged = await ops.store.forget(s3_prefix + key)
-        case {"prefix": str(prefix)} if len(body) == 1 and len(prefix) <= MAX_KEY:
+        case {"prefix": str(prefix)} if len(body) == 1 and _key_sized(prefix):
             purged = await ops.store.purge_prefix(s3_prefix + prefix)
         case {"all": bool(everything)} if everything and len(body) == 1:
             purged = await ops.store.purge_prefix("")

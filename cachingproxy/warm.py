@@ -183,9 +183,6 @@ class Warmer:
             self._spawn(self._publish(job))
         return job, True
 
-    def get(self, job_id: str) -> WarmJob | None:
-        return self._jobs.get(job_id)
-
     def recent(self) -> list[WarmJob]:
         """Newest first."""
         return list(reversed(self._jobs.values()))

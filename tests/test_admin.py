@@ -651,3 +651,16 @@ def test_the_job_board_stays_bounded_and_never_reads_outside_its_directory(tmp_p
     assert [job["id"] for job in board.recent()][:2] == [f"{KEEP_JOBS + 4:012x}", f"{KEEP_JOBS + 3:012x}"]
     assert board.read("../secret") is None
     assert board.read(f"{KEEP_JOBS + 4:012x}") == {"id": f"{KEEP_JOBS + 4:012x}", "started": float(KEEP_JOBS + 4)}
+
+
+@pytest.mark.parametrize(("key", "status"), [
+    pytest.param("é" * 512, 200, id="1024-bytes-accepted"),
+    pytest.param("é" * 513, 400, id="1026-bytes-refused-though-513-characters"),
+    pytest.param("a" * 1025, 400, id="1025-ascii-refused"),
+])
+async def test_admin_key_limit_counts_bytes_like_s3(make_proxy: MakeProxy, key: str, status: int) -> None:
+    proxy = await make_proxy(admin={"token": TOKEN})
+    for path, body in (("/_admin/purge", {"key": key}), ("/_admin/purge", {"prefix": key}),
+                       ("/_admin/warm", {"prefix": key})):
+        resp = await proxy.post(path, json=body, headers=AUTH)
+        assert resp.status == (202 if status == 200 and path.endswith("warm") else status), (path, await resp.text())

@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from cachingproxy.appkeys import SERVICE
+from cachingproxy.counters import COUNTERS
 
 from . import browser as chromium
 from .browser import fresh_context, new_page
@@ -170,6 +171,18 @@ def assert_figures_match(figures: dict[str, str], stats: dict[str, Any]) -> None
     assert figures["error"] == ""
 
 
+async def assert_every_counter_listed(page: Page, stats: dict[str, Any]) -> None:
+    """The "Every counter" table has one row per declared counter, with its /stats value."""
+    rows: list[list[str]] = await page.evaluate("""() => [...document.querySelectorAll('#counters tr')].map(
+        tr => [tr.dataset.counter, ...[...tr.cells].map(td => td.textContent)])""")
+    assert [row[0] for row in rows] == [c.name for c in COUNTERS]
+    by_name = {c["name"]: c for c in stats["counters"]}
+    for name, section, help_text, shown_value in rows:
+        assert (section, help_text) == (by_name[name]["section"], by_name[name]["help"])
+        if by_name[name]["unit"] != "bytes":
+            assert shown_value == str(by_name[name]["value"])
+
+
 def assert_stats_match_shim(stats: dict[str, Any], shim: Shim) -> None:
     """/stats counts the S3 requests the shim saw, by operation."""
     assert stats["s3_requests"] == {op: shim.counts.get(op, 0) for op in ("GET", "HEAD", "LIST")}, shim.log
@@ -214,6 +227,7 @@ async def test_figures_match_stats_and_refresh(admin: Admin, browser: BrowserCon
     assert_stats_match_shim(stats, admin.shim)
     assert admin.shim.counts["GET"] == 4
     assert_figures_match(await shown(page), stats)
+    await assert_every_counter_listed(page, stats)
 
     # The page refreshes itself: two more hits show up without a reload.
     assert [await admin.get_object(k) for k in keys[:2]] == ["HIT"] * 2
