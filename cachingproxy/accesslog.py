@@ -10,8 +10,9 @@ from time import perf_counter
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .appkeys import BODY_SENT, S3_CALLS, STARTED
+from .appkeys import BODY_SENT, S3_CALLS, SITE, STARTED
 from .counters import S3_CALLS as CURRENT_S3_CALLS
+from .counters import SITE as SITE_NAME
 from .monitoring import OPS
 
 __all__ = ["StructuredAccessLogger", "track_s3_calls"]
@@ -44,10 +45,16 @@ class StructuredAccessLogger(AbstractAccessLogger):
             ops = request.config_dict.get(OPS) if isinstance(request, web.Request) else None
         except (AssertionError, AttributeError):  # refused by aiohttp before routing: no app to count in
             ops = None
+        site = request.get(SITE)
+        site_name = site.name if site is not None else None
         if ops is not None:
-            ops.metrics.observe(outcome, time)
+            ops.metrics.observe(outcome, time, site_name)
             if delivered:
-                ops.service.counters.add("bytes_served", delivered)
+                token = SITE_NAME.set(site_name)  # the logger runs outside the request's context
+                try:
+                    ops.counters.add("bytes_served", delivered)
+                finally:
+                    SITE_NAME.reset(token)
         if not self.logger.isEnabledFor(logging.INFO):
             return
         if delivered is None:  # not an object response: whatever body it had in full, none for HEAD
@@ -57,6 +64,6 @@ class StructuredAccessLogger(AbstractAccessLogger):
         path = request.raw_path.partition("?")[0].partition("#")[0]
         # Formatted by hand: json.dumps of the whole dict cost more than the rest of a cached hit's logging.
         self.logger.info(
-            '{"method":%s,"path":%s,"status":%d,"bytes":%d,"cache":%s,"ms":%.1f,"s3":%s}',
-            json.dumps(request.method), json.dumps(path), response.status, delivered,
+            '{"site":%s,"method":%s,"path":%s,"status":%d,"bytes":%d,"cache":%s,"ms":%.1f,"s3":%s}',
+            json.dumps(site_name or "-"), json.dumps(request.method), json.dumps(path), response.status, delivered,
             json.dumps(outcome or "-"), time * 1000, json.dumps(dict(calls), separators=(",", ":")) if calls else "{}")

@@ -25,6 +25,8 @@ from .accesslog import StructuredAccessLogger, track_s3_calls
 from .config import ADMIN_TOKEN_ENV, AdminConfig, Config
 from .keys import MAX_KEY_BYTES
 from .monitoring import NO_STORE, OPS, Ops
+from .sites import Site
+from .warm import KEEP_JOBS
 
 __all__ = ["ADMIN_MAX_BODY", "mount_admin", "start_admin_listener"]
 
@@ -181,47 +183,76 @@ async def _dashboard(request: web.Request) -> web.Response:
 
 async def _stats(request: web.Request) -> web.Response:
     ops = _ops(request)
-    s3_ok = await ops.s3_reachable()  # first, so the snapshot counts the LIST it may make
-    snapshot = await ops.snapshot()
-    return web.json_response({**snapshot.as_json(), "s3": "ok" if s3_ok else "unreachable"}, headers=NO_STORE)
+    reachable = await ops.s3_reachable()  # first, so the snapshot counts the LISTs it may make
+    figures = (await ops.snapshot()).as_json()
+    figures["s3"] = "ok" if all(reachable.values()) else "unreachable"
+    for name, ok in reachable.items():
+        figures["sites"][name]["s3"] = "ok" if ok else "unreachable"
+    return web.json_response(figures, headers=NO_STORE)
+
+
+def _site(ops: Ops, body: dict[str, Any]) -> Site:
+    """The site an admin call is for: `"site"` names it, and may be left out only when there is one."""
+    name = body.pop("site", None)
+    if name is None and len(ops.sites) == 1:
+        return ops.sites.first
+    if isinstance(name, str) and name in ops.sites.names:
+        return ops.sites[name]
+    names = ", ".join(ops.sites.names)
+    problem = "unknown site" if name is not None else "say which site"
+    raise _json_error(web.HTTPBadRequest, f'{problem}: send "site" as one of {names}')
 
 
 async def _warm_start(request: web.Request) -> web.Response:
     ops = _ops(request)
     body = await _json_object(request)
+    site = _site(ops, body)
     prefix = body.get("prefix", "")
     if set(body) - {"prefix"} or not isinstance(prefix, str) or not _key_sized(prefix) or prefix.startswith("/"):
-        raise _json_error(web.HTTPBadRequest, 'send {"prefix": "guides/"}: a key prefix below [s3] prefix')
-    job, created = ops.warmer.start(prefix)
-    await ops.warmer.share(job)  # before the id is out: the client's next request may reach another worker
-    return web.json_response({"id": job.id, "prefix": prefix, "created": created}, status=202,
+        raise _json_error(web.HTTPBadRequest, 'send {"prefix": "guides/"}: a key prefix below the site\'s prefix')
+    warmer = ops.warmers[site.name]
+    job, created = warmer.start(prefix)
+    await warmer.share(job)  # before the id is out: the client's next request may reach another worker
+    return web.json_response({"id": job.id, "site": site.name, "prefix": prefix, "created": created}, status=202,
                              headers={"Location": f"{request.path}/{job.id}", **NO_STORE})
 
 
 async def _warm_status(request: web.Request) -> web.Response:
-    job = await _ops(request).warmer.status(request.match_info["id"])
-    if job is None:
-        raise _json_error(web.HTTPNotFound, "no such warm job (only the latest are kept)")
-    return web.json_response(job, headers=NO_STORE)
+    job_id = request.match_info["id"]
+    for warmer in _ops(request).warmers.values():
+        job = await warmer.status(job_id)
+        if job is not None:
+            return web.json_response(job, headers=NO_STORE)
+    raise _json_error(web.HTTPNotFound, "no such warm job (only the latest are kept)")
 
 
 async def _warm_list(request: web.Request) -> web.Response:
-    jobs = await _ops(request).warmer.statuses()
+    ops = _ops(request)
+    merged: dict[str, dict[str, Any]] = {}
+    for warmer in ops.warmers.values():  # the shared board has every worker's jobs; each warmer its own, fresher
+        for job in await warmer.statuses():
+            if job["id"] not in merged or job.get("site") == warmer.site:
+                merged[job["id"]] = job
+    site = request.query.get("site")
+    jobs = sorted((job for job in merged.values() if site is None or job.get("site") == site),
+                  key=lambda job: job["started"], reverse=True)[:KEEP_JOBS]
     return web.json_response({"jobs": jobs}, headers=NO_STORE)
 
 
 async def _purge(request: web.Request) -> web.Response:
     ops = _ops(request)
     body = await _json_object(request)
-    s3_prefix = ops.config.s3.prefix
+    site = _site(ops, body)
+    store, s3_prefix = site.store, site.config.s3.prefix
     match body:
         case {"key": str(key)} if len(body) == 1 and key and _key_sized(key):
-            purged = await ops.store.forget(s3_prefix + key)
+            purged = await store.forget(s3_prefix + key)
         case {"prefix": str(prefix)} if len(body) == 1 and _key_sized(prefix):
-            purged = await ops.store.purge_prefix(s3_prefix + prefix)
+            purged = await store.purge_prefix(s3_prefix + prefix)
         case {"all": bool(everything)} if everything and len(body) == 1:
-            purged = await ops.store.purge_prefix("")
+            purged = await store.purge_prefix(s3_prefix)
         case _:
             raise _json_error(web.HTTPBadRequest, 'send one of {"key": "..."}, {"prefix": "..."} or {"all": true}')
-    log.info("purge %s: %d entries removed", json.dumps(body), purged)
+    site.listings.clear()
+    log.info("purge of site %s %s: %d entries removed", site.name, json.dumps(body), purged)
     return web.json_response({"purged": purged}, headers=NO_STORE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,22 +15,25 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .accesslog import StructuredAccessLogger, track_s3_calls
 from .admin import mount_admin, start_admin_listener
-from .appkeys import BODY_SENT, CLOCK, CONFIG, COUNTERS, ORIGIN, SERVICE, STARTED, STORE, TALLY
+from .appkeys import BODY_SENT, CLOCK, CONFIG, COUNTERS, SITE, SITES, STARTED, STORE, TALLY
 from .conditional import Plan, evaluate
-from .config import Config
-from .counters import NAMES as COUNTER_NAMES
-from .counters import Counters
+from .config import Config, S3Config
+from .counters import SITE as SITE_NAME
+from .counters import Counters, cell_names
 from .headers import NOT_MODIFIED_HEADERS
 from .hitpath import memo_headers, memo_request_key, reset, send_file
 from .keys import Key, Redirect, Reject, index_key, redirect_location
-from .metrics import SLOTS as METRIC_SLOTS
+from .metrics import slots as metric_slots
 from .models import Clock, ObjectMeta
 from .monitoring import OPS, Ops, add_monitoring_routes
-from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, open_origin
-from .policy import ttl_left, windows_for
+from .namespace import NamespacedStore, namespace_for
+from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin, client_settings, open_client
+from .policy import Breaker, ttl_left, windows_for
 from .service import CachingProxy, FromCache, FromFill, FromHead, Resolved
+from .sites import Listing, Site, Sites
 from .store import CacheStore
 from .tally import Slab, Tally
+from .website import listing_page, redirect_target
 
 __all__ = ["create_app", "server_kwargs"]
 
@@ -62,23 +66,29 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
     request[STARTED] = time.perf_counter()
     if request.body_exists:
         # RFC 9110 §9.3.1: a GET body has no meaning, and a front proxy may frame it differently (request
-        # smuggling, RELIABILITY.md §4). Refuse it and close, so no byte after it is read as a request.
+        # smuggling, docs/reliability.md). Refuse it and close, so no byte after it is read as a request.
         refusal = web.HTTPBadRequest(text="Bad Request: GET and HEAD take no body\n")
         refusal.force_close()
         raise refusal
-    config = request.app[CONFIG]
-    key = memo_request_key(request.raw_path, config.server.mount, config.s3.prefix, config.cache.index_document)
+    site = request.app[SITES].route(request.host, request.raw_path)
+    if site is None:
+        request.app[COUNTERS].add("unrouted")
+        raise web.HTTPNotFound(text="Not Found: no site is served here\n")
+    request[SITE] = site
+    SITE_NAME.set(site.name)  # counts made for this request (and the fills it starts) are the site's
+    config = site.config
+    key = memo_request_key(request.raw_path, config.mount, config.s3.prefix, config.cache.index_document)
     if isinstance(key, Redirect):
         raise web.HTTPMovedPermanently(location=key.location)
     if isinstance(key, Reject):
         raise (web.HTTPBadRequest if key.status == 400 else web.HTTPNotFound)(text=key.reason + "\n")
-    service = request.app[SERVICE]
+    service = site.service
     windows = windows_for(key.s3_key[len(config.s3.prefix):], config.cache)
     ttl = windows.ttl
     want_body = request.method == "GET"
     if want_body:
         hit = service.hit_in_memory(key.s3_key, ttl=ttl)
-        if hit is not None:
+        if hit is not None and not hit.entry.meta.redirect:
             # Most requests end here: nothing awaited, no S3 request possible, one write.
             return _from_memory(request, hit, ttl, conditional=True, status=200)
     track_s3_calls(request)
@@ -89,18 +99,22 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         # body-less HEAD 403 on a cold key is read the same way so HEAD and GET agree.
         if want_body and not exc.proves_absence:
             raise
-        return await _not_found(request, key)
+        return await _not_found(request, site, key)
     except ObjectMissing:
-        return await _not_found(request, key)
+        return await _not_found(request, site, key)
     return await _respond(request, resolved, ttl, conditional=True)
 
 
-async def _not_found(request: web.Request, key: Key) -> web.StreamResponse:
-    config = request.app[CONFIG]
-    service = request.app[SERVICE]
+async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamResponse:
+    config = site.config
+    service = site.service
     if not key.directory and await service.exists(index_key(key, config.cache.index_document)):
         # S3 website behaviour: `dir` -> `dir/` so that relative links in dir/index.html resolve.
-        raise web.HTTPMovedPermanently(location=redirect_location(key, mount=config.server.mount))
+        raise web.HTTPMovedPermanently(location=redirect_location(key, mount=config.mount))
+    if key.directory and config.listing:
+        page = await _listing(request, site, key.s3_key[: -len(config.cache.index_document)])
+        if page is not None:
+            return page
     error_document = config.cache.error_document
     if error_document:
         error_key = config.s3.prefix + error_document
@@ -112,6 +126,27 @@ async def _not_found(request: web.Request, key: Key) -> web.StreamResponse:
         else:
             return await _respond(request, resolved, windows.ttl, conditional=False, status=404)
     raise web.HTTPNotFound(text="Not Found\n")
+
+
+LISTINGS_KEPT = 256  # folder listings remembered per site and worker
+
+
+async def _listing(request: web.Request, site: Site, folder: str) -> web.Response | None:
+    """A folder's listing page (`listing = true`), remembered for the site's TTL; None when the folder is empty."""
+    now = request.app[CLOCK]()
+    kept = site.listings.get(folder)
+    if kept is None or not 0 <= now - kept.made_at < site.config.cache.ttl:
+        found = await site.origin.list_folder(folder)
+        if not found.folders and not found.objects:
+            return None
+        names = [p[len(folder):] for p in found.folders]
+        objects = [(o.key[len(folder):], o.size, o.last_modified) for o in found.objects if o.key != folder]
+        title = site.config.mount + "/" + folder[len(site.config.s3.prefix):]
+        kept = site.listings[folder] = Listing(listing_page(title, names, objects, found.truncated), now)
+        while len(site.listings) > LISTINGS_KEPT:
+            site.listings.pop(next(iter(site.listings)))
+    return web.Response(body=kept.body if request.method == "GET" else None, content_type="text/html",
+                        charset="utf-8", headers={"Cache-Control": "no-cache", "X-Cache": "HIT"})
 
 
 def _plan(request: web.Request, meta: ObjectMeta, *, conditional: bool, status: int) -> Plan:
@@ -148,11 +183,15 @@ def _from_memory(request: web.Request, resolved: FromCache, ttl: float, *, condi
 
 async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, conditional: bool,
                    status: int = 200) -> web.StreamResponse:
+    meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
+    location = _website_redirect(request, meta.redirect) if meta.redirect else None
+    if location is not None:
+        await _release(request, resolved)
+        raise web.HTTPMovedPermanently(location=location, headers={"Cache-Control": "no-cache"})
     if isinstance(resolved, FromCache) and isinstance(resolved.body, bytes) and request.method == "GET":
         return _from_memory(request, resolved, ttl, conditional=conditional, status=status)
     body = resolved.body if isinstance(resolved, FromCache) else None
     try:
-        meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
         headers = response_headers(resolved, ttl, request.app[CLOCK]())
         plan = _plan(request, meta, conditional=conditional, status=status)
         if plan.status in (304, 412, 416):
@@ -191,10 +230,25 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, cond
             request[BODY_SENT] = plan.end - plan.start
         return resp
     finally:
-        if body is not None:
-            await request.app[STORE].close_body(body)
-        if isinstance(resolved, FromFill):
-            resolved.fill.leave()
+        await _release(request, resolved)
+
+
+async def _release(request: web.Request, resolved: Resolved) -> None:
+    """Give back what a resolved answer holds: an open cached file, or a place in a fill."""
+    if isinstance(resolved, FromCache) and resolved.body is not None:
+        await request.app[STORE].close_body(resolved.body)
+    elif isinstance(resolved, FromFill):
+        resolved.fill.leave()
+
+
+def _website_redirect(request: web.Request, value: str) -> str | None:
+    """Where an object stored with x-amz-website-redirect-location sends the reader (301, as S3 website
+    hosting does); None, with a log line, for a value that is neither a path nor an http(s) URL."""
+    site = request[SITE]
+    location = redirect_target(site.config.mount, value)
+    if location is None:
+        log.warning("site %s: ignoring a website redirect that is neither a path nor an http(s) URL", site.name)
+    return location
 
 
 def _bodiless(plan: Plan, headers: CIMultiDictProxy[str]) -> web.Response:
@@ -239,17 +293,29 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.close()
 
 
-async def _origin_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_origin(app[CONFIG].s3, app[COUNTERS]) as origin:
-        app[ORIGIN] = origin
-        yield
-
-
-async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
-    service = CachingProxy(app[CONFIG], app[STORE], app[ORIGIN], app[CLOCK], app[COUNTERS])
-    app[SERVICE] = service
-    yield
-    await service.close(grace=app[CONFIG].server.shutdown_timeout)
+async def _sites_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Each site's S3 origin and service. Sites whose S3 settings match share one client (and its connection
+    pool and breaker); each site gets its own view of the one cache, namespaced by endpoint and bucket."""
+    config, counters = app[CONFIG], app[COUNTERS]
+    async with contextlib.AsyncExitStack() as stack:
+        clients: dict[S3Config, tuple[Any, Breaker]] = {}
+        sites: dict[str, Site] = {}
+        for site in config.sites:
+            settings = client_settings(site.s3)
+            if settings not in clients:
+                client = await stack.enter_async_context(open_client(site.s3, counters))
+                clients[settings] = (client, Breaker(site.s3.breaker_threshold, site.s3.breaker_cooldown))
+            client, breaker = clients[settings]
+            origin = S3Origin(client, site.s3, counters)
+            store = NamespacedStore(app[STORE], namespace_for(site.s3))
+            service = CachingProxy(site.cache, store, origin, app[CLOCK], counters, breaker)
+            sites[site.name] = Site(site, service, origin, store)
+        app[SITES] = Sites(sites)
+        try:
+            yield
+        finally:
+            grace = config.server.shutdown_timeout
+            await asyncio.gather(*(site.service.close(grace=grace) for site in sites.values()))
 
 
 def response_headers(resolved: Resolved, ttl: float, now: float) -> CIMultiDictProxy[str]:
@@ -266,13 +332,14 @@ async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
     """Monitoring and the admin API; with several workers only the leader (`leader=True`, see workers.py)
     opens the admin listener and runs mirror mode."""
     config = app[CONFIG]
-    ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[ORIGIN], app[SERVICE], app[TALLY])
+    ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[SITES], app[COUNTERS], app[TALLY])
     leader = app[LEADER]
     runner: web.AppRunner | None = None
     try:
         runner = await start_admin_listener(config, ops, leader=leader)
-        if config.admin.warm_prefixes and leader:
-            ops.warmer.start_mirror(config.admin.warm_prefixes, config.admin.warm_interval)
+        for site in config.sites if leader else ():
+            if site.warm_prefixes:
+                ops.warmers[site.name].start_mirror(site.warm_prefixes, config.admin.warm_interval)
         yield
     finally:
         await ops.close()
@@ -280,10 +347,14 @@ async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
             await runner.cleanup()
 
 
-async def _close_after_upgrade(request: web.Request, response: web.StreamResponse) -> None:
-    """We never switch protocols (RFC 9110 §7.8 lets a server ignore Upgrade), but a front proxy that does
-    not check for 101 may now treat the connection as a raw tunnel: close it, so nothing sent after this
-    request is ever read as a new one (websocket/h2c smuggling)."""
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Last touches before any response head leaves: the site's own headers, and the Upgrade guard."""
+    site = request.get(SITE)
+    if site is not None and site.config.headers:
+        response.headers.update(site.config.headers)  # [sites.headers] replace what S3 said
+    # We never switch protocols (RFC 9110 §7.8 lets a server ignore Upgrade), but a front proxy that does not
+    # check for 101 may now treat the connection as a raw tunnel: close it, so nothing sent after this request
+    # is ever read as a new one (websocket/h2c smuggling).
     if "Upgrade" in request.headers:
         response.force_close()
 
@@ -320,15 +391,16 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = config
     app[CLOCK] = clock
-    app[TALLY] = Tally((*COUNTER_NAMES, *METRIC_SLOTS), slab, row)
-    app[COUNTERS] = Counters(app[TALLY])
+    names = tuple(site.name for site in config.sites)
+    app[TALLY] = Tally((*cell_names(names), *metric_slots(names)), slab, row)
+    app[COUNTERS] = Counters(app[TALLY], names)
     app[LEADER] = leader
-    app.cleanup_ctx.extend([_store_ctx, _origin_ctx, _service_ctx, _ops_ctx])  # unwound in reverse
-    app.on_response_prepare.append(_close_after_upgrade)
-    mount = config.server.mount
-    app.router.add_get(mount or "/", serve_object)  # add_get also registers HEAD
-    app.router.add_get(mount + "/{tail:.*}", serve_object)  # keys.py reads raw_path, not tail
+    app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _ops_ctx])  # unwound in reverse
+    app.on_response_prepare.append(_on_prepare)
+    # Registered first, so they win over a site mounted at "/".
     add_monitoring_routes(app)
     if not config.admin.port:
         mount_admin(app, config.admin)
+    # Every other path: the sites route by Host and mount themselves (routing.py); keys.py reads raw_path.
+    app.router.add_get("/{tail:.*}", serve_object)  # add_get also registers HEAD
     return app

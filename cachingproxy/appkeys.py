@@ -10,21 +10,20 @@ from aiohttp import web
 from .config import Config
 from .counters import Counters
 from .models import Clock
-from .origin import S3Origin
-from .service import CachingProxy
+from .sites import Site, Sites
 from .store import CacheStore
 from .tally import Tally
 
-__all__ = ["BODY_SENT", "CLOCK", "CONFIG", "COUNTERS", "ORIGIN", "S3_CALLS", "SERVICE", "STARTED", "STORE", "TALLY"]
+__all__ = ["BODY_SENT", "CLOCK", "CONFIG", "COUNTERS", "S3_CALLS", "SITE", "SITES", "STARTED", "STORE", "TALLY"]
 
 CONFIG = web.AppKey("config", Config)
 CLOCK = web.AppKey("clock", Clock)
 STORE = web.AppKey("store", CacheStore)
-ORIGIN = web.AppKey("origin", S3Origin)
-SERVICE = web.AppKey("service", CachingProxy)
+SITES = web.AppKey("sites", Sites)
 TALLY = web.AppKey("tally", Tally)
 COUNTERS = web.AppKey("counters", Counters)
 
+SITE = web.RequestKey("site", Site)  # the site the request was routed to
 S3_CALLS = web.RequestKey("s3_calls", collections.Counter)  # S3 requests made for this request, by operation
 BODY_SENT = web.RequestKey("body_sent", int)  # object body bytes an object response delivered in full
 # time.perf_counter() when the object handler began. aiohttp's own request time comes from loop.time(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -18,6 +19,7 @@ __all__ = [
     "ConfigError",
     "S3Config",
     "ServerConfig",
+    "SiteConfig",
     "load_config",
     "parse_config",
     "with_env_token",
@@ -52,6 +54,7 @@ class S3Config:
     prefix: str = ""
     region: str = "us-east-1"
     endpoint_url: str = ""
+    profile: str = ""  # a named profile from the AWS config files; "" = the standard credential chain
     addressing_style: str = "auto"
     connect_timeout: float = 2.0
     read_timeout: float = 10.0
@@ -97,24 +100,41 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SiteConfig:
+    """One docs site: which requests it answers (hosts, mount) and where its objects come from."""
+
+    name: str
+    mount: str  # "" is the root, otherwise "/path" without a trailing slash
+    s3: S3Config
+    cache: CacheConfig  # directory and size_limit_mb are the global ones; the rest may differ per site
+    hosts: tuple[str, ...] = ()  # lower-case names, "*.example" for one level of subdomain; () = any host
+    listing: bool = False  # HTML listings for folders without an index document
+    headers: tuple[tuple[str, str], ...] = ()  # added to every response of the site, replacing S3's
+    warm_prefixes: tuple[str, ...] = ()  # mirror mode for this site
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     s3: S3Config = field(default_factory=S3Config)
     cache: CacheConfig = field(default_factory=CacheConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    # Filled by parse_config: without [[sites]], one site named "default" made of [server] mount, [s3], [cache].
+    sites: tuple[SiteConfig, ...] = ()
 
 
 _ADDRESSING = ("auto", "path", "virtual")
 _RETRY_MODES = ("standard", "adaptive", "legacy")
 
 
-def _section(cls: type[Any], raw: Any, where: str, src: str, **extra: Any) -> Any:
+def _values(cls: type[Any], raw: Any, where: str, src: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The keys a table sets, each checked against `cls`'s field of that name and type."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: {where}: must be a table")
     known = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        if name in extra:
+        if name in skip:
             continue
         if name not in known:
             raise ConfigError(f"{src}: {where}.{name}: unknown key")
@@ -124,6 +144,11 @@ def _section(cls: type[Any], raw: Any, where: str, src: str, **extra: Any) -> An
         if not isinstance(value, want) or isinstance(value, bool) is not (want is bool):
             raise ConfigError(f"{src}: {where}.{name}: must be {want.__name__}, got {value!r}")
         values[name] = value
+    return values
+
+
+def _section(cls: type[Any], raw: Any, where: str, src: str, **extra: Any) -> Any:
+    values = _values(cls, raw, where, src, frozenset(extra))
     values.update({k: v for k, v in extra.items() if v is not None})
     return cls(**values)
 
@@ -149,11 +174,11 @@ def _normalise_mount(mount: str, src: str) -> str:
     return mount.rstrip("/")  # "" is the site root
 
 
-def _rules(raw: Any, src: str) -> tuple[CacheRule, ...]:
-    _check(isinstance(raw, list), src, "cache.rules", "must be an array of tables ([[cache.rules]])")
+def _rules(raw: Any, src: str, table: str = "cache.rules") -> tuple[CacheRule, ...]:
+    _check(isinstance(raw, list), src, table, f"must be an array of tables ([[{table}]])")
     rules = []
     for i, item in enumerate(raw):
-        where = f"cache.rules[{i}]"
+        where = f"{table}[{i}]"
         _check(isinstance(item, dict), src, where, "must be a table")
         _check(set(item) <= {"match", "ttl"}, src, where, f"unknown keys {sorted(set(item) - {'match', 'ttl'})}")
         match, ttl = item.get("match"), item.get("ttl")
@@ -166,7 +191,7 @@ def _rules(raw: Any, src: str) -> tuple[CacheRule, ...]:
 
 def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     """Build a Config from parsed TOML, checking every key; raise ConfigError naming the first problem."""
-    unknown = set(data) - {"server", "s3", "cache", "admin"}
+    unknown = set(data) - {"server", "s3", "cache", "admin", "sites"}
     _check(not unknown, src, ", ".join(sorted(unknown)), "unknown section")
     server = _section(ServerConfig, data.get("server", {}), "server", src)
     server = ServerConfig(**{**{f.name: getattr(server, f.name) for f in fields(server)},
@@ -187,24 +212,8 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     _check(server.send_timeout > 0, src, "server.send_timeout", "must be > 0")
     for key in ("max_line_size", "max_field_size", "max_headers"):
         _check(getattr(server, key) >= 1, src, f"server.{key}", "must be >= 1")
-    _check(bool(s3.bucket), src, "s3.bucket", "is required")
-    _check(not s3.prefix.startswith("/"), src, "s3.prefix", "must not start with '/' (S3 keys have none)")
-    _check(s3.addressing_style in _ADDRESSING, src, "s3.addressing_style", f"must be one of {_ADDRESSING}")
-    _check(s3.retry_mode in _RETRY_MODES, src, "s3.retry_mode", f"must be one of {_RETRY_MODES}")
-    for key in ("connect_timeout", "read_timeout", "request_timeout"):
-        _check(getattr(s3, key) > 0, src, f"s3.{key}", "must be > 0")
-    _check(1 <= s3.max_attempts <= 10, src, "s3.max_attempts", "must be 1-10")
-    _check(s3.max_connections >= 1, src, "s3.max_connections", "must be >= 1")
-    _check(s3.breaker_threshold >= 0, src, "s3.breaker_threshold", "must be >= 0 (0 = off)")
-    _check(s3.breaker_cooldown > 0, src, "s3.breaker_cooldown", "must be > 0")
-    _check(s3.endpoint_url == "" or s3.endpoint_url.startswith(("http://", "https://")), src,
-           "s3.endpoint_url", "must be empty or an http(s) URL")
     _check(bool(cache.directory), src, "cache.directory", "is required")
     _check(cache.size_limit_mb >= 1, src, "cache.size_limit_mb", "must be >= 1")
-    for key in ("ttl", "stale_if_error", "stale_while_revalidate", "negative_ttl"):
-        _check(getattr(cache, key) >= 0, src, f"cache.{key}", "must be >= 0")
-    _check(bool(cache.index_document) and "/" not in cache.index_document, src, "cache.index_document",
-           "must be a file name without '/'")
     _check(admin.path.startswith("/") and len(admin.path) > 1, src, "admin.path", "must start with '/'")
     _check(not admin.path.endswith("/") and "?" not in admin.path and "%" not in admin.path, src, "admin.path",
            "must be a plain path without a trailing '/'")
@@ -214,7 +223,118 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     _check(admin.readiness_ttl >= 0, src, "admin.readiness_ttl", "must be >= 0")
     _check(not any(p.startswith("/") for p in admin.warm_prefixes), src, "admin.warm_prefixes",
            "must be key prefixes below [s3] prefix, without a leading '/'")
-    return Config(server=server, s3=s3, cache=cache, admin=admin)
+    if "sites" in data:
+        sites = _sites(data["sites"], s3, cache, src)
+    else:
+        _check_s3(s3, "s3", src)
+        _check_cache(cache, "cache", src)
+        sites = (SiteConfig(name="default", mount=server.mount, s3=s3, cache=cache,
+                            warm_prefixes=admin.warm_prefixes),)
+    return Config(server=server, s3=s3, cache=cache, admin=admin, sites=sites)
+
+
+def _check_s3(s3: S3Config, where: str, src: str) -> None:
+    _check(bool(s3.bucket), src, f"{where}.bucket", "is required")
+    _check(not s3.prefix.startswith("/"), src, f"{where}.prefix", "must not start with '/' (S3 keys have none)")
+    _check(s3.addressing_style in _ADDRESSING, src, f"{where}.addressing_style", f"must be one of {_ADDRESSING}")
+    _check(s3.retry_mode in _RETRY_MODES, src, f"{where}.retry_mode", f"must be one of {_RETRY_MODES}")
+    for key in ("connect_timeout", "read_timeout", "request_timeout"):
+        _check(getattr(s3, key) > 0, src, f"{where}.{key}", "must be > 0")
+    _check(1 <= s3.max_attempts <= 10, src, f"{where}.max_attempts", "must be 1-10")
+    _check(s3.max_connections >= 1, src, f"{where}.max_connections", "must be >= 1")
+    _check(s3.breaker_threshold >= 0, src, f"{where}.breaker_threshold", "must be >= 0 (0 = off)")
+    _check(s3.breaker_cooldown > 0, src, f"{where}.breaker_cooldown", "must be > 0")
+    _check(s3.endpoint_url == "" or s3.endpoint_url.startswith(("http://", "https://")), src,
+           f"{where}.endpoint_url", "must be empty or an http(s) URL")
+
+
+def _check_cache(cache: CacheConfig, where: str, src: str) -> None:
+    for key in ("ttl", "stale_if_error", "stale_while_revalidate", "negative_ttl"):
+        _check(getattr(cache, key) >= 0, src, f"{where}.{key}", "must be >= 0")
+    _check(bool(cache.index_document) and "/" not in cache.index_document, src, f"{where}.index_document",
+           "must be a file name without '/'")
+
+
+_SITE_KEYS = frozenset({"name", "hosts", "mount", "listing", "s3", "cache", "headers", "warm_prefixes"})
+_GLOBAL_CACHE_KEYS = frozenset({"directory", "size_limit_mb"})
+_SITE_NAME = re.compile(r"[a-z0-9_-]+\Z")
+_HOST = re.compile(r"(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?\Z")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")  # RFC 9110 §5.6.2 token
+
+
+def _sites(raw: Any, s3: S3Config, cache: CacheConfig, src: str) -> tuple[SiteConfig, ...]:
+    """[[sites]]: each site's s3 and cache tables override the top-level ones for that site only.
+
+    Every problem is collected, so an operator fixes them in one go: one line each.
+    """
+    _check(isinstance(raw, list) and bool(raw), src, "sites", "must be a non-empty array of tables ([[sites]])")
+    problems: list[str] = []
+    sites: list[SiteConfig] = []
+    for i, item in enumerate(raw):
+        try:
+            sites.append(_site(item, f"sites[{i}]", s3, cache, src))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    names = [site.name for site in sites]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{src}: sites: two sites are named {name!r}")
+    claimed: dict[tuple[str, str], str] = {}
+    for site in sites:
+        for host in site.hosts or ("",):
+            other = claimed.setdefault((host, site.mount), site.name)
+            if other != site.name:
+                problems.append(f"{src}: sites: {other!r} and {site.name!r} both claim host "
+                                f"{host or '(any)'!r} and mount {site.mount or '/'!r}")
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
+    return tuple(sites)
+
+
+def _site(raw: Any, where: str, s3: S3Config, cache: CacheConfig, src: str) -> SiteConfig:
+    _check(isinstance(raw, dict), src, where, "must be a table")
+    unknown = set(raw) - _SITE_KEYS
+    _check(not unknown, src, f"{where}.{min(unknown) if unknown else ''}", "unknown key")
+    name = raw.get("name")
+    _check(isinstance(name, str) and bool(_SITE_NAME.match(name)), src, f"{where}.name",
+           "is required: lower-case letters, digits, '-' and '_'")
+    assert isinstance(name, str)
+    where = f"sites.{name}"
+    mount = raw.get("mount", "/")
+    _check(isinstance(mount, str) and mount.startswith("/"), src, f"{where}.mount", "must start with '/'")
+    _check("?" not in mount and "#" not in mount and "%" not in mount, src, f"{where}.mount", "must be a plain path")
+    hosts = _strings(raw, where, "hosts", src) or ()
+    hosts = tuple(host.lower().rstrip(".") for host in hosts)
+    for host in hosts:
+        _check(bool(_HOST.match(host)), src, f"{where}.hosts", f"{host!r} is not a host name or '*.name'")
+    listing = raw.get("listing", False)
+    _check(isinstance(listing, bool), src, f"{where}.listing", "must be true or false")
+    s3_raw = raw.get("s3", {})
+    _check(isinstance(s3_raw, dict), src, f"{where}.s3", "must be a table")
+    site_s3 = replace(s3, **_values(S3Config, s3_raw, f"{where}.s3", src))
+    cache_raw = raw.get("cache", {})
+    _check(isinstance(cache_raw, dict), src, f"{where}.cache", "must be a table")
+    global_keys = _GLOBAL_CACHE_KEYS & set(cache_raw)
+    _check(not global_keys, src, f"{where}.cache.{min(global_keys) if global_keys else ''}",
+           "is global: set it in [cache]")
+    overrides = _values(CacheConfig, cache_raw, f"{where}.cache", src, frozenset({"rules"}))
+    if "rules" in cache_raw:
+        overrides["rules"] = _rules(cache_raw["rules"], src, f"{where}.cache.rules")
+    site_cache = replace(cache, **overrides)
+    headers_raw = raw.get("headers", {})
+    _check(isinstance(headers_raw, dict), src, f"{where}.headers", "must be a table of header names and values")
+    headers = []
+    for header, value in headers_raw.items():
+        _check(bool(_HEADER_NAME.match(header)), src, f"{where}.headers.{header}", "is not a header name")
+        _check(isinstance(value, str) and not any(c in value for c in "\r\n\0"), src, f"{where}.headers.{header}",
+               "must be a one-line string")
+        headers.append((header, value))
+    warm_prefixes = _strings(raw, where, "warm_prefixes", src) or ()
+    _check(not any(p.startswith("/") for p in warm_prefixes), src, f"{where}.warm_prefixes",
+           "must be key prefixes below the site's prefix, without a leading '/'")
+    _check_s3(site_s3, f"{where}.s3", src)
+    _check_cache(site_cache, f"{where}.cache", src)
+    return SiteConfig(name=name, mount=mount.rstrip("/"), s3=site_s3, cache=site_cache, hosts=hosts,
+                      listing=listing, headers=tuple(headers), warm_prefixes=warm_prefixes)
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import collections
 import contextvars
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .tally import Tally
 
-__all__ = ["COUNTERS", "FAMILIES", "NAMES", "S3_CALLS", "Counter", "Counters", "nest"]
+__all__ = [
+    "COUNTERS", "FAMILIES", "NAMES", "NO_SITE", "S3_CALLS", "SITE", "Counter", "Counters", "cell_names", "nest",
+    "site_cell",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,8 @@ COUNTERS: tuple[Counter, ...] = (
             ("stale_served",), "stale_served", "Responses"),
     Counter("negative_hits", "Requests answered 404 from the negative cache.", ("negative_hits",), "negative_hits",
             "Responses"),
+    Counter("unrouted", "Requests for a host and path that no site serves (404).", ("unrouted",),
+            "unrouted_requests", "Responses"),
     Counter("bytes_served", "Object bytes sent to clients in complete responses.", ("bytes_served",), "served_bytes",
             "Responses", unit="bytes"),
     Counter("s3_get", "GetObject requests sent to S3.", ("s3_requests", "GET"), "s3_requests", "S3",
@@ -71,14 +76,35 @@ _S3_OPERATION = {c.name: dict(c.labels)["operation"] for c in COUNTERS if c.metr
 S3_CALLS: contextvars.ContextVar[collections.Counter[str] | None] = contextvars.ContextVar("s3_calls", default=None)
 
 
-class Counters:
-    """add(name) for the code that counts, totals() for whoever reports."""
+# The site the current request (or the warm job, fill or revalidation it started) is for; set by the handler.
+SITE: contextvars.ContextVar[str | None] = contextvars.ContextVar("site", default=None)
 
-    def __init__(self, tally: Tally | None = None) -> None:
-        self._tally = tally if tally is not None else Tally(NAMES)
+
+NO_SITE = "-"  # counts made outside any site (requests no site matched); they still add up to the totals
+
+
+def cell_names(sites: Iterable[str]) -> tuple[str, ...]:
+    """The tally cells `Counters` needs: the totals, and each site's own."""
+    return (*NAMES, *(site_cell(site, name) for site in (*sites, NO_SITE) for name in NAMES))
+
+
+def site_cell(site: str, name: str) -> str:
+    return f"{site}/{name}"
+
+
+class Counters:
+    """add(name) for the code that counts, totals() and by_site() for whoever reports."""
+
+    def __init__(self, tally: Tally | None = None, sites: Iterable[str] = ()) -> None:
+        self.sites = tuple(sites)
+        self._tally = tally if tally is not None else Tally(cell_names(self.sites))
+        self._cells = {site: {name: site_cell(site, name) for name in NAMES} for site in (*self.sites, NO_SITE)}
 
     def add(self, name: str, amount: int = 1) -> None:
         self._tally.add(name, amount)
+        cells = self._cells.get(SITE.get() or NO_SITE)
+        if cells is not None:
+            self._tally.add(cells[name], amount)
         operation = _S3_OPERATION.get(name)
         if operation is not None:
             calls = S3_CALLS.get()
@@ -93,6 +119,11 @@ class Counters:
         """Every counter summed over all workers."""
         totals = self._tally.totals()
         return {name: totals[name] for name in NAMES}
+
+    def by_site(self) -> dict[str, dict[str, int]]:
+        """Each site's counters (and NO_SITE's), summed over all workers."""
+        totals = self._tally.totals()
+        return {site: {name: totals[cell] for name, cell in cells.items()} for site, cells in self._cells.items()}
 
 
 def nest(values: Mapping[str, int]) -> dict[str, Any]:

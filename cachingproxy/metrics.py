@@ -7,7 +7,7 @@ one: tests build many apps in one process, and the global registry refuses a sec
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .counters import COUNTERS, FAMILIES, nest
+from .counters import COUNTERS, FAMILIES, NO_SITE, nest
 from .tally import Tally
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "OUTCOMES", "SLOTS", "Metrics", "Snapshot"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "NO_SITE", "OUTCOMES", "Metrics", "Snapshot", "slots"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OUTCOMES = ("HIT", "MISS", "REVALIDATED", "STALE")  # X-Cache values; other responses are labelled "none"
@@ -28,24 +28,28 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 _LABELS = (*OUTCOMES, "none")
 
 
-def _responses(label: str) -> str:
-    return f"responses.{label}"
 
 
-def _bucket(label: str, index: int) -> str:
-    return f"latency.{label}.{index}"  # index len(LATENCY_BUCKETS) is +Inf
+def _responses(site: str, label: str) -> str:
+    return f"responses.{site}.{label}"
 
 
-def _sum_us(label: str) -> str:
-    return f"latency.{label}.sum_us"
+def _bucket(site: str, label: str, index: int) -> str:
+    return f"latency.{site}.{label}.{index}"  # index len(LATENCY_BUCKETS) is +Inf
 
 
-# The tally cells this module counts into (workers share them: see tally.py).
-SLOTS = tuple(
-    [_responses(label) for label in OUTCOMES]
-    + [_bucket(label, i) for label in _LABELS for i in range(len(LATENCY_BUCKETS) + 1)]
-    + [_sum_us(label) for label in _LABELS]
-)
+def _sum_us(site: str, label: str) -> str:
+    return f"latency.{site}.{label}.sum_us"
+
+
+def slots(sites: Sequence[str]) -> tuple[str, ...]:
+    """The tally cells this module counts into (workers share them: see tally.py)."""
+    out: list[str] = []
+    for site in (*sites, NO_SITE):
+        out += [_responses(site, label) for label in OUTCOMES]
+        out += [_bucket(site, label, i) for label in _LABELS for i in range(len(LATENCY_BUCKETS) + 1)]
+        out += [_sum_us(site, label) for label in _LABELS]
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,7 @@ class Snapshot:
     """Every figure at one moment, as /stats and /metrics report it."""
 
     counters: Mapping[str, int]  # every name in counters.COUNTERS, summed over the workers
+    sites: Mapping[str, Mapping[str, int]]  # the same, per site
     cache_available: bool
     entries: int
     bytes_on_disk: int
@@ -60,13 +65,11 @@ class Snapshot:
     uptime: float
     warm_jobs_running: int
     responses: Mapping[str, int] = field(default_factory=dict)  # object responses by X-Cache
+    site_responses: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @property
     def hit_ratio(self) -> float:
-        """Share of object responses answered from disk (X-Cache HIT, REVALIDATED or STALE)."""
-        total = sum(self.responses.get(o, 0) for o in OUTCOMES)
-        cached = sum(self.responses.get(o, 0) for o in FROM_CACHE)
-        return cached / total if total else 0.0
+        return _ratio(self.responses)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -81,10 +84,20 @@ class Snapshot:
             "cache": "ok" if self.cache_available else "unavailable",
             "warm_jobs_running": self.warm_jobs_running,
             "uptime": round(self.uptime, 3),
+            "sites": {site: {**nest(values), "responses": dict(self.site_responses.get(site, {})),
+                             "hit_ratio": round(_ratio(self.site_responses.get(site, {})), 4)}
+                      for site, values in self.sites.items() if site != NO_SITE},
             # The declarations, for the dashboard's table of every counter (the CLI imports counters.py).
             "counters": [{"name": c.name, "help": c.help, "section": c.section, "unit": c.unit,
                           "value": self.counters[c.name]} for c in COUNTERS],
         }
+
+
+def _ratio(responses: Mapping[str, int]) -> float:
+    """Share of object responses answered from disk (X-Cache HIT, REVALIDATED or STALE)."""
+    total = sum(responses.get(o, 0) for o in OUTCOMES)
+    cached = sum(responses.get(o, 0) for o in FROM_CACHE)
+    return cached / total if total else 0.0
 
 
 class _SnapshotCollector(Collector):
@@ -110,8 +123,9 @@ class _SnapshotCollector(Collector):
             if family is None:
                 family = families[c.metric] = CounterMetricFamily(
                     f"cachingproxy_{c.metric}", FAMILIES.get(c.metric, c.help),
-                    labels=[name for name, _ in c.labels])
-            family.add_metric([value for _, value in c.labels], s.counters[c.name])
+                    labels=["site", *(name for name, _ in c.labels)])
+            for site, values in s.sites.items():  # every count belongs to a site: their sum is the total
+                family.add_metric([site, *(value for _, value in c.labels)], values[c.name])
         yield from families.values()
         yield gauge("cache_available", "1 when the disk cache is open.", 1 if s.cache_available else 0)
         yield gauge("cache_entries", "Cached objects.", s.entries)
@@ -124,38 +138,47 @@ class _SnapshotCollector(Collector):
 
 
 class Metrics:
-    """observe(outcome, seconds) per response; render(snapshot) for a scrape. Counts live in the shared tally,
-    so every worker reports the whole proxy's responses and latency histogram."""
+    """observe(outcome, seconds, site) per response; render(snapshot) for a scrape. Counts live in the shared
+    tally, so every worker reports the whole proxy's responses and latency histogram."""
 
-    def __init__(self, tally: Tally) -> None:
+    def __init__(self, tally: Tally, sites: Sequence[str]) -> None:
         self._tally = tally
+        self._sites = (*sites, NO_SITE)
         self.registry = CollectorRegistry()
         self.current: Snapshot | None = None
         self.registry.register(_SnapshotCollector(self))
 
     @property
     def responses(self) -> dict[str, int]:
+        """Object responses by X-Cache, all sites."""
         totals = self._tally.totals()
-        return {label: totals[_responses(label)] for label in OUTCOMES}
+        return {label: sum(totals[_responses(site, label)] for site in self._sites) for label in OUTCOMES}
 
-    def observe(self, outcome: str | None, seconds: float) -> None:
+    def site_responses(self) -> dict[str, dict[str, int]]:
+        totals = self._tally.totals()
+        return {site: {label: totals[_responses(site, label)] for label in OUTCOMES} for site in self._sites[:-1]}
+
+    def observe(self, outcome: str | None, seconds: float, site: str | None) -> None:
         label = outcome if outcome in OUTCOMES else "none"
+        site = site if site in self._sites else NO_SITE
         # Prometheus buckets are "le": a value equal to a bound belongs to that bucket.
-        self._tally.add(_bucket(label, bisect.bisect_left(LATENCY_BUCKETS, seconds)))
-        self._tally.add(_sum_us(label), round(seconds * 1e6))
+        self._tally.add(_bucket(site, label, bisect.bisect_left(LATENCY_BUCKETS, seconds)))
+        self._tally.add(_sum_us(site, label), round(seconds * 1e6))
         if label != "none":
-            self._tally.add(_responses(label))
+            self._tally.add(_responses(site, label))
 
     def latency(self) -> HistogramMetricFamily:
         totals = self._tally.totals()
         family = HistogramMetricFamily("cachingproxy_request_duration_seconds",
-                                       "Time to answer a request, by X-Cache outcome.", labels=["cache"])
-        for label in _LABELS:
-            running, buckets = 0, []
-            for i, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
-                running += totals[_bucket(label, i)]
-                buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
-            family.add_metric([label], buckets, totals[_sum_us(label)] / 1e6)
+                                       "Time to answer a request, by site and X-Cache outcome.",
+                                       labels=["site", "cache"])
+        for site in self._sites:
+            for label in _LABELS:
+                running, buckets = 0, []
+                for i, bound in enumerate((*LATENCY_BUCKETS, float("inf"))):
+                    running += totals[_bucket(site, label, i)]
+                    buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
+                family.add_metric([site, label], buckets, totals[_sum_us(site, label)] / 1e6)
         return family
 
     def render(self, snapshot: Snapshot) -> bytes:

@@ -32,6 +32,7 @@ class ObjectMeta:
     last_modified: float | None  # epoch seconds; HTTP dates have whole-second precision
     headers: tuple[tuple[str, str], ...] = ()  # forwarded representation headers, canonical names
     encrypted: bool = False  # SSE-KMS or SSE-C: the ETag is not an MD5 of the body
+    redirect: str = ""  # x-amz-website-redirect-location: S3 website hosting answers 301 to it
 
     @property
     def md5(self) -> str | None:

@@ -12,10 +12,11 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import Config
+from .counters import SITE, Counters
 from .metrics import CONTENT_TYPE, Metrics, Snapshot
 from .models import Clock
-from .origin import OriginDenied, OriginError, S3Origin
-from .service import CachingProxy
+from .origin import OriginDenied, OriginError
+from .sites import Site, Sites
 from .store import CacheStore
 from .tally import Tally
 from .warm import JobBoard, Warmer
@@ -26,65 +27,82 @@ READY_PROBE_TIMEOUT = 2.0  # /readyz answers within this even when S3 accepts co
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-def readiness(cache_ok: bool, s3_ok: bool) -> tuple[int, str]:
-    """/readyz: "ready" when both work; "degraded" but still 200 when one does (the mirror is serving); else 503."""
+def readiness(cache_ok: bool, s3_ok: bool, some_s3_ok: bool | None = None) -> tuple[int, str]:
+    """/readyz: "ready" when the cache and every site's bucket work; "degraded" but still 200 when something
+    still serves (the cache, or some bucket); else 503. `some_s3_ok` defaults to `s3_ok` (one site)."""
     if cache_ok and s3_ok:
         return 200, "ready"
-    if cache_ok or s3_ok:
+    if cache_ok or (s3_ok if some_s3_ok is None else some_s3_ok):
         return 200, "degraded"
     return 503, "unavailable"
 
 
 class Ops:
-    """What the operations routes share: the warmer, the metrics and the cached S3 reachability check."""
+    """What the operations routes share: each site's warmer, the metrics and the cached S3 reachability checks."""
 
-    def __init__(self, config: Config, clock: Clock, store: CacheStore, origin: S3Origin,
-                 service: CachingProxy, tally: Tally) -> None:
+    def __init__(self, config: Config, clock: Clock, store: CacheStore, sites: Sites, counters: Counters,
+                 tally: Tally) -> None:
         self.config = config
         self.clock = clock
         self.store = store
-        self.origin = origin
-        self.service = service
-        self.metrics = Metrics(tally)
-        self.warmer = Warmer(service, store, origin, clock, s3_prefix=config.s3.prefix,
-                             concurrency=config.admin.warm_concurrency,
-                             board=JobBoard(Path(config.cache.directory) / "warm-jobs"))
+        self.sites = sites
+        self.counters = counters
+        self.metrics = Metrics(tally, sites.names)
+        board = JobBoard(Path(config.cache.directory) / "warm-jobs")
+        slots = asyncio.Semaphore(config.admin.warm_concurrency)  # all sites' warms together
+        self.warmers = {
+            site.name: Warmer(site.service, site.store, site.origin, clock, site=site.name,
+                              s3_prefix=site.config.s3.prefix, concurrency=config.admin.warm_concurrency,
+                              slots=slots, board=board)
+            for site in sites}
         self.started = clock()
-        self._s3_state: tuple[float, bool] | None = None  # (checked at, reachable)
-        self._probe: asyncio.Task[bool] | None = None
+        self._s3_state: dict[str, tuple[float, bool]] = {}  # site -> (checked at, reachable)
+        self._probes: dict[str, asyncio.Task[bool]] = {}
 
-    async def s3_reachable(self) -> bool:
-        """One 1-key ListObjectsV2 per `readiness_ttl`, shared by concurrent callers."""
-        state = self._s3_state
+    async def s3_reachable(self) -> dict[str, bool]:
+        """Each site's bucket: one 1-key ListObjectsV2 per `readiness_ttl`, shared by concurrent callers."""
+        names = self.sites.names
+        answers = await asyncio.gather(*(self._reachable(self.sites[name]) for name in names))
+        return dict(zip(names, answers, strict=True))
+
+    async def _reachable(self, site: Site) -> bool:
+        state = self._s3_state.get(site.name)
         if state is not None and self.clock() - state[0] < self.config.admin.readiness_ttl:
             return state[1]
-        if self._probe is None:
-            probe = self._probe = asyncio.create_task(self._check_s3())
-            probe.add_done_callback(lambda _: setattr(self, "_probe", None))
-        return await asyncio.shield(self._probe)
+        probe = self._probes.get(site.name)
+        if probe is None:
+            probe = self._probes[site.name] = asyncio.create_task(self._check_s3(site))
+            probe.add_done_callback(lambda _: self._probes.pop(site.name, None))
+        return await asyncio.shield(probe)
+
+    @property
+    def warm_jobs_running(self) -> int:
+        return sum(warmer.running for warmer in self.warmers.values())
 
     async def snapshot(self) -> Snapshot:
         rows, volume = await self.store.stats()
         return Snapshot(
-            counters=self.service.counters.totals(),  # every worker's, not only this one's
+            counters=self.counters.totals(),  # every worker's, not only this one's
+            sites=self.counters.by_site(),
             cache_available=self.store.available,
             # One metadata row and one body row per object. An exact count would read every key (14 s for 100k
             # objects), which a dashboard refresh cannot afford.
             entries=rows // 2,
             bytes_on_disk=volume, size_limit=self.config.cache.size_limit_mb * 1024 * 1024,
-            uptime=max(0.0, self.clock() - self.started), warm_jobs_running=self.warmer.running,
-            responses=self.metrics.responses,
+            uptime=max(0.0, self.clock() - self.started), warm_jobs_running=self.warm_jobs_running,
+            responses=self.metrics.responses, site_responses=self.metrics.site_responses(),
         )
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-        await self.warmer.close()
+        for probe in list(self._probes.values()):
+            probe.cancel()
+        await asyncio.gather(*(warmer.close() for warmer in self.warmers.values()))
 
-    async def _check_s3(self) -> bool:
+    async def _check_s3(self, site: Site) -> bool:
+        SITE.set(site.name)  # this task's own context: its LIST is the site's
         try:
             async with asyncio.timeout(READY_PROBE_TIMEOUT):
-                await self.origin.list_page(self.config.s3.prefix, max_keys=1)
+                await site.origin.list_page(site.config.s3.prefix, max_keys=1)
             ok = True
         except OriginDenied as exc:
             # AccessDenied on a list is a read-only role without s3:ListBucket: S3 answered, and GETs may well
@@ -92,7 +110,7 @@ class Ops:
             ok = exc.proves_absence
         except (OriginError, TimeoutError):
             ok = False
-        self._s3_state = (self.clock(), ok)
+        self._s3_state[site.name] = (self.clock(), ok)
         return ok
 
 
@@ -112,9 +130,12 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     ops = request.app[OPS]
     cache_ok = ops.store.available
-    s3_ok = await ops.s3_reachable()
-    status, word = readiness(cache_ok, s3_ok)
-    body = {"status": word, "cache": "ok" if cache_ok else "unavailable", "s3": "ok" if s3_ok else "unreachable"}
+    reachable = await ops.s3_reachable()
+    status, word = readiness(cache_ok, all(reachable.values()), any(reachable.values()))
+    body: dict[str, object] = {"status": word, "cache": "ok" if cache_ok else "unavailable",
+                               "s3": "ok" if all(reachable.values()) else "unreachable"}
+    if len(reachable) > 1:
+        body["sites"] = {name: "ok" if ok else "unreachable" for name, ok in reachable.items()}
     return web.json_response(body, status=status, headers=NO_STORE)
 
 

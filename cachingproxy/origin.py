@@ -6,15 +6,16 @@ import asyncio
 import contextlib
 import contextvars
 import email.utils
+import functools
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.session import AioSession
 from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
@@ -30,6 +31,7 @@ from .models import ObjectMeta
 __all__ = [
     "FORWARDED_HEADERS",
     "BodyCorrupt",
+    "Folder",
     "ListedObject",
     "ObjectBody",
     "ObjectMissing",
@@ -38,7 +40,9 @@ __all__ = [
     "OriginTimeout",
     "OriginUnavailable",
     "S3Origin",
-    "open_origin",
+    "client_settings",
+    "open_client",
+    "profile_problems",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +102,20 @@ class ListedObject:
     key: str
     etag: str
     size: int
+    last_modified: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Folder:
+    """What ListObjectsV2 with a delimiter says about one folder."""
+
+    folders: tuple[str, ...]  # full prefixes, each ending in "/"
+    objects: tuple[ListedObject, ...]
+    truncated: bool  # more than the pages read
+
+
+def _listed_time(value: Any) -> float | None:
+    return value.timestamp() if hasattr(value, "timestamp") else None
 
 
 def _last_modified(value: str | None) -> float | None:
@@ -117,7 +135,9 @@ def meta_from_headers(headers: Mapping[str, str]) -> ObjectMeta:
     )
     encrypted = (headers.get("x-amz-server-side-encryption", "") in _KMS
                  or "x-amz-server-side-encryption-customer-algorithm" in headers)
+    redirect = headers.get("x-amz-website-redirect-location", "")
     return ObjectMeta(
+        redirect="" if _UNSAFE_VALUE.search(redirect) else redirect,
         etag=headers.get("etag", ""),
         size=int(headers.get("content-length", "0")),
         last_modified=_last_modified(headers.get("last-modified")),
@@ -211,6 +231,25 @@ class S3Origin:
         following = page.get("NextContinuationToken")
         return items, (following if page.get("IsTruncated") and following else None)
 
+    async def list_folder(self, prefix: str, *, max_pages: int = 10) -> Folder:
+        """A folder's sub-folders and objects (ListObjectsV2 with delimiter "/", every page up to `max_pages`)."""
+        folders: list[str] = []
+        objects: list[ListedObject] = []
+        token: str | None = None
+        for _ in range(max_pages):
+            kwargs: dict[str, Any] = {"Bucket": self._bucket, "Prefix": prefix, "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = await self._send("ListObjectsV2", prefix, functools.partial(self._client.list_objects_v2, **kwargs))
+            folders += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+            objects += [ListedObject(key=item["Key"], etag=item["ETag"], size=int(item["Size"]),
+                                     last_modified=_listed_time(item.get("LastModified")))
+                        for item in page.get("Contents", [])]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return Folder(tuple(folders), tuple(objects), truncated=False)
+        return Folder(tuple(folders), tuple(objects), truncated=True)
+
     async def _send(self, op: str, key: str, call: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """One S3 operation under the request deadline, with botocore's errors translated and its attempts counted.
 
@@ -230,9 +269,15 @@ class S3Origin:
                     self._counters.add(name)
 
 
+def client_settings(config: S3Config) -> S3Config:
+    """What makes two sites' S3 clients interchangeable: everything but the bucket, prefix and breaker."""
+    return replace(config, bucket="", prefix="", breaker_threshold=0, breaker_cooldown=1.0)
+
+
 @asynccontextmanager
-async def open_origin(config: S3Config, counters: Counters | None = None) -> AsyncIterator[S3Origin]:
-    """One client for the app's lifetime, held open across the yield (aiobotocore#806)."""
+async def open_client(config: S3Config, counters: Counters | None = None) -> AsyncIterator[Any]:
+    """One aiobotocore client for the app's lifetime, held open across the yield (aiobotocore#806); sites
+    with the same `client_settings` share it, and its connection pool."""
     aio_config = AioConfig(
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
@@ -242,7 +287,7 @@ async def open_origin(config: S3Config, counters: Counters | None = None) -> Asy
         signature_version="s3v4",
         max_pool_connections=config.max_connections,
     )
-    session = get_session()
+    session = AioSession(profile=config.profile or None)
     async with session.create_client(
         "s3",
         region_name=config.region,
@@ -251,7 +296,7 @@ async def open_origin(config: S3Config, counters: Counters | None = None) -> Asy
     ) as client:
         if counters is not None:
             _count_attempts(client, counters)
-        yield S3Origin(client, config, counters)
+        yield client
 
 
 def _count_attempts(client: Any, counters: Counters) -> None:
@@ -290,3 +335,12 @@ _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
 
 # Every operation the proxy sends, and its counter (counters.COUNTERS).
 _COUNTED = {"GetObject": "s3_get", "HeadObject": "s3_head", "ListObjectsV2": "s3_list"}
+
+
+def profile_problems(configs: Sequence[S3Config]) -> list[str]:
+    """A named profile that the AWS config files do not define; checked before starting, like a config error."""
+    wanted = sorted({c.profile for c in configs if c.profile})
+    if not wanted:
+        return []
+    known = set(AioSession().available_profiles)
+    return [f"s3.profile: {name!r} is not a profile in the AWS config files" for name in wanted if name not in known]

@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar, assert_never
 
-from .config import Config
+from .config import CacheConfig
 from .counters import Counters
 from .fill import CHUNK_SIZE, Fill
 from .models import Clock, Entry, ObjectMeta, Outcome
+from .namespace import NamespacedStore
 from .origin import BodyCorrupt, ObjectMissing, OriginDenied, OriginError, OriginTimeout, OriginUnavailable, S3Origin
 from .policy import (
     Breaker,
@@ -33,7 +34,6 @@ from .policy import (
     decide,
     is_fresh,
 )
-from .store import CacheStore
 
 __all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "Resolved"]
 
@@ -80,19 +80,19 @@ class _Changed:
 class CachingProxy:
     """resolve(key) for the HTTP layer; owns single-flight state, the negative cache and the counters."""
 
-    def __init__(self, config: Config, store: CacheStore, origin: S3Origin, clock: Clock,
-                 counters: Counters | None = None) -> None:
-        self._cache_config = config.cache
+    def __init__(self, cache: CacheConfig, store: NamespacedStore, origin: S3Origin, clock: Clock,
+                 counters: Counters, breaker: Breaker) -> None:
+        self._cache_config = cache
         self._store = store
         self._origin = origin
         self._clock = clock
-        self.counters = counters if counters is not None else Counters()
+        self.counters = counters
         self._fills: dict[str, Fill] = {}
         self._revalidations: dict[str, asyncio.Task[_Unchanged | _Changed]] = {}
         self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
         self._negative: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._breaker = Breaker(config.s3.breaker_threshold, config.s3.breaker_cooldown)
+        self._breaker = breaker  # shared by the sites whose S3 client this is
 
     # -- public ---------------------------------------------------------------------------------------
 

@@ -85,14 +85,15 @@ def _body_key(key: str, etag: str) -> tuple[str, str, str]:
 def _encode(entry: Entry) -> dict[str, Any]:
     m = entry.meta
     return {"v": _FORMAT, "key": entry.key, "etag": m.etag, "size": m.size, "lm": m.last_modified,
-            "headers": list(m.headers), "enc": m.encrypted, "checked": entry.checked_at}
+            "headers": list(m.headers), "enc": m.encrypted, "checked": entry.checked_at, "redirect": m.redirect}
 
 
 def _decode(raw: Any) -> Entry | None:
     if not isinstance(raw, dict) or raw.get("v") != _FORMAT:
         return None
     meta = ObjectMeta(etag=raw["etag"], size=raw["size"], last_modified=raw["lm"],
-                      headers=tuple(tuple(h) for h in raw["headers"]), encrypted=raw["enc"])
+                      headers=tuple(tuple(h) for h in raw["headers"]), encrypted=raw["enc"],
+                      redirect=raw.get("redirect", ""))
     return Entry(key=raw["key"], meta=meta, checked_at=raw["checked"])
 
 

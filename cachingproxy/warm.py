@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .counters import SITE
 from .models import Clock
+from .namespace import NamespacedStore
 from .origin import ListedObject, ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin
 from .service import CachingProxy
-from .store import CacheStore
 
 __all__ = ["KEEP_FAILURES", "KEEP_JOBS", "NOT_STORED", "JobBoard", "WarmJob", "Warmer", "failure_reason"]
 
@@ -57,7 +58,8 @@ class WarmJob:
     """Progress of one warm. Mutable, unlike most values here: clients poll it while the workers move it."""
 
     id: str
-    prefix: str  # below [s3] prefix, as the client gave it
+    prefix: str  # below the site's prefix, as the client gave it
+    site: str
     started: float
     listed: int = 0
     listed_bytes: int = 0
@@ -84,6 +86,7 @@ class WarmJob:
     def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "site": self.site,
             "prefix": self.prefix,
             "listed": self.listed,
             "listed_bytes": self.listed_bytes,
@@ -151,8 +154,10 @@ class JobBoard:
 class Warmer:
     """start / get / recent / wait / tick over warm jobs; one job per prefix at a time."""
 
-    def __init__(self, service: CachingProxy, store: CacheStore, origin: S3Origin, clock: Clock, *,
-                 s3_prefix: str, concurrency: int, board: JobBoard | None = None) -> None:
+    def __init__(self, service: CachingProxy, store: NamespacedStore, origin: S3Origin, clock: Clock, *,
+                 site: str, s3_prefix: str, concurrency: int, slots: asyncio.Semaphore | None = None,
+                 board: JobBoard | None = None) -> None:
+        self.site = site
         self._board = board
         self._service = service
         self._store = store
@@ -160,8 +165,8 @@ class Warmer:
         self._clock = clock
         self._s3_prefix = s3_prefix
         self._workers = concurrency
-        # Shared by every job, so two warms never double the load on S3.
-        self._slots = asyncio.Semaphore(concurrency)
+        # Shared by every job (of every site, when given), so two warms never double the load on S3.
+        self._slots = slots if slots is not None else asyncio.Semaphore(concurrency)
         self._jobs: OrderedDict[str, WarmJob] = OrderedDict()
         self._running: dict[str, WarmJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -173,7 +178,7 @@ class Warmer:
         running = self._running.get(prefix)
         if running is not None:
             return running, False
-        job = WarmJob(id=secrets.token_hex(6), prefix=prefix, started=self._clock())
+        job = WarmJob(id=secrets.token_hex(6), prefix=prefix, site=self.site, started=self._clock())
         self._running[prefix] = job
         self._jobs[job.id] = job
         self._trim()
@@ -327,6 +332,8 @@ class Warmer:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # A fresh context: the job outlives the admin request that started it, and S3 calls it makes must not
         # be attributed to that request in the access log (counters.S3_CALLS is a context variable).
-        task = asyncio.create_task(coro, context=contextvars.Context())
+        context = contextvars.Context()
+        context.run(SITE.set, self.site)  # its counts are this site's
+        task = asyncio.create_task(coro, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -203,7 +203,10 @@ def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket) -> int
     server = config.server
     socks = bind_sockets(server.host, server.port, n)
     host, port = socks[0].getsockname()[:2]
-    banner = (f"cachingproxy: serving http://{host}:{port}{server.mount}/ with {n} worker"
+    sites = config.sites
+    where = f"{sites[0].mount}/" if len(sites) == 1 else "/ (" + ", ".join(
+        f"{site.name}: {' '.join(site.hosts) or 'any host'} {site.mount or '/'}" for site in sites) + ")"
+    banner = (f"cachingproxy: serving http://{host}:{port}{where} with {n} worker"
               f"{'s' if n > 1 else ''} (pid {os.getpid()})")
 
     def announce() -> None:
@@ -221,7 +224,9 @@ def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket) -> int
 
 def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, announce: Callable[[], None]) -> int:
     global _slab
-    _slab = Slab(rows=len(socks))  # a restarted worker gets its slot back, and with it its row
+    # A restarted worker gets its slot back, and with it its row. Each site adds about a hundred cells
+    # (counters.cell_names, metrics.slots); Tally refuses to start if they ever outgrow this.
+    _slab = Slab(rows=len(socks), width=1024 + 256 * len(config.sites))
     ctx = multiprocessing.get_context("fork")
     ready_r, ready_w = ctx.Pipe(duplex=False)  # each worker sends its slot once it serves
     waiting_for = set(range(len(socks)))

@@ -15,7 +15,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from moto.server import ThreadedMotoServer
 
 from cachingproxy.app import create_app, server_kwargs
+from cachingproxy.appkeys import SITES
 from cachingproxy.config import Config, parse_config
+from cachingproxy.namespace import NamespacedStore
+from cachingproxy.service import CachingProxy
 
 from .shim import Shim
 
@@ -162,3 +165,13 @@ async def raw_request(client: TestClient[Any, Any], target: str, method: str = "
         name, _, value = line.partition(":")
         parsed[name.strip().lower()] = value.strip()
     return int(status_line.split()[1]), parsed, body
+
+
+def service_of(client: TestClient[Any, Any] | TestServer) -> CachingProxy:
+    """The service of a single-site proxy (the "default" site, or the first of [[sites]])."""
+    return client.app[SITES].first.service
+
+
+def store_of(client: TestClient[Any, Any]) -> NamespacedStore:
+    """The cache as a single-site proxy's service sees it: plain S3 keys, under that site's namespace."""
+    return client.app[SITES].first.store

@@ -22,14 +22,13 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from cachingproxy.app import create_app, server_kwargs
-from cachingproxy.appkeys import SERVICE
 from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 from cachingproxy.config import ConfigError, parse_config, with_env_token
 from cachingproxy.monitoring import OPS, Ops, readiness
 from cachingproxy.warm import NOT_STORED
 from cachingproxy.workers import claim_leadership
 
-from .conftest import Bucket, FakeClock, MakeProxy, config_for, free_port
+from .conftest import Bucket, FakeClock, MakeProxy, config_for, free_port, service_of
 from .shim import Fault, Shim
 
 Client = Any
@@ -62,7 +61,7 @@ async def start_warm(proxy: Client, prefix: str) -> str:
 async def warm(proxy: Client, prefix: str) -> dict[str, Any]:
     """Start a warm, wait for it through the job's own awaitable (no polling, no sleeps), return its JSON."""
     job_id = await start_warm(proxy, prefix)
-    await ops(proxy).warmer.wait(job_id)
+    await ops(proxy).warmers["default"].wait(job_id)
     resp = await proxy.get(f"/_admin/warm/{job_id}", headers=AUTH)
     assert resp.status == 200
     job: dict[str, Any] = await resp.json()
@@ -132,7 +131,7 @@ async def test_warm_of_500_objects_fetches_each_once_and_a_second_warm_only_list
     total = sum(map(len, bodies.values()))
     refused = not_stored(job, store.write_errors)
     assert job | {"id": "", "started": 0, "finished": 0, "failures": []} == {
-        "id": "", "prefix": "guides/", "listed": 500, "listed_bytes": total, "listing_done": True,
+        "id": "", "site": "default", "prefix": "guides/", "listed": 500, "listed_bytes": total, "listing_done": True,
         "fetched": 500 - len(refused), "skipped": 0, "failed": len(refused), "failures": [], "bytes": total,
         "processed_bytes": total, "error": None, "started": 0, "finished": 0, "done": True}
     assert shim.counts == {"LIST": 1, "GET": 500}
@@ -179,8 +178,8 @@ async def test_warmed_objects_are_all_served_stale_while_s3_is_down(
     resp = await proxy.get("/readyz")
     assert (resp.status, await resp.json()) == (200, {"status": "degraded", "cache": "ok", "s3": "unreachable"})
     metrics = scrape(await (await proxy.get("/metrics")).text())
-    assert metrics[("cachingproxy_stale_served_total", ())] == len(warmed)
-    assert metrics[("cachingproxy_request_duration_seconds_count", (("cache", "STALE"),))] == len(warmed)
+    assert metrics[("cachingproxy_stale_served_total", (SITE,))] == len(warmed)
+    assert metrics[("cachingproxy_request_duration_seconds_count", (("cache", "STALE"), SITE))] == len(warmed)
 
 
 async def test_warm_refetches_only_what_changed_and_reports_failures_without_s3_text(
@@ -198,7 +197,7 @@ async def test_warm_refetches_only_what_changed_and_reports_failures_without_s3_
     shim.faults["site/c.html"] = Fault(status=403, code="AccessDenied", ops=frozenset({"GET"}))
     shim.reset_counts()
     resp = await proxy.get(f"/_admin/warm/{await start_warm(proxy, '')}", headers=AUTH)
-    job = await ops(proxy).warmer.wait((await resp.json())["id"])
+    job = await ops(proxy).warmers["default"].wait((await resp.json())["id"])
     assert (job.fetched, job.skipped, job.failed) == (1, 1, 1)
     assert job.failures == [("c.html", "denied by S3")]
     assert shim.counts == {"LIST": 1, "GET": 2}
@@ -237,8 +236,8 @@ async def test_one_warm_per_prefix_at_a_time_and_mirror_rounds_never_pile_up(
     proxy = await make_proxy(admin={"token": TOKEN})
     first = await start_warm(proxy, "guides/")
     resp = await proxy.post("/_admin/warm", json={"prefix": "guides/"}, headers=AUTH)
-    assert await resp.json() == {"id": first, "prefix": "guides/", "created": False}
-    warmer = ops(proxy).warmer
+    assert await resp.json() == {"id": first, "site": "default", "prefix": "guides/", "created": False}
+    warmer = ops(proxy).warmers["default"]
     for _ in range(3):
         assert [job.id for job in warmer.tick(("guides/",))] == [first]
     other = await start_warm(proxy, "reference/")  # another prefix is another job
@@ -261,8 +260,8 @@ async def test_mirror_mode_warms_its_prefixes_at_start(
     bodies = seed(bucket, "guides/", 20)
     bucket.put("blog/post.html", b"not mirrored")
     proxy = await make_proxy(admin={"token": TOKEN, "warm_prefixes": ["guides/"]})
-    (job,) = ops(proxy).warmer.recent()
-    assert (await ops(proxy).warmer.wait(job.id)).fetched == 20
+    (job,) = ops(proxy).warmers["default"].recent()
+    assert (await ops(proxy).warmers["default"].wait(job.id)).fetched == 20
     assert shim.counts == {"LIST": 1, "GET": 20}
     for key in bodies:
         assert (await proxy.get(f"/docs/{key}")).headers["X-Cache"] == "HIT"
@@ -316,6 +315,9 @@ async def test_purge_by_key_prefix_and_all(make_proxy: MakeProxy, bucket: Bucket
 
 
 # -- stats and /metrics -------------------------------------------------------------------------------------
+
+
+SITE, NONE = ("site", "default"), ("site", "-")  # the per-site label of a single-site proxy's series
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -372,16 +374,17 @@ async def test_stats_and_metrics_agree_with_the_s3_requests_counted_at_the_shim(
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
     metrics = scrape(await resp.text())
     for op in ("GET", "HEAD", "LIST"):
-        assert metrics[("cachingproxy_s3_requests_total", (("operation", op),))] == shim.counts[op], op
-    assert metrics[("cachingproxy_cache_hits_total", ())] == figures["hits"]
-    assert metrics[("cachingproxy_cache_misses_total", ())] == figures["misses"]
-    assert metrics[("cachingproxy_revalidations_total", (("result", "unchanged"),))] == 1
-    assert metrics[("cachingproxy_stale_served_total", ())] == 0
-    assert metrics[("cachingproxy_served_bytes_total", ())] == served
-    assert metrics[("cachingproxy_s3_received_bytes_total", ())] == 6000
+        assert metrics[("cachingproxy_s3_requests_total", (("operation", op), SITE))] == shim.counts[op], op
+        assert metrics[("cachingproxy_s3_requests_total", (("operation", op), NONE))] == 0, op
+    assert metrics[("cachingproxy_cache_hits_total", (SITE,))] == figures["hits"]
+    assert metrics[("cachingproxy_cache_misses_total", (SITE,))] == figures["misses"]
+    assert metrics[("cachingproxy_revalidations_total", (("result", "unchanged"), SITE))] == 1
+    assert metrics[("cachingproxy_stale_served_total", (SITE,))] == 0
+    assert metrics[("cachingproxy_served_bytes_total", (SITE,))] == served
+    assert metrics[("cachingproxy_s3_received_bytes_total", (SITE,))] == 6000
     assert metrics[("cachingproxy_cache_entries", ())] == 3
     for outcome in ("HIT", "MISS", "REVALIDATED", "STALE"):
-        count = metrics[("cachingproxy_request_duration_seconds_count", (("cache", outcome),))]
+        count = metrics[("cachingproxy_request_duration_seconds_count", (("cache", outcome), SITE))]
         assert count == outcomes.count(outcome), outcome
 
 
@@ -401,7 +404,7 @@ async def test_missing_or_wrong_token_is_401_and_changes_nothing(
     bucket.put("a.html", b"a")
     proxy = await make_proxy(admin={"token": TOKEN})
     assert await (await proxy.get("/docs/a.html")).read() == b"a"
-    await proxy.app[SERVICE].settle()  # the fill is committed, so the last GET below can only be a HIT
+    await service_of(proxy).settle()  # the fill is committed, so the last GET below can only be a HIT
     shim.reset_counts()
     for method, path, body in [("POST", "/_admin/purge", {"all": True}), ("POST", "/_admin/warm", {"prefix": ""}),
                                ("GET", "/_admin/stats", None), ("GET", "/_admin/warm", None),
@@ -411,7 +414,7 @@ async def test_missing_or_wrong_token_is_401_and_changes_nothing(
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
         assert await resp.json() == {"error": "unauthorized"}
     assert shim.counts == {}  # no LIST from a warm, no readiness probe from stats
-    assert ops(proxy).warmer.recent() == []
+    assert ops(proxy).warmers["default"].recent() == []
     assert (await proxy.get("/docs/a.html")).headers["X-Cache"] == "HIT"  # the purge did nothing
 
 
@@ -420,7 +423,7 @@ async def test_admin_is_off_without_a_token_and_says_so(
     bucket.put("a.html", b"a")
     proxy = await make_proxy()
     assert await (await proxy.get("/docs/a.html")).read() == b"a"
-    await proxy.app[SERVICE].settle()  # committed, so the HIT asserted at the end can only fail on a purge
+    await service_of(proxy).settle()  # committed, so the HIT asserted at the end can only fail on a purge
     for method, path in [("GET", "/_admin/"), ("GET", "/_admin"), ("GET", "/_admin/stats"),
                          ("POST", "/_admin/purge"), ("POST", "/_admin/warm")]:
         resp = await proxy.request(method, path, json={"all": True}, headers={"Authorization": "Bearer "})
@@ -438,7 +441,7 @@ async def test_admin_refuses_foreign_hosts_oversize_bodies_and_forms(
     bucket.put("a.html", b"a")
     proxy = await make_proxy(admin={"token": TOKEN, "allowed_hosts": ["mirror.office.lan", "127.0.0.1"]})
     assert await (await proxy.get("/docs/a.html")).read() == b"a"
-    await proxy.app[SERVICE].settle()  # committed, so the HIT asserted at the end can only fail on a purge
+    await service_of(proxy).settle()  # committed, so the HIT asserted at the end can only fail on a purge
     for host in ("evil.example", "evil.example:8080", "mirror.office.lan.evil.example", "[::1]"):
         for path in ("/_admin/", "/_admin/stats"):
             resp = await proxy.get(path, headers={**AUTH, "Host": host})
@@ -467,7 +470,7 @@ async def test_admin_on_its_own_port(make_proxy: MakeProxy, bucket: Bucket, shim
         async with session.post(f"{base}/warm", json={"prefix": "guides/"}, headers=AUTH) as resp:
             assert resp.status == 202
             job_id = (await resp.json())["id"]
-        assert (await ops(proxy).warmer.wait(job_id)).fetched == 1
+        assert (await ops(proxy).warmers["default"].wait(job_id)).fetched == 1
         async with session.get(f"{base}/stats", headers=AUTH) as resp:
             assert (await resp.json())["s3_requests"]["GET"] == 1
         async with session.get(f"{base}/") as resp:
@@ -486,9 +489,9 @@ async def test_workers_on_one_cache_share_one_admin_listener_and_one_mirror(
     assert lead is not None and claim_leadership(directory) is None  # the lock file elects exactly one
     first = await make_proxy(admin=settings, leader=True)
     second = await make_proxy(admin=settings, leader=False)  # would fail with EADDRINUSE if it bound the port
-    (job,) = ops(first).warmer.recent()
-    assert ops(second).warmer.recent() == []  # no second mirror: the LIST is not doubled
-    assert (await ops(first).warmer.wait(job.id)).fetched == 1
+    (job,) = ops(first).warmers["default"].recent()
+    assert ops(second).warmers["default"].recent() == []  # no second mirror: the LIST is not doubled
+    assert (await ops(first).warmers["default"].wait(job.id)).fetched == 1
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/_admin/warm",
                                                                 headers=AUTH) as resp:
         assert [j["id"] for j in (await resp.json())["jobs"]] == [job.id]
@@ -590,7 +593,7 @@ async def test_access_log_is_one_json_line_per_request_with_the_s3_calls_it_caus
         await server.start_server(**server_kwargs(config), access_log=logger)
         proxy = await aiohttp_client(server)
         assert len(await (await proxy.get("/docs/a.html")).read()) == 100
-        await proxy.app[SERVICE].settle()  # committed: the next GET is a HIT, not a join of the same fill
+        await service_of(proxy).settle()  # committed: the next GET is a HIT, not a join of the same fill
         assert len(await (await proxy.get("/docs/a.html?utm=x")).read()) == 100
         clock.advance(TTL + 1)
         await proxy.head("/docs/a.html")
@@ -599,12 +602,14 @@ async def test_access_log_is_one_json_line_per_request_with_the_s3_calls_it_caus
     finally:
         logger.removeHandler(records)
     assert [{k: v for k, v in line.items() if k != "ms"} for line in lines] == [
-        {"method": "GET", "path": "/docs/a.html", "status": 200, "bytes": 100, "cache": "MISS", "s3": {"GET": 1}},
-        {"method": "GET", "path": "/docs/a.html", "status": 200, "bytes": 100, "cache": "HIT", "s3": {}},
-        {"method": "HEAD", "path": "/docs/a.html", "status": 200, "bytes": 0, "cache": "REVALIDATED",
-         "s3": {"HEAD": 1}},
-        {"method": "GET", "path": "/_admin/stats", "status": 200, "bytes": lines[3]["bytes"], "cache": "-",
-         "s3": {"LIST": 1}},
+        {"site": "default", "method": "GET", "path": "/docs/a.html", "status": 200, "bytes": 100, "cache": "MISS",
+         "s3": {"GET": 1}},
+        {"site": "default", "method": "GET", "path": "/docs/a.html", "status": 200, "bytes": 100, "cache": "HIT",
+         "s3": {}},
+        {"site": "default", "method": "HEAD", "path": "/docs/a.html", "status": 200, "bytes": 0,
+         "cache": "REVALIDATED", "s3": {"HEAD": 1}},
+        {"site": "-", "method": "GET", "path": "/_admin/stats", "status": 200, "bytes": lines[3]["bytes"],
+         "cache": "-", "s3": {"LIST": 1}},
     ]
     assert all(isinstance(line["ms"], float) for line in lines)
     assert not any(TOKEN in raw or "secret" in raw for raw in records.lines)

@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 
 from cachingproxy.admin_client import CliError, Progress, admin_base, format_bytes, render_table
-from cachingproxy.appkeys import SERVICE
 from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 from cachingproxy.counters import COUNTERS
 
-from .conftest import Bucket, MakeProxy, free_port
+from .conftest import Bucket, MakeProxy, free_port, service_of
 from .shim import Fault, Shim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +136,7 @@ async def test_stats_prints_tables_that_match_the_api(make_proxy: MakeProxy, buc
     proxy = await make_proxy(admin={"token": TOKEN})
     for _ in range(3):
         assert len(await (await proxy.get("/docs/a.html")).read()) == 2048
-    await proxy.app[SERVICE].settle()
+    await service_of(proxy).settle()
     code, out, err = await run_cli("stats", "--url", url(proxy))
     assert code == 0, err
     rows = dict(re.findall(r"^  (\S.*?)  +(\S.*)$", out, flags=re.MULTILINE))
@@ -167,7 +166,7 @@ async def test_purge_by_key_prefix_and_all(make_proxy: MakeProxy, bucket: Bucket
             resp = await proxy.get(f"/docs/{key}")
             assert await resp.read() == key.encode()
             result.append(resp.headers["X-Cache"])
-        await proxy.app[SERVICE].settle()
+        await service_of(proxy).settle()
         return result
 
     async def purge(*scope: str) -> str:
@@ -196,7 +195,7 @@ async def test_a_refused_token_is_exit_2_and_changes_nothing(
     bucket.put("a.html", b"a")
     proxy = await make_proxy(admin={"token": TOKEN})
     assert await (await proxy.get("/docs/a.html")).read() == b"a"
-    await proxy.app[SERVICE].settle()
+    await service_of(proxy).settle()
     code, out, err = await run_cli("purge", "--all", "--url", url(proxy), "--token", "wrong-secret")
     assert (code, out) == (2, "")
     assert err == f"cachingproxy: the proxy refused the admin token (set {TOKEN_ENV} or pass --token)\n"

@@ -28,12 +28,11 @@ from urllib.parse import quote
 import pytest
 import pytest_asyncio
 
-from cachingproxy.appkeys import SERVICE
 from cachingproxy.demo import seed_bucket
 
 from . import browser as chromium
 from .browser import fresh_context, new_page
-from .conftest import Bucket, MakeProxy
+from .conftest import Bucket, MakeProxy, service_of
 from .shim import Shim
 
 _reason = chromium.missing_reason()
@@ -81,7 +80,7 @@ class Site:
 
     async def settle(self) -> None:
         """Wait for the proxy's background cache fills to land (an event, not a sleep)."""
-        await self.proxy.server.app[SERVICE].settle()
+        await service_of(self.proxy.server).settle()
 
 
 # The tests and the fixtures that start the proxy and the shim run on the session loop, the loop of the one

@@ -20,12 +20,11 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from cachingproxy.appkeys import SERVICE
 from cachingproxy.counters import COUNTERS
 
 from . import browser as chromium
 from .browser import fresh_context, new_page
-from .conftest import Bucket, MakeProxy
+from .conftest import Bucket, MakeProxy, service_of
 from .shim import Shim
 
 _reason = chromium.missing_reason()
@@ -66,7 +65,7 @@ class Admin:
         assert resp.status == 200, key
         assert await resp.read() == OBJECTS[key], key
         x_cache: str = resp.headers["X-Cache"]
-        await self.proxy.server.app[SERVICE].settle()  # the cache fill has landed (an event, not a sleep)
+        await service_of(self.proxy.server).settle()  # the cache fill has landed (an event, not a sleep)
         return x_cache
 
     async def api(self, path: str) -> dict[str, Any]:

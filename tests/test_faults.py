@@ -13,9 +13,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from cachingproxy.appkeys import SERVICE, STORE
+from cachingproxy.appkeys import STORE
 
-from .conftest import Bucket, FakeClock, MakeProxy
+from .conftest import Bucket, FakeClock, MakeProxy, service_of
 from .shim import Fault, Shim
 
 Client = Any
@@ -133,7 +133,7 @@ async def test_row7_stale_while_revalidate_serves_at_once_with_one_background_he
     assert shim.counts == {"HEAD": 1}
     shim.fault = None
     await shim.close_hanging()
-    await proxy.app[SERVICE].settle()
+    await service_of(proxy).settle()
     # The background HEAD restarted the TTL; past TTL + window a request waits for S3 again.
     assert (await get(proxy, "/docs/p0.html"))[1] == "HIT"
     clock.advance(60 + 30)
@@ -160,7 +160,7 @@ async def test_row10_clients_aborting_after_headers_leak_no_s3_connections(
     aborted = [await proxy.get(f"/docs/k{i}.bin") for i in range(40)]
     for resp in aborted:
         resp.close()
-    await proxy.app[SERVICE].settle()
+    await service_of(proxy).settle()
     # With a pool of 4, any leaked connection would stall these.
     results = await asyncio.gather(*(get(proxy, f"/docs/k{i}.bin") for i in range(40)))
     assert [status for status, _, _ in results] == [200] * 40
@@ -194,7 +194,7 @@ async def test_row12_flipped_bytes_fail_md5_are_not_cached_and_cut_the_client(
     shim.fault = None
     status, outcome, got = await get(proxy, "/docs/flip.bin")
     assert (status, outcome, got == body) == (200, "MISS", True)
-    assert proxy.app[SERVICE].counters.get("integrity_failures") == 5
+    assert service_of(proxy).counters.get("integrity_failures") == 5
 
 
 async def test_row13_kms_and_multipart_etags_are_cached_without_false_rejections(
@@ -206,7 +206,7 @@ async def test_row13_kms_and_multipart_etags_are_cached_without_false_rejections
     for key in ("kms.bin", "multi.bin"):
         assert (await get(proxy, f"/docs/{key}"))[:2] == (200, "MISS")
         assert (await get(proxy, f"/docs/{key}"))[:2] == (200, "HIT")
-    assert proxy.app[SERVICE].counters.get("integrity_failures") == 0
+    assert service_of(proxy).counters.get("integrity_failures") == 0
 
 
 async def test_row14_object_replaced_between_head_and_get_keeps_etag_and_body_together(

@@ -19,9 +19,7 @@ from urllib.parse import quote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachingproxy.appkeys import SERVICE, STORE
-
-from .conftest import Bucket, MakeProxy
+from .conftest import Bucket, MakeProxy, service_of, store_of
 from .shim import Shim
 
 PREFIX = "site/"
@@ -161,7 +159,7 @@ async def test_fuzzed_requests_never_escape_or_break_the_proxy(make_proxy: MakeP
     assert shim.log and all(key.startswith(PREFIX) for _, key in shim.log), [
         key for _, key in shim.log if not key.startswith(PREFIX)]
     # The server is up, and the cache holds exactly the objects: every entry matches its object and ETag.
-    service, store = proxy.app[SERVICE], proxy.app[STORE]
+    service, store = service_of(proxy), store_of(proxy)
     await service.settle()
     cached = 0
     for key, body in INSIDE.items():

@@ -23,9 +23,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from cachingproxy.appkeys import SERVICE, STORE
-
-from .conftest import Bucket, FakeClock, MakeProxy
+from .conftest import Bucket, FakeClock, MakeProxy, service_of, store_of
 from .shim import Shim
 
 Client = Any
@@ -324,7 +322,7 @@ def _cases_for(obj: Obj) -> tuple[Case, ...]:
 async def test_proxy_answers_like_s3(make_proxy: MakeProxy, bucket: Bucket, shim: Shim, clock: FakeClock,
                                      s3_client: Any) -> None:
     proxy = await make_proxy(s3={"prefix": PREFIX})
-    store, service = proxy.app[STORE], proxy.app[SERVICE]
+    store, service = store_of(proxy), service_of(proxy)
     rec = Recorder()
     for obj in CORPUS:
         bucket.put(PREFIX + obj.key, obj.body, **obj.put)
@@ -383,7 +381,7 @@ async def test_head_matches_get_in_every_cache_state(make_proxy: MakeProxy, buck
         assert await head.read() == b""
         get = await proxy.get("/docs/p.html")
         await get.read()
-        await proxy.app[SERVICE].settle()
+        await service_of(proxy).settle()
         return ({n: head.headers.get(n, "") for n in names}, {n: get.headers.get(n, "") for n in names})
 
     cold_head, first_get = await pair()  # HEAD on a cold key asks S3 with HeadObject

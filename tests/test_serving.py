@@ -6,9 +6,7 @@ import hashlib
 import os
 from typing import Any
 
-from cachingproxy.appkeys import SERVICE
-
-from .conftest import Bucket, MakeProxy, raw_request
+from .conftest import Bucket, MakeProxy, raw_request, service_of
 from .shim import Fault, Shim
 
 Client = Any
@@ -151,7 +149,7 @@ async def test_client_validators_and_ranges_on_miss_and_hit(proxy: Client, bucke
         assert ranged.status == 206, state
         assert await ranged.read() == body[10:20]
         # A ranged miss answers as soon as its bytes arrive; the whole-object fill goes on behind it.
-        await proxy.app[SERVICE].settle()
+        await service_of(proxy).settle()
         assert ranged.headers["Content-Range"] == f"bytes 10-19/{len(body)}"
         not_modified = await proxy.get(path, headers={"If-None-Match": etag})
         assert not_modified.status == 304
@@ -246,7 +244,7 @@ async def test_cold_range_is_answered_before_the_whole_object_arrives(
     assert await resp.read() == body[100:200]
     assert shim.counts == {"GET": 1}
     shim.release.set()
-    await proxy.app[SERVICE].settle()
+    await service_of(proxy).settle()
     hit = await proxy.get("/docs/big.bin")
     assert hit.headers["X-Cache"] == "HIT"
     assert await hit.read() == body

@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cachingproxy.appkeys import SERVICE
 from cachingproxy.models import ObjectMeta
 from cachingproxy.store import CacheStore
 
-from .conftest import Bucket
+from .conftest import Bucket, service_of
 from .shim import Shim
 
 Client = Any
@@ -50,7 +49,7 @@ async def test_replaced_object_drops_the_old_body(proxy: Client, bucket: Bucket,
     bucket.put("a.bin", os.urandom(60_000))
     clock.advance(61)
     await (await proxy.get("/docs/a.bin")).read()
-    await proxy.app[SERVICE].settle()
+    await service_of(proxy).settle()
     sizes = sorted(p.stat().st_size for p in body_files(tmp_path / "cache"))
     assert sizes == [60_000]
 

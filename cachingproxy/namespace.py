@@ -1,0 +1,90 @@
+"""One cache, several buckets: a view of the store whose keys live under one namespace (endpoint and bucket).
+
+Each site's service sees plain S3 keys; the store underneath sees "<namespace><key>", so the same key in two
+buckets never collides, two sites on one bucket share their entries, and a purge of one site's prefix never
+reaches another bucket's entries. Entries coming out carry the S3 key again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import replace
+from typing import BinaryIO
+
+from .config import S3Config
+from .models import Entry, ObjectMeta
+from .store import CacheStore, Flight, Staging
+
+__all__ = ["NamespacedStore", "namespace_for"]
+
+
+def namespace_for(s3: S3Config) -> str:
+    """A short, fixed-length tag for (endpoint, bucket): a key may hold any character, a digest never a '/'."""
+    origin = f"{s3.endpoint_url or 'aws'}\n{s3.region if not s3.endpoint_url else ''}\n{s3.bucket}"
+    return hashlib.sha256(origin.encode()).hexdigest()[:16] + "/"
+
+
+class NamespacedStore:
+    """The CacheStore methods the driver uses, with keys moved under `namespace`."""
+
+    def __init__(self, store: CacheStore, namespace: str) -> None:
+        self._store = store
+        self._ns = namespace
+
+    @property
+    def available(self) -> bool:
+        return self._store.available
+
+    def _in(self, entry: Entry) -> Entry:
+        return replace(entry, key=self._ns + entry.key)
+
+    def _out(self, entry: Entry | None) -> Entry | None:
+        return None if entry is None else replace(entry, key=entry.key[len(self._ns):])
+
+    def entry_in_memory(self, key: str) -> Entry | None:
+        """The hot path's lookup. Its key stays namespaced (no copy per hit): hand it only to body_in_memory."""
+        return self._store.entry_in_memory(self._ns + key)
+
+    async def lookup(self, key: str) -> Entry | None:
+        return self._out(await self._store.lookup(self._ns + key))
+
+    def body_in_memory(self, entry: Entry) -> bytes | None:
+        """For an entry from entry_in_memory."""
+        return self._store.body_in_memory(entry)
+
+    async def open_body(self, entry: Entry) -> BinaryIO | bytes | None:
+        return await self._store.open_body(self._in(entry))
+
+    async def close_body(self, handle: BinaryIO | bytes) -> None:
+        await self._store.close_body(handle)
+
+    def fill_lock(self, key: str) -> contextlib.AbstractAsyncContextManager[Flight]:
+        return self._store.fill_lock(self._ns + key)
+
+    async def adopt(self, entry: Entry) -> Staging | None:
+        return await self._store.adopt(self._in(entry))
+
+    async def stage(self, key: str, meta: ObjectMeta) -> Staging:
+        return await self._store.stage(self._ns + key, meta)
+
+    async def write(self, staging: Staging, chunk: bytes) -> None:
+        await self._store.write(staging, chunk)
+
+    async def read_staging(self, staging: Staging, size: int, offset: int) -> bytes:
+        return await self._store.read_staging(staging, size, offset)
+
+    async def commit(self, staging: Staging, now: float) -> Entry | None:
+        return self._out(await self._store.commit(staging, now))
+
+    async def discard(self, staging: Staging) -> None:
+        await self._store.discard(staging)
+
+    async def mark_checked(self, entry: Entry) -> None:
+        await self._store.mark_checked(self._in(entry))
+
+    async def forget(self, key: str) -> int:
+        return await self._store.forget(self._ns + key)
+
+    async def purge_prefix(self, prefix: str) -> int:
+        return await self._store.purge_prefix(self._ns + prefix)
