@@ -19,7 +19,14 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     # Imported here so that `--help` and config errors stay instant.
     from .logsetup import configure_logging
+    from .origin import profile_problems
     from .workers import run_workers
+
+    problems = profile_problems([site.s3 for site in config.sites])
+    for problem in problems:
+        print(f"cachingproxy: {args.config}: {problem}", file=sys.stderr)
+    if problems:
+        return 2
 
     configure_logging()
     server = config.server
@@ -46,6 +53,8 @@ def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     common.add_argument("--token", default="",
                         help="admin token (default: $CACHINGPROXY_ADMIN_TOKEN; prefer the variable, "
                              "since other users can read a command line)")
+    common.add_argument("--site", default=None,
+                        help="the site (a [[sites]] name) for warm and purge; needed when there are several")
     warm = commands.add_parser("warm", parents=[common], help="warm the cache under a prefix, showing progress")
     warm.add_argument("prefix", nargs="?", default="", help="key prefix below [s3] prefix (default: everything)")
     stats = commands.add_parser("stats", parents=[common], help="print the proxy's counters")

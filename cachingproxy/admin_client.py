@@ -200,8 +200,12 @@ async def _session_run(args: argparse.Namespace, command: Any) -> int:
 # -- commands -------------------------------------------------------------------------------------------------
 
 
+def _for_site(body: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    return {**body, "site": args.site} if getattr(args, "site", None) else body
+
+
 async def _warm(admin: Admin, args: argparse.Namespace) -> int:
-    started = await admin.post("/warm", {"prefix": args.prefix})
+    started = await admin.post("/warm", _for_site({"prefix": args.prefix}, args))
     job_id = str(started["id"])
     what = repr(args.prefix) if args.prefix else "everything"
     note = "" if started.get("created", True) else " (joined the warm already running for it)"
@@ -269,6 +273,12 @@ async def _stats(admin: Admin, args: argparse.Namespace) -> int:
             ("uptime", format_duration(s["uptime"])),
         ],
     }
+    sites = s.get("sites", {})
+    if len(sites) > 1:
+        sections["Sites"] = [
+            (name, f"hit ratio {site['hit_ratio'] * 100:.1f}%, {sum(site['responses'].values())} responses, "
+                   f"{sum(site['s3_requests'].values())} S3 requests, S3 {site.get('s3', '?')}")
+            for name, site in sites.items()]
     for counter in COUNTERS:  # every declared counter, under its section, described by its help text
         value: Any = s
         for part in counter.stats:
@@ -287,7 +297,7 @@ async def _purge(admin: Admin, args: argparse.Namespace) -> int:
         body, scope = {"key": args.key}, ("key", args.key)
     else:
         body, scope = {"prefix": args.prefix}, ("prefix", args.prefix or "(empty: everything)")
-    answer = await admin.post("/purge", body)
+    answer = await admin.post("/purge", _for_site(body, args))
     print(render_table([scope, ("removed", str(answer["purged"]))], "purge"))
     return EXIT_OK
 

@@ -227,6 +227,11 @@ async def test_figures_match_stats_and_refresh(admin: Admin, browser: BrowserCon
     assert admin.shim.counts["GET"] == 4
     assert_figures_match(await shown(page), stats)
     await assert_every_counter_listed(page, stats)
+    sites = await page.evaluate("""() => [...document.querySelectorAll('#sites tr')].map(
+        tr => [tr.dataset.site, ...[...tr.cells].map(td => td.textContent)])""")
+    q = stats["s3_requests"]
+    assert sites == [["default", "default", "50.0%", "4 hit, 0 revalidated, 0 stale, 4 miss",
+                      f"{q['GET']} GET, {q['HEAD']} HEAD, {q['LIST']} LIST", "reachable"]]
 
     # The page refreshes itself: two more hits show up without a reload.
     assert [await admin.get_object(k) for k in keys[:2]] == ["HIT"] * 2
