@@ -24,8 +24,8 @@ from cachingproxy.monitoring import OPS
 from cachingproxy.origin import profile_problems
 
 from .conftest import Bucket, FakeClock
-from .test_admin_client import run_cli
 from .shim import Shim
+from .test_admin_client import run_cli
 
 TOKEN = "sites-t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
