@@ -140,7 +140,7 @@ def start_target(t: Target, tmp: Path, shim_url: str, shim_port: int, workers: i
     else:
         toml = home / "bench.toml"
         toml.write_text(proxy_toml(t.port, shim_url, corpus_mod.BUCKET, home / "cache",
-                                   1 if t.name == "serve" else workers))
+                                   1 if t.name == "serve" else workers, sites=10 if t.name == "sites10" else 1))
         argv = [PY, "-m", "cachingproxy", "serve", "--config", str(toml)]
         t.proc = start(t.name, argv, tmp, env=env_for_proxy())
     # 404 for the mount root is fine: anything that answers HTTP is up.
@@ -404,14 +404,15 @@ def running(procs: list[Proc]) -> Iterator[None]:
     finally:
         for p in reversed(procs):
             code = stop(p)
-            if p.name in ("serve", "workers") and code not in (0, None):
+            if p.name in ("serve", "workers", "sites10") and code not in (0, None):
                 print(f"  note: {p.name} exited {code} after SIGTERM (log: {p.log})", file=sys.stderr)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", default="nginx,serve,workers,hello",
-                        help="comma list of nginx, serve (one worker), workers, hello")
+                        help="comma list of nginx, serve (one worker), workers, sites10 (workers with a "
+                             "ten-site config), hello")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--hot", type=int, default=300, help="number of hot small objects")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the hot phases")
@@ -434,6 +435,7 @@ def main() -> int:
         print("benchmarks: nginx not installed: running without the reference column", file=sys.stderr)
         names.remove("nginx")
     labels = {"nginx": "nginx", "serve": "serve x1", "workers": f"workers x{args.workers}",
+              "sites10": f"10 sites x{args.workers}",
               "hello": f"hello x{args.workers}"}
     targets = [Target(n, labels[n]) for n in names]
     direct = Target("direct", "direct")

@@ -7,6 +7,7 @@ matches `/apiary`). A dictionary lookup and a scan of the few sites sharing a ho
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ __all__ = ["Router", "hostname", "mount_matches"]
 _HOST = re.compile(r"^(?:\[(?P<v6>[^\]]*)\]|(?P<name>[^:]*))(?::\d*)?$")
 
 
+@functools.lru_cache(maxsize=1024)  # a handful of names in practice; bounded against clients that vary it
 def hostname(host: str) -> str:
     """The name in a Host header, without port or trailing dot, lower-case: "Docs.Corp.:8080" -> "docs.corp"."""
     match = _HOST.match(host)
