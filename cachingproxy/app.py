@@ -135,7 +135,9 @@ async def _listing(request: web.Request, site: Site, folder: str) -> web.Respons
     """A folder's listing page (`listing = true`), remembered for the site's TTL; None when the folder is empty."""
     now = request.app[CLOCK]()
     kept = site.listings.get(folder)
+    outcome = "HIT"
     if kept is None or not 0 <= now - kept.made_at < site.config.cache.ttl:
+        outcome = "MISS"
         found = await site.origin.list_folder(folder)
         if not found.folders and not found.objects:
             return None
@@ -146,7 +148,7 @@ async def _listing(request: web.Request, site: Site, folder: str) -> web.Respons
         while len(site.listings) > LISTINGS_KEPT:
             site.listings.pop(next(iter(site.listings)))
     return web.Response(body=kept.body if request.method == "GET" else None, content_type="text/html",
-                        charset="utf-8", headers={"Cache-Control": "no-cache", "X-Cache": "HIT"})
+                        charset="utf-8", headers={"Cache-Control": "no-cache", "X-Cache": outcome})
 
 
 def _plan(request: web.Request, meta: ObjectMeta, *, conditional: bool, status: int) -> Plan:

@@ -248,7 +248,7 @@ async def test_listing_is_opt_in_escaped_and_counted_as_list_requests(
         {"name": "plain", "mount": "/plain", "s3": {"bucket": a.name, "prefix": "v3/"}},
     ])
     status, body, headers = await get(proxy, "/api-docs/api/")
-    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and headers["X-Cache"] == "MISS"
     page = body.decode()
     assert "<script>" not in page and "<img" not in page
     assert '>&lt;img src=x onerror=&quot;alert(1)&quot;&gt;.html</a>' in page
@@ -258,7 +258,8 @@ async def test_listing_is_opt_in_escaped_and_counted_as_list_requests(
     assert 'href="./deep/"' in page
     assert shim.counts == {"GET": 1, "LIST": 1}  # the index document (missing), then the listing
     before = dict(shim.counts)
-    assert (await get(proxy, "/api-docs/api/"))[0] == 200
+    status, _, headers = await get(proxy, "/api-docs/api/")
+    assert (status, headers["X-Cache"]) == (200, "HIT")
     assert shim.counts["LIST"] == before["LIST"]  # remembered for the site's TTL
     clock.advance(61)
     assert (await get(proxy, "/api-docs/api/"))[0] == 200
