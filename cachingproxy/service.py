@@ -92,6 +92,7 @@ class CachingProxy:
         self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
         self._negative: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sharers: collections.Counter[asyncio.Task[Any]] = collections.Counter()  # awaiters per shared task
         self._breaker = breaker  # shared by the sites whose S3 client this is
 
     # -- public ---------------------------------------------------------------------------------------
@@ -208,6 +209,16 @@ class CachingProxy:
         except OriginError:
             return False
         return True
+
+    def waiting(self, key: str) -> int:
+        """Requests now sharing the in-flight fill or revalidation of `key` (0 when there is none).
+
+        Observability for tests: they hold S3 and wait until N requests share the work before letting it
+        answer, instead of sleeping and hoping that N requests have arrived by then.
+        """
+        fill = self._fills.get(key)
+        task = self._revalidations.get(key)
+        return (fill.readers if fill is not None else 0) + (self._sharers[task] if task is not None else 0)
 
     async def settle(self) -> None:
         """Wait for background fills and revalidations (tests, and graceful shutdown before closing the store)."""
@@ -408,14 +419,20 @@ class CachingProxy:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
         return task
 
-    @classmethod
-    async def _shared(cls, table: dict[str, asyncio.Task[T]], key: str,
+    async def _shared(self, table: dict[str, asyncio.Task[T]], key: str,
                       work: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run `work()` once per key at a time; everyone else awaits the same task.
 
         shield: one client leaving must not cancel the work the others are waiting on.
         """
-        return await asyncio.shield(cls._start_shared(table, key, work))
+        task = self._start_shared(table, key, work)
+        self._sharers[task] += 1  # counted for `waiting`
+        try:
+            return await asyncio.shield(task)
+        finally:
+            self._sharers[task] -= 1
+            if not self._sharers[task]:
+                del self._sharers[task]
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
