@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import pytest
+from aiohttp import web
+from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestClient, TestServer
 from moto.server import ThreadedMotoServer
 
@@ -31,6 +34,9 @@ os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
 
 START = 1_700_000_000.0
 
+# The real app on a real socket, as the `proxy` and `make_proxy` fixtures give it to a test.
+ProxyClient = TestClient[web.Request, web.Application]
+
 
 class FakeClock:
     """The proxy's notion of "now"; tests advance it instead of sleeping."""
@@ -43,6 +49,21 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+# How long a test waits for a condition before failing. Generous (a loaded 2-core box): it is only reached when
+# the test is failing anyway, so it costs nothing when things work.
+DEADLINE = 10.0
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait until `condition()` holds, for proxy state that offers no event to wait on; fail after DEADLINE."""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while not condition():  # noqa: ASYNC110 -- polled: the condition has no event to wait on
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"not within {DEADLINE} s: {what}") from None
 
 
 def free_port() -> int:
@@ -122,34 +143,33 @@ def config_for(tmp_path: Path, endpoint: str, bucket: str, **sections: dict[str,
     return parse_config(data, "test")
 
 
-MakeProxy = Callable[..., Awaitable[TestClient[Any, Any]]]
+MakeProxy = Callable[..., Awaitable[ProxyClient]]
 
 
 @pytest.fixture
-def make_proxy(aiohttp_client: Any, tmp_path: Path, shim: Shim, bucket: Bucket, clock: FakeClock) -> MakeProxy:
+def make_proxy(aiohttp_client: AiohttpClient, tmp_path: Path, shim: Shim, bucket: Bucket,
+               clock: FakeClock) -> MakeProxy:
     """Start the real app on a real socket in front of the shim; keyword arguments override config sections."""
 
-    async def make(leader: bool = True, **sections: dict[str, Any]) -> TestClient[Any, Any]:
+    async def make(leader: bool = True, **sections: dict[str, Any]) -> ProxyClient:
         config = config_for(tmp_path, shim.url, bucket.name, **sections)
         # TestServer(**kwargs) drops its kwargs; start_server(**kwargs) hands them to the AppRunner.
         server = TestServer(create_app(config, clock=clock, leader=leader))
         await server.start_server(**server_kwargs(config))
-        client: TestClient[Any, Any] = await aiohttp_client(server)
-        return client
+        # aiohttp types a client of a prebuilt server as TestClient[BaseRequest, None]; this one serves an app.
+        return cast(ProxyClient, await aiohttp_client(server))
 
     return make
 
 
 @pytest.fixture
-async def proxy(make_proxy: MakeProxy) -> TestClient[Any, Any]:
+async def proxy(make_proxy: MakeProxy) -> ProxyClient:
     return await make_proxy()
 
 
-async def raw_request(client: TestClient[Any, Any], target: str, method: str = "GET",
+async def raw_request(client: ProxyClient, target: str, method: str = "GET",
                       headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     """Send one request line exactly as written (no client-side normalisation of `..` or `//`)."""
-    import asyncio
-
     assert client.port is not None
     reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
     lines = [f"{method} {target} HTTP/1.1", "Host: proxy.test", "Connection: close"]

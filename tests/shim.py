@@ -24,7 +24,7 @@ class Fault:
     status: int = 0  # answer this status with an S3 error body (a body-less one for HEAD)
     code: str = ""  # S3 error code for `status`, e.g. "SlowDown", "AccessDenied", "ExpiredToken"
     delay: float = 0.0  # seconds before forwarding
-    blackhole: bool = False  # accept and never answer
+    blackhole: bool = False  # accept and never answer (until `Shim.close_hanging`: then forward as usual)
     truncate_after: int = -1  # send this many body bytes (Content-Length kept), then cut the connection
     stall_after: int = -1  # send this many body bytes, then wait for `Shim.release` before the rest
     flip_byte: bool = False  # same length, one byte changed
@@ -51,6 +51,8 @@ class Shim:
         self._never = asyncio.Event()
         self.release = asyncio.Event()  # lets a `stall_after` body continue
         self.arrived = asyncio.Event()  # set by every request; clear it to wait for the next one
+        self.held = 0  # requests a blackhole is holding now (`close_hanging` lets them all go)
+        self._held_changed = asyncio.Condition()
 
     @property
     def url(self) -> str:
@@ -92,9 +94,18 @@ class Shim:
             conn.force_close()
 
     async def close_hanging(self) -> None:
-        """Let blackholed requests go on to be forwarded normally."""
+        """Let blackholed requests go on to be forwarded normally (later ones are held again)."""
         self._never.set()
         self._never = asyncio.Event()
+        self.held = 0
+
+    async def wait_held(self, n: int) -> None:
+        """Return once `n` requests are being held by a blackhole: a condition to wait on instead of a sleep.
+
+        The caller bounds the wait (`asyncio.timeout`).
+        """
+        async with self._held_changed:
+            await self._held_changed.wait_for(lambda: self.held >= n)
 
     async def close(self) -> None:
         self._never.set()
@@ -124,7 +135,11 @@ class Shim:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
             if fault.blackhole:
-                await self._never.wait()
+                async with self._held_changed:
+                    never = self._never  # the one `close_hanging` sets next, as `held` counts this request
+                    self.held += 1
+                    self._held_changed.notify_all()
+                await never.wait()
             elif fault.status:
                 if request.method == "HEAD":
                     return web.Response(status=fault.status)
