@@ -84,7 +84,7 @@ class Shim:
         await self._site.start()
         server = self._site._server
         assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def refuse(self) -> None:
         """Stop listening: new connections get ECONNREFUSED (pooled ones are closed too)."""

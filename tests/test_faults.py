@@ -6,29 +6,44 @@ Each test names its row; the figures it asserts are the ones quoted in the READM
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import pytest
+
 from cachingproxy.appkeys import STORE
 
-from .conftest import Bucket, FakeClock, MakeProxy, service_of
+from .conftest import DEADLINE, Bucket, FakeClock, MakeProxy, ProxyClient, service_of, until
 from .shim import Fault, Shim
 
-Client = Any
 LEAKS = ("Traceback", "botocore", "<Error>", "127.0.0.1", "testing")
 
 
-async def get(proxy: Client, path: str, **kw: Any) -> tuple[int, str, bytes]:
+async def get(proxy: ProxyClient, path: str, **kw: Any) -> tuple[int, str, bytes]:
     resp = await proxy.get(path, **kw)
     body = await resp.read()
     return resp.status, resp.headers.get("X-Cache", ""), body
 
 
-async def warm_pages(proxy: Client, bucket: Bucket, n: int) -> dict[str, bytes]:
+@asynccontextmanager
+async def unpooled(proxy: ProxyClient) -> AsyncIterator[aiohttp.ClientSession]:
+    """A session with no connection limit: the test client's own stops at 100, so "500 concurrent" would not be."""
+    async with aiohttp.ClientSession(proxy.make_url(""), connector=aiohttp.TCPConnector(limit=0)) as session:
+        yield session
+
+
+async def session_get(session: aiohttp.ClientSession, path: str) -> tuple[int, str, bytes]:
+    async with session.get(path) as resp:
+        return resp.status, resp.headers.get("X-Cache", ""), await resp.read()
+
+
+async def warm_pages(proxy: ProxyClient, bucket: Bucket, n: int) -> dict[str, bytes]:
     pages = {f"p{i}.html": os.urandom(1000 + i * 997) for i in range(n)}
     for key, body in pages.items():
         bucket.put(key, body)
@@ -97,24 +112,37 @@ async def test_row4_cold_keys_while_s3_is_down_answer_502_or_504_without_leaks(
 
 
 async def test_row5_200_concurrent_misses_on_a_slow_s3_make_one_get(
-        proxy: Client, bucket: Bucket, shim: Shim) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim) -> None:
     body = os.urandom(512 * 1024)
     bucket.put("hot.bin", body)
-    shim.fault = Fault(delay=0.2)
-    results = await asyncio.gather(*(get(proxy, "/docs/hot.bin") for _ in range(200)))
+    shim.fault = Fault(blackhole=True)  # S3 is slow: the GET is held until all 200 requests share it
+    async with unpooled(proxy) as session:
+        results = asyncio.gather(*(session_get(session, "/docs/hot.bin") for _ in range(200)))
+        await until(lambda: service_of(proxy).waiting("hot.bin") == 200, "200 requests sharing the fill")
+        async with asyncio.timeout(DEADLINE):
+            await shim.wait_held(1)
+        await shim.close_hanging()
+        got = await results
     assert shim.counts == {"GET": 1}
-    assert sum(got == body for *_, got in results) == 200
+    assert [(status, outcome) for status, outcome, _ in got] == [(200, "MISS")] * 200
+    assert sum(body_ == body for *_, body_ in got) == 200
 
 
 async def test_row6_500_concurrent_requests_on_an_expired_key_make_one_head(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     await warm_pages(proxy, bucket, 1)
     shim.reset_counts()
-    shim.fault = Fault(delay=0.2)
+    shim.fault = Fault(blackhole=True)  # the HEAD is held until all 500 requests share it
     clock.advance(61)
-    results = await asyncio.gather(*(get(proxy, "/docs/p0.html") for _ in range(500)))
+    async with unpooled(proxy) as session:
+        results = asyncio.gather(*(session_get(session, "/docs/p0.html") for _ in range(500)))
+        await until(lambda: service_of(proxy).waiting("p0.html") == 500, "500 requests sharing the revalidation")
+        async with asyncio.timeout(DEADLINE):
+            await shim.wait_held(1)
+        await shim.close_hanging()
+        got = await results
     assert shim.counts == {"HEAD": 1}
-    assert {(status, outcome) for status, outcome, _ in results} <= {(200, "REVALIDATED"), (200, "HIT")}
+    assert {(status, outcome) for status, outcome, _ in got} == {(200, "REVALIDATED")}
 
 
 async def test_row7_stale_while_revalidate_serves_at_once_with_one_background_head(
@@ -141,13 +169,18 @@ async def test_row7_stale_while_revalidate_serves_at_once_with_one_background_he
     assert (status, outcome) == (200, "REVALIDATED")
 
 
-async def test_row8_a_stalled_client_never_slows_the_others(proxy: Client, bucket: Bucket, shim: Shim) -> None:
+async def test_row8_a_stalled_client_never_slows_the_others(
+        proxy: ProxyClient, bucket: Bucket, shim: Shim) -> None:
     body = os.urandom(20 * 1024 * 1024)
     bucket.put("big.bin", body)
-    shim.fault = Fault(delay=0.1)
+    shim.fault = Fault(stall_after=1024 * 1024)  # S3 sends 1 MiB, then waits for `release`
     stalled = await proxy.get("/docs/big.bin")  # headers read, body never read
-    results = await asyncio.gather(*(get(proxy, "/docs/big.bin") for _ in range(10)))
-    assert all(got == body for *_, got in results)
+    results = asyncio.gather(*(get(proxy, "/docs/big.bin") for _ in range(10)))
+    # The others are on the stalled client's fill before the rest of the body (far more than the stalled
+    # socket's buffers hold) arrives.
+    await until(lambda: service_of(proxy).waiting("big.bin") == 11, "the stalled client and 10 others on one fill")
+    shim.release.set()
+    assert all(got == body for *_, got in await results)
     assert shim.counts == {"GET": 1}
     stalled.close()
 
@@ -167,30 +200,27 @@ async def test_row10_clients_aborting_after_headers_leak_no_s3_connections(
 
 
 async def test_row11_truncated_bodies_are_never_cached_or_complete_looking(
-        proxy: Client, bucket: Bucket, shim: Shim) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim) -> None:
     body = os.urandom(400_000)
     bucket.put("cut.bin", body)
     shim.fault = Fault(truncate_after=200_000)
-    complete = 0
     for _ in range(10):
         resp = await proxy.get("/docs/cut.bin")
-        with contextlib.suppress(Exception):
-            complete += len(await resp.read()) == len(body)
-    assert complete == 0
+        assert resp.status == 200  # headers were already on their way
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut short: never a complete-looking body
+            await resp.read()
     assert shim.counts == {"GET": 10}  # never served from a cached copy
 
 
 async def test_row12_flipped_bytes_fail_md5_are_not_cached_and_cut_the_client(
-        proxy: Client, bucket: Bucket, shim: Shim) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim) -> None:
     body = os.urandom(300_000)
     bucket.put("flip.bin", body)
     shim.fault = Fault(flip_byte=True)
     for _ in range(5):
         resp = await proxy.get("/docs/flip.bin")
-        got = b""
-        with contextlib.suppress(Exception):
-            got = await resp.read()
-        assert len(got) < len(body)
+        with pytest.raises(aiohttp.ClientPayloadError):  # cut before the last byte, which waits for the MD5
+            await resp.read()
     shim.fault = None
     status, outcome, got = await get(proxy, "/docs/flip.bin")
     assert (status, outcome, got == body) == (200, "MISS", True)
@@ -198,7 +228,7 @@ async def test_row12_flipped_bytes_fail_md5_are_not_cached_and_cut_the_client(
 
 
 async def test_row13_kms_and_multipart_etags_are_cached_without_false_rejections(
-        proxy: Client, bucket: Bucket, shim: Shim) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim) -> None:
     bucket.put("kms.bin", os.urandom(100_000))
     bucket.put("multi.bin", os.urandom(100_000))
     shim.faults["kms.bin"] = Fault(etag='"0123456789abcdef0123456789abcdef"', sse_kms=True)
@@ -210,7 +240,7 @@ async def test_row13_kms_and_multipart_etags_are_cached_without_false_rejections
 
 
 async def test_row14_object_replaced_between_head_and_get_keeps_etag_and_body_together(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     bucket.put("a.bin", b"version one")
     await get(proxy, "/docs/a.bin")
     new_etag = bucket.put("a.bin", b"version two!")
@@ -271,7 +301,7 @@ async def test_row18_unusable_cache_directory_passes_through_from_s3(
 
 
 async def test_row19_a_locked_cache_index_degrades_to_misses_not_errors(
-        proxy: Client, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
     await warm_pages(proxy, bucket, 3)
     # Another process holds the SQLite write lock (diskcache's LRU makes every read a write).
     locker = sqlite3.connect(tmp_path / "cache" / "db" / "cache.db", timeout=0.1, isolation_level=None)
@@ -299,7 +329,7 @@ async def test_row22_filling_past_the_size_limit_stays_near_the_limit(
 
 
 async def test_row23_random_missing_keys_cost_one_s3_call_per_negative_ttl_and_evict_nothing(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock, tmp_path: Path) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock, tmp_path: Path) -> None:
     pages = await warm_pages(proxy, bucket, 5)
     shim.reset_counts()
     missing = [f"/docs/missing/{i}.html" for i in range(300)]
@@ -316,7 +346,7 @@ async def test_row23_random_missing_keys_cost_one_s3_call_per_negative_ttl_and_e
 
 
 async def test_row24_expired_credentials_never_drop_or_negative_cache_entries(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     pages = await warm_pages(proxy, bucket, 5)
     shim.fault = Fault(status=403, code="ExpiredToken")
     clock.advance(61)
@@ -331,15 +361,16 @@ async def test_row24_expired_credentials_never_drop_or_negative_cache_entries(
 
 
 async def test_a_commit_outlasts_a_brief_write_lock_held_by_another_process(
-        proxy: Client, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
     await warm_pages(proxy, bucket, 1)  # the cache index exists
     bucket.put("new.html", b"new page")
+    store = proxy.app[STORE]
     locker = sqlite3.connect(tmp_path / "cache" / "db" / "cache.db", timeout=0.1, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")
     try:
         request = asyncio.create_task(get(proxy, "/docs/new.html"))
-        # The fault lasts 0.7 s: longer than one SQLite busy timeout (0.5 s), shorter than the commit's three.
-        await asyncio.sleep(0.7)
+        # Held until the commit has met the lock and timed out once (one SQLite busy timeout), no longer.
+        await until(lambda: store.commit_retries >= 1, "the commit timed out on the lock and is trying again")
     finally:
         locker.execute("ROLLBACK")
         locker.close()
