@@ -19,15 +19,28 @@ import time
 import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import cast
 from urllib.parse import urlsplit
 
 import pytest
+from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestServer
 
 from cachingproxy.app import create_app, server_kwargs
 
-from .conftest import Bucket, FakeClock, MakeProxy, config_for, free_port, raw_request, service_of, store_of
+from .conftest import (
+    DEADLINE,
+    Bucket,
+    FakeClock,
+    MakeProxy,
+    ProxyClient,
+    config_for,
+    free_port,
+    raw_request,
+    service_of,
+    store_of,
+    until,
+)
 from .shim import Fault, Shim
 
 PREFIX = "site/"
@@ -257,7 +270,7 @@ async def test_control_characters_from_s3_never_become_a_500(make_proxy: MakePro
         assert all(not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", v) for v in headers.values()), headers
 
 
-async def test_request_bytes_do_not_forge_log_lines(aiohttp_client: Any, tmp_path: Path, shim: Shim,
+async def test_request_bytes_do_not_forge_log_lines(aiohttp_client: AiohttpClient, tmp_path: Path, shim: Shim,
                                                     bucket: Bucket, clock: FakeClock,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     bucket.put(PREFIX + "a.txt", b"hello")
@@ -266,7 +279,7 @@ async def test_request_bytes_do_not_forge_log_lines(aiohttp_client: Any, tmp_pat
     server = TestServer(create_app(config, clock=clock))
     await server.start_server(**server_kwargs(config),
                               access_log=logging.getLogger("hostile.access"))
-    proxy = await aiohttp_client(server)
+    proxy = cast(ProxyClient, await aiohttp_client(server))  # see conftest.make_proxy
     for target in ("/docs/a%0d%0aforged%20200", "/docs/a.txt%0aGET%20/forged", "/docs/a.txt"):
         await raw_request(proxy, target)
     lines = [r.getMessage() for r in caplog.records if r.name == "hostile.access"]
@@ -373,15 +386,31 @@ async def test_other_methods_get_405_and_reach_nothing(make_proxy: MakeProxy, bu
         assert resp.status == 405, method
         assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}, method
         assert "Cookie" not in await resp.text()  # TRACE must not echo the request (XST)
+    assert shim.counts == {}
+
+
+_ISSUE_17_5 = pytest.mark.xfail(strict=True, reason="issue 17 item 5: CONNECT and the asterisk form must get 405/400; "
+                                "the proxy answers 404 today (being fixed on the server side)")
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    pytest.param(b"FOO /docs/a.txt HTTP/1.1", {400}, id="method-the-parser-refuses"),
+    pytest.param(b"CONNECT evil.example:443 HTTP/1.1", {400, 405}, id="connect", marks=_ISSUE_17_5),
+    pytest.param(b"OPTIONS * HTTP/1.1", {400, 405}, id="asterisk-form", marks=_ISSUE_17_5),
+    # RFC 9112 §3.2.2: served like the origin form (issue 17 item 5); 404 until that lands, never the secret.
+    pytest.param(b"GET http://evil.example/docs/a.txt HTTP/1.1", {200, 404}, id="absolute-form"),
+])
+async def test_odd_request_lines_are_refused_and_reach_nothing_else(
+        make_proxy: MakeProxy, bucket: Bucket, shim: Shim, line: bytes, expected: set[int]) -> None:
+    _seed(bucket)
+    proxy = await make_proxy(s3={"prefix": PREFIX})
     assert proxy.port is not None
-    # Methods the parser itself refuses, and CONNECT / asterisk forms.
-    for line in (b"FOO /docs/a.txt HTTP/1.1", b"CONNECT evil.example:443 HTTP/1.1", b"OPTIONS * HTTP/1.1",
-                 b"GET http://evil.example/docs/a.txt HTTP/1.1"):
-        raw = await exchange(proxy.port, line + b"\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
-        got = statuses(raw)
-        assert got and (400 <= got[0] < 500 or got[0] == 200), (line, raw[:120])
-        assert SECRET not in raw
-    assert set(shim.counts) <= {"GET"} and all(key == PREFIX + "a.txt" for _, key in shim.log)
+    raw = await exchange(proxy.port, line + b"\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+    got = statuses(raw)
+    assert len(got) == 1 and got[0] in expected, (line, raw[:120])
+    assert got[0] != 200 or raw.endswith(b"hello")
+    assert SECRET not in raw
+    assert all(entry == ("GET", PREFIX + "a.txt") for entry in shim.log), shim.log
 
 
 BODIES = {
@@ -508,9 +537,14 @@ async def test_smuggling_probes(cli_proxy: int, bucket: Bucket, shim: Shim) -> N
 async def test_the_served_process_cuts_slow_clients(cli_proxy: int, bucket: Bucket) -> None:
     """`cachingproxy serve` itself applies [server] limits (server_kwargs), not only the test server."""
     bucket.put(PREFIX + "a.txt", b"hello")
-    elapsed, sent, got = await _trickle(cli_proxy, b"GET /docs/a.txt HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 60,
-                                        0.05)
-    assert got == b"" and 0.9 <= elapsed <= 2.5, (elapsed, sent, got[:100])
+    head = b"GET /docs/a.txt HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 60  # about 20 s at this pace
+    sent = [0]
+    start = time.monotonic()
+    cut, got = await _trickle(cli_proxy, head, 0.05, sent, 0)
+    # Cut without an answer by keepalive_timeout = 1.0, long before the head was complete (aiohttp's default
+    # would let it finish); the bound is generous for a loaded 2-core box.
+    assert got == b"" and sent[0] < len(head), (sent, got[:100])
+    assert cut - start <= 1.0 + DEADLINE, cut - start
     raw = await exchange(cli_proxy, b"GET /docs/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert statuses(raw) and 400 <= statuses(raw)[0] < 500
 
@@ -538,11 +572,10 @@ async def test_upgrade_is_never_accepted_and_nothing_after_it_is_read(make_proxy
 
 # -- slowloris (row 36) ------------------------------------------------------------------------------------
 
-async def _trickle(port: int, data: bytes, every: float) -> tuple[float, int, bytes]:
-    """Send one byte every `every` seconds; return when the server closes: (seconds, bytes sent, bytes read)."""
+async def _trickle(port: int, data: bytes, every: float, sent: list[int], i: int) -> tuple[float, bytes]:
+    """Send one byte every `every` seconds, counting them in `sent[i]`; return when the server closes:
+    (time.monotonic() then, bytes read)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    start = time.monotonic()
-    sent = 0
     got = b""
     try:
         for byte in data:
@@ -551,7 +584,7 @@ async def _trickle(port: int, data: bytes, every: float) -> tuple[float, int, by
                 await writer.drain()
             except ConnectionError:
                 break
-            sent += 1
+            sent[i] += 1
             try:
                 got = await asyncio.wait_for(reader.read(1024), every)
             except TimeoutError:
@@ -559,7 +592,7 @@ async def _trickle(port: int, data: bytes, every: float) -> tuple[float, int, by
             except ConnectionError:
                 break
             break  # the server answered or closed
-        return time.monotonic() - start, sent, got
+        return time.monotonic(), got
     finally:
         writer.close()
 
@@ -570,25 +603,27 @@ async def test_slowloris_is_cut_and_others_are_served(make_proxy: MakeProxy, buc
     proxy = await make_proxy(s3={"prefix": PREFIX}, server={"keepalive_timeout": timeout})
     port = proxy.port
     assert port is not None
-    head = b"GET /docs/a.txt HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Slow-%d: %d\r\n" % (i, i) for i in range(50))
-    # 40 clients each sending a header byte every 50 ms: never a complete request head.
-    slow = [asyncio.create_task(_trickle(port, head, 0.05)) for _ in range(40)]
-    await asyncio.sleep(0.2)  # let them connect and start trickling; this is the attack's pace, not a sync
-    latencies = []
-    for _ in range(20):
-        start = time.monotonic()
-        status, _, body = await raw_request(proxy, "/docs/a.txt")
-        latencies.append(time.monotonic() - start)
-        assert (status, body) == (200, b"hello")
-    results = await asyncio.gather(*slow)
-    for elapsed, sent, got in results:
-        assert got == b"", got[:100]  # closed without an answer
-        assert sent < len(head)  # cut before finishing, although bytes kept arriving
-        assert timeout * 0.9 <= elapsed <= timeout + 1.5, elapsed
-    assert max(latencies) < timeout / 2, latencies  # served at once, not after the slow sockets were cut
     runner = proxy.server.runner
     assert runner is not None and runner.server is not None
-    assert len(runner.server.connections) == 0  # every slow socket is gone: nothing pins the server
+    server = runner.server
+    head = b"GET /docs/a.txt HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-Slow-%d: %d\r\n" % (i, i) for i in range(50))
+    # 40 clients each sending a header byte every 50 ms (the attack's pace): never a complete request head.
+    sent = [0] * 40
+    start = time.monotonic()
+    slow = [asyncio.create_task(_trickle(port, head, 0.05, sent, i)) for i in range(40)]
+    await until(lambda: len(server.connections) >= 40 and min(sent) > 0, "40 slow clients connected and trickling")
+    for _ in range(20):
+        status, _, body = await raw_request(proxy, "/docs/a.txt")
+        assert (status, body) == (200, b"hello")
+    served = time.monotonic()
+    results = await asyncio.gather(*slow)
+    for (cut, got), count in zip(results, sent, strict=True):
+        assert got == b"", got[:100]  # closed without an answer
+        assert count < len(head)  # cut before finishing, although bytes kept arriving
+        # Others were served at once, not after the slow sockets were cut; and the cut came in bounded time
+        # (generous: a loaded 2-core box), long before the head would have been complete.
+        assert served < cut <= start + timeout + DEADLINE, (served - start, cut - start)
+    assert len(server.connections) == 0  # every slow socket is gone: nothing pins the server
 
 
 # -- clients that stop reading --------------------------------------------------------------------------------
@@ -649,27 +684,31 @@ async def test_a_client_that_stops_reading_is_cut_after_send_timeout(
 
 async def test_idle_connection_is_closed_after_a_response(make_proxy: MakeProxy, bucket: Bucket) -> None:
     bucket.put(PREFIX + "a.txt", b"hello")
-    proxy = await make_proxy(s3={"prefix": PREFIX}, server={"keepalive_timeout": 0.5})
+    keepalive = 0.5
+    proxy = await make_proxy(s3={"prefix": PREFIX}, server={"keepalive_timeout": keepalive})
     assert proxy.port is not None
+    # Lower bounds are measured from before the connection exists, so load can only lengthen them; the upper
+    # bound is the suite's generous DEADLINE, so a loaded box cannot fail the test either.
+    start = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
         writer.write(b"GET /docs/a.txt HTTP/1.1\r\nHost: x\r\n\r\n")
-        start = time.monotonic()
         data = b""
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(DEADLINE):
             while chunk := await reader.read(1024):
                 data += chunk
+        # Closed after the whole response (the server kept it alive for the timeout first), never instead of it.
         assert statuses(data) == [200] and data.endswith(b"hello")
-        assert 0.4 <= time.monotonic() - start <= 2.5
+        assert time.monotonic() - start >= keepalive * 0.8
     finally:
         writer.close()
     # A connection that never sends a byte is cut too.
+    start = time.monotonic()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        start = time.monotonic()
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(DEADLINE):
             assert await reader.read(1024) == b""
-        assert 0.4 <= time.monotonic() - start <= 2.5
+        assert time.monotonic() - start >= keepalive * 0.8
     finally:
         writer.close()
 
@@ -679,11 +718,15 @@ async def test_idle_connection_is_closed_after_a_response(make_proxy: MakeProxy,
 async def test_concurrent_s3_fetches_are_capped(make_proxy: MakeProxy, bucket: Bucket, shim: Shim) -> None:
     for i in range(24):
         bucket.put(f"{PREFIX}k{i}.txt", b"%d" % i)
-    shim.fault = Fault(delay=0.2)
+    shim.fault = Fault(blackhole=True)  # S3 holds each GET until the test lets the round go
     proxy = await make_proxy(s3={"prefix": PREFIX, "max_connections": 4, "request_timeout": 20.0,
                                  "read_timeout": 10.0})
-    resps = await asyncio.gather(*(proxy.get(f"/docs/k{i}.txt") for i in range(24)))
-    assert [(r.status, await r.read()) for r in resps] == [(200, b"%d" % i) for i in range(24)]
+    resps = asyncio.gather(*(proxy.get(f"/docs/k{i}.txt") for i in range(24)))
+    for _ in range(6):  # 24 fetches through 4 connections: six rounds, each one saturating the pool
+        async with asyncio.timeout(DEADLINE):
+            await shim.wait_held(4)
+        await shim.close_hanging()
+    assert [(r.status, await r.read()) for r in await resps] == [(200, b"%d" % i) for i in range(24)]
     assert shim.counts["GET"] == 24
     assert shim.max_in_flight == 4  # saturated, never exceeded
 
