@@ -14,10 +14,11 @@ import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
+from aiohttp.pytest_plugin import AiohttpClient
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,10 +29,9 @@ from cachingproxy.monitoring import OPS, Ops, readiness
 from cachingproxy.warm import NOT_STORED
 from cachingproxy.workers import claim_leadership
 
-from .conftest import Bucket, FakeClock, MakeProxy, config_for, free_port, service_of
+from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient, config_for, free_port, service_of
 from .shim import Fault, Shim
 
-Client = Any
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TTL = 60  # conftest's [cache] ttl
@@ -45,12 +45,12 @@ def seed(bucket: Bucket, prefix: str, count: int) -> dict[str, bytes]:
     return bodies
 
 
-def ops(proxy: Client) -> Ops:
+def ops(proxy: ProxyClient) -> Ops:
     ops: Ops = proxy.app[OPS]
     return ops
 
 
-async def start_warm(proxy: Client, prefix: str) -> str:
+async def start_warm(proxy: ProxyClient, prefix: str) -> str:
     resp = await proxy.post("/_admin/warm", json={"prefix": prefix}, headers=AUTH)
     assert resp.status == 202
     assert resp.headers["Location"] == f"/_admin/warm/{(await resp.json())['id']}"
@@ -58,7 +58,7 @@ async def start_warm(proxy: Client, prefix: str) -> str:
     return job_id
 
 
-async def warm(proxy: Client, prefix: str) -> dict[str, Any]:
+async def warm(proxy: ProxyClient, prefix: str) -> dict[str, Any]:
     """Start a warm, wait for it through the job's own awaitable (no polling, no sleeps), return its JSON."""
     job_id = await start_warm(proxy, prefix)
     await ops(proxy).warmers["default"].wait(job_id)
@@ -68,7 +68,7 @@ async def warm(proxy: Client, prefix: str) -> dict[str, Any]:
     return job
 
 
-async def stats(proxy: Client) -> dict[str, Any]:
+async def stats(proxy: ProxyClient) -> dict[str, Any]:
     resp = await proxy.get("/_admin/stats", headers=AUTH)
     assert resp.status == 200
     body: dict[str, Any] = await resp.json()
@@ -578,7 +578,7 @@ def test_dashboard_script_parses(tmp_path: Path) -> None:
 
 
 async def test_access_log_is_one_json_line_per_request_with_the_s3_calls_it_caused(
-        aiohttp_client: Any, tmp_path: Path, shim: Shim, bucket: Bucket, clock: FakeClock) -> None:
+        aiohttp_client: AiohttpClient, tmp_path: Path, shim: Shim, bucket: Bucket, clock: FakeClock) -> None:
     bucket.put("a.html", b"a" * 100)
     records = Records()
     logger = logging.getLogger("test.access")
@@ -591,7 +591,7 @@ async def test_access_log_is_one_json_line_per_request_with_the_s3_calls_it_caus
         # TestServer drops constructor keywords it does not know, and the log would silently be the default.
         server = TestServer(create_app(config, clock=clock))
         await server.start_server(**server_kwargs(config), access_log=logger)
-        proxy = await aiohttp_client(server)
+        proxy = cast(ProxyClient, await aiohttp_client(server))  # see conftest.make_proxy
         assert len(await (await proxy.get("/docs/a.html")).read()) == 100
         await service_of(proxy).settle()  # committed: the next GET is a HIT, not a join of the same fill
         assert len(await (await proxy.get("/docs/a.html?utm=x")).read()) == 100

@@ -32,7 +32,7 @@ from cachingproxy.demo import seed_bucket
 
 from . import browser as chromium
 from .browser import fresh_context, new_page
-from .conftest import Bucket, MakeProxy, service_of
+from .conftest import Bucket, MakeProxy, ProxyClient, service_of
 from .shim import Shim
 
 _reason = chromium.missing_reason()
@@ -55,7 +55,7 @@ FOLDER_LINKS = ["guides/advanced", "reference", "reference/api"]
 
 @dataclass
 class Site:
-    proxy: Any  # aiohttp TestClient running the real app on a real socket
+    proxy: ProxyClient  # the real app on a real socket
     shim: Shim
     objects: dict[str, bytes]  # what seed_bucket uploaded, by key
 
@@ -80,7 +80,7 @@ class Site:
 
     async def settle(self) -> None:
         """Wait for the proxy's background cache fills to land (an event, not a sleep)."""
-        await service_of(self.proxy.server).settle()
+        await service_of(self.proxy).settle()
 
 
 # The tests and the fixtures that start the proxy and the shim run on the session loop, the loop of the one

@@ -24,7 +24,7 @@ from cachingproxy.counters import COUNTERS
 
 from . import browser as chromium
 from .browser import fresh_context, new_page
-from .conftest import Bucket, MakeProxy, service_of
+from .conftest import Bucket, MakeProxy, ProxyClient, service_of
 from .shim import Shim
 
 _reason = chromium.missing_reason()
@@ -53,7 +53,7 @@ GUIDES = sorted(k for k in OBJECTS if k.startswith("guides/"))
 
 @dataclass
 class Admin:
-    proxy: Any  # aiohttp TestClient running the real app (admin on) on a real socket
+    proxy: ProxyClient  # the real app (admin on) on a real socket
     shim: Shim
 
     def url(self, path: str) -> str:
@@ -65,7 +65,7 @@ class Admin:
         assert resp.status == 200, key
         assert await resp.read() == OBJECTS[key], key
         x_cache: str = resp.headers["X-Cache"]
-        await service_of(self.proxy.server).settle()  # the cache fill has landed (an event, not a sleep)
+        await service_of(self.proxy).settle()  # the cache fill has landed (an event, not a sleep)
         return x_cache
 
     async def api(self, path: str) -> dict[str, Any]:

@@ -26,7 +26,6 @@ import aiohttp
 from .conftest import Bucket, FakeClock, MakeProxy, service_of, store_of
 from .shim import Shim
 
-Client = Any
 PREFIX = "site/"
 COMPARED = ("Content-Length", "Content-Range", "ETag", "Last-Modified", "Content-Type")
 BIG = 20 * 1024 * 1024

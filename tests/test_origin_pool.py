@@ -8,7 +8,6 @@ than `read_timeout`, interleaved with requests that are cancelled mid-flight by 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from .conftest import Bucket, FakeClock, MakeProxy
 from .shim import Fault, Shim
@@ -18,7 +17,7 @@ READ_TIMEOUT = 0.3
 
 async def test_pooled_connections_survive_idle_gaps_and_cancelled_requests(
         make_proxy: MakeProxy, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
-    proxy: Any = await make_proxy(s3={"read_timeout": READ_TIMEOUT, "request_timeout": 0.5, "max_attempts": 1,
+    proxy = await make_proxy(s3={"read_timeout": READ_TIMEOUT, "request_timeout": 0.5, "max_attempts": 1,
                                       "max_connections": 2})
     for i in range(12):
         bucket.put(f"k{i}.html", b"x" * i)

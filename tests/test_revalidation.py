@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+import aiohttp
 
-from .conftest import Bucket, FakeClock, MakeProxy
+from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient
 from .shim import Fault, Shim
 
-Client = Any
 
-
-async def warm(proxy: Client, path: str) -> Any:
+async def warm(proxy: ProxyClient, path: str) -> aiohttp.ClientResponse:
     resp = await proxy.get(path)
     await resp.read()
     return resp
 
 
-async def test_fresh_hit_makes_no_s3_request(proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+async def test_fresh_hit_makes_no_s3_request(proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     bucket.put("a.html", b"a")
     await warm(proxy, "/docs/a.html")
     shim.reset_counts()
@@ -29,7 +27,7 @@ async def test_fresh_hit_makes_no_s3_request(proxy: Client, bucket: Bucket, shim
 
 
 async def test_expired_unchanged_object_costs_one_head_and_no_get(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     bucket.put("a.html", b"a")
     await warm(proxy, "/docs/a.html")
     shim.reset_counts()
@@ -47,7 +45,7 @@ async def test_expired_unchanged_object_costs_one_head_and_no_get(
 
 
 async def test_metadata_only_change_shows_after_ttl(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     etag = bucket.put("a.css", b"body{}", ContentType="text/plain", CacheControl="max-age=1")
     await warm(proxy, "/docs/a.css")
     bucket.copy_metadata("a.css", ContentType="text/css", CacheControl="max-age=600")
@@ -64,7 +62,7 @@ async def test_metadata_only_change_shows_after_ttl(
 
 
 async def test_changed_object_is_served_new_after_ttl(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     bucket.put("a.html", b"old")
     await warm(proxy, "/docs/a.html")
     new_etag = bucket.put("a.html", b"new body")
@@ -83,7 +81,7 @@ async def test_changed_object_is_served_new_after_ttl(
 
 
 async def test_deleted_object_turns_404_after_ttl(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     bucket.put("a.html", b"a")
     await warm(proxy, "/docs/a.html")
     bucket.delete("a.html")
@@ -99,7 +97,7 @@ async def test_deleted_object_turns_404_after_ttl(
 
 
 async def test_head_403_during_revalidation_never_drops_the_entry(
-        proxy: Client, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, clock: FakeClock) -> None:
     bucket.put("a.html", b"a")
     await warm(proxy, "/docs/a.html")
     clock.advance(61)

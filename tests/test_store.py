@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from cachingproxy.models import ObjectMeta
 from cachingproxy.store import CacheStore
 
-from .conftest import Bucket, service_of
+from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient, service_of
 from .shim import Shim
-
-Client = Any
 
 
 def body_files(cache_dir: Path) -> list[Path]:
@@ -20,7 +17,7 @@ def body_files(cache_dir: Path) -> list[Path]:
 
 
 async def test_truncated_cache_file_is_refetched_not_served(
-        proxy: Client, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
+        proxy: ProxyClient, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
     body = os.urandom(100_000)
     bucket.put("a.bin", body)
     assert await (await proxy.get("/docs/a.bin")).read() == body
@@ -33,7 +30,7 @@ async def test_truncated_cache_file_is_refetched_not_served(
     assert shim.counts == {"GET": 2}
 
 
-async def test_zero_byte_object_is_cached(proxy: Client, bucket: Bucket, shim: Shim) -> None:
+async def test_zero_byte_object_is_cached(proxy: ProxyClient, bucket: Bucket, shim: Shim) -> None:
     bucket.put("empty.txt", b"")
     first = await proxy.get("/docs/empty.txt")
     assert (first.status, await first.read(), first.headers["Content-Length"]) == (200, b"", "0")
@@ -42,7 +39,7 @@ async def test_zero_byte_object_is_cached(proxy: Client, bucket: Bucket, shim: S
     assert shim.counts == {"GET": 1}
 
 
-async def test_replaced_object_drops_the_old_body(proxy: Client, bucket: Bucket, clock: Any,
+async def test_replaced_object_drops_the_old_body(proxy: ProxyClient, bucket: Bucket, clock: FakeClock,
                                                   tmp_path: Path) -> None:
     bucket.put("a.bin", os.urandom(50_000))
     await (await proxy.get("/docs/a.bin")).read()
@@ -54,7 +51,7 @@ async def test_replaced_object_drops_the_old_body(proxy: Client, bucket: Bucket,
     assert sizes == [60_000]
 
 
-async def test_staging_leftovers_from_a_crash_are_removed_at_start(make_proxy: Any, tmp_path: Path) -> None:
+async def test_staging_leftovers_from_a_crash_are_removed_at_start(make_proxy: MakeProxy, tmp_path: Path) -> None:
     staging = tmp_path / "cache" / "staging"
     staging.mkdir(parents=True)
     (staging / "half-written.part").write_bytes(b"x" * 1000)
