@@ -17,7 +17,7 @@ from cachingproxy.admin_client import CliError, Progress, admin_base, format_byt
 from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 from cachingproxy.counters import COUNTERS
 
-from .conftest import Bucket, MakeProxy, free_port, service_of
+from .conftest import Bucket, MakeProxy, ProxyClient, free_port, service_of
 from .shim import Fault, Shim
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ async def run_cli(*args: str, token: str | None = TOKEN,
             await proc.wait()
 
 
-def url(proxy: Any) -> str:
+def url(proxy: ProxyClient) -> str:
     return f"http://127.0.0.1:{proxy.port}"
 
 
