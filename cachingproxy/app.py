@@ -30,6 +30,7 @@ from .monitoring import OPS, Ops, add_monitoring_routes
 from .namespace import NamespacedStore, namespace_for
 from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin, client_settings, open_client
 from .policy import Breaker, ttl_left, windows_for
+from .requestforms import quiet_parse_errors, request_forms
 from .service import CachingProxy, FromCache, FromFill, FromHead, Resolved
 from .sites import Listing, Site, Sites
 from .store import CacheStore
@@ -409,7 +410,8 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     `slab` and `row`: the workers' shared counters and this worker's row in them (workers.py, tally.py).
     `leader`: this process runs the once-per-proxy duties (the admin listener, mirror mode; workers.py).
     """
-    app = web.Application(middlewares=[error_middleware])
+    quiet_parse_errors()  # aiohttp's own 400s never echo request bytes (requestforms.py)
+    app = web.Application(middlewares=[request_forms, error_middleware])
     app[CONFIG] = config
     app[CLOCK] = clock
     names = tuple(site.name for site in config.sites)
