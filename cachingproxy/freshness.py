@@ -16,6 +16,7 @@ header has been changed by an intermediary").
 from __future__ import annotations
 
 import email.utils
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,8 +59,15 @@ def client_freshness(relative_key: str, rules: Sequence[CacheRule], default: str
     """The first rule that sets `client_cache_control` and matches the key below `[s3] prefix`, else `default`."""
     for rule in rules:
         if rule.client_cache_control is not None and glob_regex(rule.match).match(relative_key):
-            return ClientFreshness(rule.client_cache_control, rule.override)
-    return ClientFreshness(default)
+            return _freshness(rule.client_cache_control, rule.override)
+    return _freshness(default, False)
+
+
+@functools.lru_cache(maxsize=64)
+def _freshness(cache_control: str, override: bool) -> ClientFreshness:
+    # One instance per configured value: every hit passes it to app._headers' memo, and a hash of an
+    # existing object is cheaper than building a new one per request. Values come from config only.
+    return ClientFreshness(cache_control, override)
 
 
 def redirect_cache_control(relative_key: str, rules: Sequence[CacheRule]) -> str:
