@@ -48,7 +48,13 @@ async def request_forms(request: web.Request, handler: Handler) -> web.StreamRes
     headers["Host"] = form.authority
     # encoded=True: the path is passed on byte for byte, so keys.py sees what an origin-form request shows
     # (its `..`, `//` and escapes), not a normalised copy.
-    return await handler(request.clone(rel_url=URL(form.target, encoded=True), headers=headers))
+    forwarded = request.clone(rel_url=URL(form.target, encoded=True), headers=headers)
+    try:
+        return await handler(forwarded)
+    finally:
+        # The access logger is handed the request aiohttp made, not this copy (clone copies its state): what
+        # the handler noted on it (latency start, bytes sent, S3 calls) goes back to the original.
+        request.update(forwarded)
 
 
 def _closing(exc: web.HTTPException) -> web.HTTPException:

@@ -8,6 +8,7 @@ these tests send raw bytes to the served process and read its log, rather than t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import secrets
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cachingproxy.logsetup import MaskSecrets
 from cachingproxy.requestforms import BAD_REQUEST_BODY
 
 from .conftest import Bucket, MakeProxy, free_port, raw_request
@@ -210,6 +212,8 @@ async def test_request_forms(served: Served, bucket: Bucket, shim: Shim) -> None
             assert body_of(absolute) == body_of(origin), path
             assert re.findall(rb"Location: ([^\r]*)", absolute) == re.findall(rb"Location: ([^\r]*)", origin)
             assert SECRET not in absolute
+    bucket.put(PREFIX + "cold.txt", b"cold")
+    assert body_of(await get(b"http://x/docs/cold.txt")) == b"cold"  # a miss, counted as one (log, below)
     assert body_of(await get(b"http://x/docs/a.txt")) == b"hello"
     assert statuses(await get(b"http://x/docs/a.txt", method=b"HEAD")) == [200]
     # ...and its authority replaces Host for routing: the admin API answers only Host "proxy.example".
@@ -251,6 +255,9 @@ async def test_request_forms(served: Served, bucket: Bucket, shim: Shim) -> None
     assert not [key for _, key in shim.log if not key.startswith(PREFIX)]
     log = await served.log()
     assert "Traceback" not in log, log[-3000:]
+    # The access log tells the absolute-form miss as it would the origin-form one: bytes sent, the S3 GET.
+    assert re.search(r'"path":"http://x/docs/cold.txt","status":200,"bytes":4,"cache":"MISS","ms":[0-9.]+,'
+                     r'"s3":\{"GET":1\}', log), [line for line in log.splitlines() if "cold.txt" in line]
 
 
 async def test_encoded_slash_is_handled_the_same_everywhere(make_proxy: MakeProxy, bucket: Bucket) -> None:
@@ -265,3 +272,18 @@ async def test_encoded_slash_is_handled_the_same_everywhere(make_proxy: MakeProx
         assert (status, headers.get("location")) == expected, target
     status, _, body = await raw_request(proxy, "/docs/guides/a.html")
     assert (status, body) == (200, b"<p>a</p>")
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    pytest.param(f"path /docs/{TOKEN}/x", "path /docs/***/x", id="the-token-anywhere"),
+    pytest.param("b'Authorization: Bearer abc.def'", "b'Authorization: ***'", id="authorization-value"),
+    pytest.param("proxy-authorization=Basic eHk6eg==", "proxy-authorization=***", id="proxy-authorization"),
+    pytest.param("Cookie: a=1; session=s3cr3t", "Cookie: ***", id="cookie-whole-value"),
+    pytest.param('{"authorization":"Bearer x","n":1}', '{"authorization":"***","n":1}', id="json-quoted"),
+    pytest.param("GET https://u:pw@h.example/docs/x", "GET https://***@h.example/docs/x", id="url-userinfo"),
+    pytest.param('{"path":"/docs/a.txt","status":200}', '{"path":"/docs/a.txt","status":200}', id="untouched"),
+])
+def test_log_lines_are_masked(line: str, expected: str) -> None:
+    """logsetup.MaskSecrets, on the output handler of `cachingproxy serve`: whatever a logger was given."""
+    record = logging.LogRecord("any", logging.INFO, __file__, 1, "%s", (line,), None)
+    assert MaskSecrets((TOKEN, "")).filter(record) and record.getMessage() == expected
