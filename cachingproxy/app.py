@@ -20,7 +20,14 @@ from .conditional import Plan, evaluate
 from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
-from .freshness import ClientFreshness, age, client_freshness, not_found_headers, redirect_cache_control
+from .freshness import (
+    REDIRECT_CACHE_CONTROL,
+    ClientFreshness,
+    age,
+    client_freshness,
+    not_found_headers,
+    redirect_cache_control,
+)
 from .headers import CACHE_STATUS, NOT_MODIFIED_HEADERS
 from .hitpath import memo_headers, memo_request_key, reset, send_file
 from .keys import Key, Redirect, Reject, index_key, redirect_location
@@ -206,7 +213,8 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, client:
     location = _website_redirect(request, meta.redirect) if meta.redirect else None
     if location is not None:
         await _release(request, resolved)
-        raise web.HTTPMovedPermanently(location=location, headers={"Cache-Control": "no-cache"})
+        control = client.redirect if client is not None else REDIRECT_CACHE_CONTROL
+        raise web.HTTPMovedPermanently(location=location, headers={"Cache-Control": control})
     if isinstance(resolved, FromCache) and isinstance(resolved.body, bytes) and request.method == "GET":
         return _from_memory(request, resolved, ttl, client, conditional=conditional, status=status, headers=headers)
     body = resolved.body if isinstance(resolved, FromCache) else None

@@ -49,25 +49,27 @@ _NOT_FOUND_KEPT = frozenset({"content-type", "content-language", "content-encodi
 
 @dataclass(frozen=True, slots=True)
 class ClientFreshness:
-    """The Cache-Control to send when S3 gave none; with `override`, sent instead of S3's."""
+    """The Cache-Control to send when S3 gave none; with `override`, sent instead of S3's. `redirect`: what the
+    object gets instead when it is a website redirect (x-amz-website-redirect-location)."""
 
     cache_control: str
     override: bool = False
+    redirect: str = REDIRECT_CACHE_CONTROL
 
 
 def client_freshness(relative_key: str, rules: Sequence[CacheRule], default: str) -> ClientFreshness:
     """The first rule that sets `client_cache_control` and matches the key below `[s3] prefix`, else `default`."""
     for rule in rules:
         if rule.client_cache_control is not None and glob_regex(rule.match).match(relative_key):
-            return _freshness(rule.client_cache_control, rule.override)
-    return _freshness(default, False)
+            return _freshness(rule.client_cache_control, rule.override, rule.client_cache_control)
+    return _freshness(default, False, REDIRECT_CACHE_CONTROL)
 
 
 @functools.lru_cache(maxsize=64)
-def _freshness(cache_control: str, override: bool) -> ClientFreshness:
+def _freshness(cache_control: str, override: bool, redirect: str) -> ClientFreshness:
     # One instance per configured value: every hit passes it to app._headers' memo, and a hash of an
     # existing object is cheaper than building a new one per request. Values come from config only.
-    return ClientFreshness(cache_control, override)
+    return ClientFreshness(cache_control, override, redirect)
 
 
 def redirect_cache_control(relative_key: str, rules: Sequence[CacheRule]) -> str:

@@ -97,3 +97,12 @@ def test_cli_exits_nonzero_with_one_line(tmp_path: Path, content: str | None, ex
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and str(path) in lines[0]
+
+
+def test_client_cache_control_is_per_site() -> None:
+    site_a = {"name": "a", "hosts": ["a.example"], "cache": {"client_cache_control": "max-age=60"}}
+    config = parse_config({"s3": {"bucket": "b"}, "cache": {"client_cache_control": "no-cache"},
+                           "sites": [site_a, {"name": "b", "hosts": ["b.example"]}]})
+    assert [site.cache.client_cache_control for site in config.sites] == ["max-age=60", "no-cache"]
+    with pytest.raises(ConfigError, match=r"sites\.a\.cache\.client_cache_control"):
+        parse_config({"s3": {"bucket": "b"}, "sites": [{"name": "a", "cache": {"client_cache_control": "a\nb"}}]})

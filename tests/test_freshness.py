@@ -31,8 +31,10 @@ RULES = (
 
 
 @pytest.mark.parametrize(("key", "expected"), [
-    pytest.param("_static/site.css", ClientFreshness("max-age=31536000, immutable"), id="rule"),
-    pytest.param("legacy/a.html", ClientFreshness("max-age=60", override=True), id="override-rule"),
+    pytest.param("_static/site.css", ClientFreshness("max-age=31536000, immutable",
+                                                     redirect="max-age=31536000, immutable"), id="rule"),
+    pytest.param("legacy/a.html", ClientFreshness("max-age=60", override=True, redirect="max-age=60"),
+                 id="override-rule"),
     pytest.param("guides/a.html", ClientFreshness("no-cache"), id="ttl-only-rule-is-skipped"),
     pytest.param("x.bin", ClientFreshness("no-cache"), id="default"),
 ])
@@ -159,3 +161,15 @@ async def test_rules_choose_what_browsers_are_told(make_proxy: MakeProxy, bucket
     bucket.put("other.txt", b"o")
     resp = await proxy.get("/docs/other.txt")
     assert resp.headers["Cache-Control"] == "max-age=0, must-revalidate"
+
+
+async def test_website_redirects_say_how_long_to_keep_them(make_proxy: MakeProxy, bucket: Bucket) -> None:
+    """An object stored as a redirect (x-amz-website-redirect-location) is a redirect like `dir` -> `dir/`."""
+    bucket.put("old.html", b"", WebsiteRedirectLocation="/new.html")
+    bucket.put("_static/old.css", b"", WebsiteRedirectLocation="/_static/new.css")
+    proxy = await make_proxy(cache={"rules": [{"match": "_static/**", "client_cache_control": "max-age=600"}]})
+    for path, control in (("/docs/old.html", "no-store"), ("/docs/_static/old.css", "max-age=600")):
+        for _ in ("MISS", "HIT"):
+            resp = await proxy.get(path, allow_redirects=False)
+            assert (resp.status, resp.headers["Cache-Control"]) == (301, control), path
+            await service_of(proxy).settle()

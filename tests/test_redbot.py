@@ -22,9 +22,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 import cachingproxy
-from cachingproxy.app import SERVICE, create_app, server_kwargs
+from cachingproxy.app import create_app, server_kwargs
 
-from .conftest import Bucket, config_for
+from .conftest import Bucket, config_for, service_of
 from .shim import Fault, Shim
 
 PREFIX = "site/"
@@ -86,7 +86,7 @@ async def _warm(client: TestClient[Any, Any], path: str) -> None:
     resp = await client.get(path)
     await resp.read()
     assert resp.status == 200, path
-    await client.app[SERVICE].settle()
+    await service_of(client).settle()
 
 
 async def test_redbot_finds_nothing_wrong(aiohttp_client: Any, tmp_path: Path, shim: Shim, bucket: Bucket) -> None:

@@ -17,13 +17,17 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestServer
 
+from cachingproxy.app import create_app, server_kwargs
+from cachingproxy.config import parse_config
 from cachingproxy.logsetup import MaskSecrets
 from cachingproxy.requestforms import BAD_REQUEST_BODY
 
-from .conftest import Bucket, MakeProxy, free_port, raw_request
+from .conftest import Bucket, FakeClock, MakeProxy, free_port, raw_request
 from .shim import Shim
 
 PREFIX = "site/"
@@ -287,3 +291,25 @@ def test_log_lines_are_masked(line: str, expected: str) -> None:
     """logsetup.MaskSecrets, on the output handler of `cachingproxy serve`: whatever a logger was given."""
     record = logging.LogRecord("any", logging.INFO, __file__, 1, "%s", (line,), None)
     assert MaskSecrets((TOKEN, "")).filter(record) and record.getMessage() == expected
+
+
+async def test_absolute_form_authority_picks_the_site(aiohttp_client: Any, tmp_path: Path, shim: Shim,
+                                                      bucket: Bucket, clock: FakeClock) -> None:
+    """Item 5 with [[sites]]: the target's authority, not the Host header, decides which site answers."""
+    bucket.put("a/page.txt", b"site a")
+    bucket.put("b/page.txt", b"site b")
+    s3 = {"bucket": bucket.name, "endpoint_url": shim.url, "addressing_style": "path", "max_attempts": 1}
+    config = parse_config({"s3": s3, "cache": {"directory": str(tmp_path / "cache")},
+                           "sites": [{"name": "a", "hosts": ["a.example"], "s3": {"prefix": "a/"}},
+                                     {"name": "b", "hosts": ["b.example"], "s3": {"prefix": "b/"}}]}, "test")
+    server = TestServer(create_app(config, clock=clock))
+    await server.start_server(**server_kwargs(config))
+    client = await aiohttp_client(server)
+    assert client.port is not None
+    for target, host, expected in ((b"http://a.example/page.txt", b"b.example", b"site a"),
+                                   (b"http://B.example:8080/page.txt", b"a.example", b"site b"),
+                                   (b"/page.txt", b"b.example", b"site b"),
+                                   (b"http://nowhere.example/page.txt", b"a.example", b"Not Found: no site")):
+        raw = await exchange(client.port, b"GET " + target + b" HTTP/1.1\r\nHost: " + host
+                             + b"\r\nConnection: close\r\n\r\n")
+        assert body_of(raw).startswith(expected), (target, raw[:300])
