@@ -22,6 +22,7 @@ from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
 from .freshness import (
     REDIRECT_CACHE_CONTROL,
+    UNVALIDATED_CACHE_CONTROL,
     ClientFreshness,
     age,
     client_freshness,
@@ -168,7 +169,7 @@ async def _listing(request: web.Request, site: Site, folder: str) -> web.Respons
         while len(site.listings) > LISTINGS_KEPT:
             site.listings.pop(next(iter(site.listings)))
     return web.Response(body=kept.body if request.method == "GET" else None, content_type="text/html",
-                        charset="utf-8", headers={"Cache-Control": "no-cache", "X-Cache": outcome})
+                        charset="utf-8", headers={"Cache-Control": UNVALIDATED_CACHE_CONTROL, "X-Cache": outcome})
 
 
 def _plan(request: web.Request, meta: ObjectMeta, *, conditional: bool, status: int) -> Plan:

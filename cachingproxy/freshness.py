@@ -26,6 +26,7 @@ from .policy import glob_regex
 
 __all__ = [
     "REDIRECT_CACHE_CONTROL",
+    "UNVALIDATED_CACHE_CONTROL",
     "ClientFreshness",
     "age",
     "client_freshness",
@@ -40,6 +41,8 @@ __all__ = [
 # effect, every view asks the proxy, which answers from memory, and says so honestly. Without any
 # Cache-Control a browser may keep a 301 for ever (RFC 9111 §4.2.2), and the folder may later become a file.
 REDIRECT_CACHE_CONTROL = "no-store"
+# The same holds for anything else the proxy makes up without a validator (folder listings).
+UNVALIDATED_CACHE_CONTROL = "no-store"
 # Headers that state freshness: S3 sending either one is the publisher's decision, which wins over ours.
 _FRESHNESS = frozenset({"cache-control", "expires"})
 # What a 404 built on the error document keeps of that object's headers: how to read the body, nothing that

@@ -16,6 +16,7 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,11 @@ def _seed(bucket: Bucket) -> None:
 
 
 async def _proxy(aiohttp_client: Any, tmp_path: Path, shim: Shim, bucket: Bucket, clock: OffsetClock,
-                 name: str, **cache: Any) -> TestClient[Any, Any]:
+                 name: str, *, listing: bool = False, **cache: Any) -> TestClient[Any, Any]:
     config = config_for(tmp_path, shim.url, bucket.name, s3={"prefix": PREFIX},
                         cache={"directory": str(tmp_path / name), "ttl": TTL, **cache})
+    if listing:  # one [[sites]] entry, which is where folder listings are switched on
+        config = replace(config, sites=tuple(replace(site, listing=True) for site in config.sites))
     server = TestServer(create_app(config, clock=clock))
     await server.start_server(**server_kwargs(config))
     client: TestClient[Any, Any] = await aiohttp_client(server)
@@ -93,7 +96,7 @@ async def test_redbot_finds_nothing_wrong(aiohttp_client: Any, tmp_path: Path, s
     _seed(bucket)
     clock = OffsetClock()
     proxy = await _proxy(aiohttp_client, tmp_path, shim, bucket, clock, "cache", error_document="404.html")
-    plain = await _proxy(aiohttp_client, tmp_path, shim, bucket, clock, "cache-plain")
+    plain = await _proxy(aiohttp_client, tmp_path, shim, bucket, clock, "cache-plain", listing=True)
 
     # Published long ago: moto stamps Last-Modified with the upload time, which would be later than the Date
     # of a response the proxy says it got from S3 20 s ago (REDbot: LM_FUTURE).
@@ -117,6 +120,7 @@ async def test_redbot_finds_nothing_wrong(aiohttp_client: Any, tmp_path: Path, s
         "folder redirect": url(proxy, "/docs/guides"),
         "404 error document": url(proxy, "/docs/nope.html"),
         "404 plain": url(plain, "/docs/nope.html"),
+        "folder listing": url(plain, "/docs/_static/"),
         "hit 20 s old": url(proxy, "/docs/guides/advanced/tuning.html"),
     }
     results = await _redbot(urls)
@@ -127,7 +131,8 @@ async def test_redbot_finds_nothing_wrong(aiohttp_client: Any, tmp_path: Path, s
     shim.fault = None
 
     expected = {"root": 200, "html": 200, "css": 200, "js": 200, "image": 200, "folder redirect": 301,
-                "404 error document": 404, "404 plain": 404, "hit 20 s old": 200, "stale during outage": 200}
+                "404 error document": 404, "404 plain": 404, "folder listing": 200, "hit 20 s old": 200,
+                "stale during outage": 200}
     assert {label: r["status"] for label, r in results.items()} == expected, results
     complaints = []
     for label, result in results.items():
