@@ -70,7 +70,7 @@ def client_freshness(relative_key: str, rules: Sequence[CacheRule], default: str
 
 @functools.lru_cache(maxsize=64)
 def _freshness(cache_control: str, override: bool, redirect: str) -> ClientFreshness:
-    # One instance per configured value: every hit passes it to app._headers' memo, and a hash of an
+    # One instance per configured value: every hit passes it to hitpath.memo_headers, and a hash of an
     # existing object is cheaper than building a new one per request. Values come from config only.
     return ClientFreshness(cache_control, override, redirect)
 
