@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
     if problems:
         return 2
 
-    configure_logging()
+    configure_logging(secrets=(config.admin.token,))
     server = config.server
     try:
         # [server] workers processes on one port; each exits 0 on SIGTERM/SIGINT after a graceful drain.

@@ -25,6 +25,7 @@ from .accesslog import StructuredAccessLogger, track_s3_calls
 from .config import ADMIN_TOKEN_ENV, AdminConfig, Config
 from .keys import MAX_KEY_BYTES
 from .monitoring import NO_STORE, OPS, Ops
+from .requestforms import request_forms
 from .sites import Site
 from .warm import KEEP_JOBS
 
@@ -55,7 +56,7 @@ async def start_admin_listener(config: Config, ops: Ops, *, leader: bool) -> web
         log.info("admin API on port %d is served by another worker", admin.port)
         return None
     if admin.port:
-        root = web.Application(client_max_size=ADMIN_MAX_BODY)
+        root = web.Application(client_max_size=ADMIN_MAX_BODY, middlewares=[request_forms])
         root[OPS] = ops
         mount_admin(root, admin)
         runner = web.AppRunner(root, handle_signals=False, access_log_class=StructuredAccessLogger)

@@ -20,7 +20,16 @@ from .conditional import Plan, evaluate
 from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
-from .headers import NOT_MODIFIED_HEADERS
+from .freshness import (
+    REDIRECT_CACHE_CONTROL,
+    UNVALIDATED_CACHE_CONTROL,
+    ClientFreshness,
+    age,
+    client_freshness,
+    not_found_headers,
+    redirect_cache_control,
+)
+from .headers import CACHE_STATUS, NOT_MODIFIED_HEADERS
 from .hitpath import memo_headers, memo_request_key, reset, send_file
 from .keys import Key, Redirect, Reject, index_key, redirect_location
 from .metrics import slots as metric_slots
@@ -29,6 +38,7 @@ from .monitoring import OPS, Ops, add_monitoring_routes
 from .namespace import NamespacedStore, namespace_for
 from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin, client_settings, open_client
 from .policy import Breaker, ttl_left, windows_for
+from .requestforms import quiet_parse_errors, request_forms
 from .service import CachingProxy, FromCache, FromFill, FromHead, Resolved
 from .sites import Listing, Site, Sites
 from .store import CacheStore
@@ -79,18 +89,21 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
     config = site.config
     key = memo_request_key(request.raw_path, config.mount, config.s3.prefix, config.cache.index_document)
     if isinstance(key, Redirect):
-        raise web.HTTPMovedPermanently(location=key.location)
+        raise web.HTTPMovedPermanently(location=key.location,
+                                       headers={"Cache-Control": redirect_cache_control("", config.cache.rules)})
     if isinstance(key, Reject):
         raise (web.HTTPBadRequest if key.status == 400 else web.HTTPNotFound)(text=key.reason + "\n")
     service = site.service
-    windows = windows_for(key.s3_key[len(config.s3.prefix):], config.cache)
+    relative = key.s3_key[len(config.s3.prefix):]
+    windows = windows_for(relative, config.cache)
     ttl = windows.ttl
+    client = client_freshness(relative, config.cache.rules, config.cache.client_cache_control)
     want_body = request.method == "GET"
     if want_body:
         hit = service.hit_in_memory(key.s3_key, ttl=ttl)
         if hit is not None and not hit.entry.meta.redirect:
             # Most requests end here: nothing awaited, no S3 request possible, one write.
-            return _from_memory(request, hit, ttl, conditional=True, status=200)
+            return _from_memory(request, hit, ttl, client, conditional=True, status=200)
     track_s3_calls(request)
     try:
         resolved = await service.resolve(key.s3_key, windows=windows, want_body=want_body)
@@ -102,7 +115,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         return await _not_found(request, site, key)
     except ObjectMissing:
         return await _not_found(request, site, key)
-    return await _respond(request, resolved, ttl, conditional=True)
+    return await _respond(request, resolved, ttl, client, conditional=True)
 
 
 async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamResponse:
@@ -110,12 +123,15 @@ async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamRe
     service = site.service
     if not key.directory and await service.exists(index_key(key, config.cache.index_document)):
         # S3 website behaviour: `dir` -> `dir/` so that relative links in dir/index.html resolve.
-        raise web.HTTPMovedPermanently(location=redirect_location(key, mount=config.mount))
+        control = redirect_cache_control(key.s3_key[len(config.s3.prefix):], config.cache.rules)
+        raise web.HTTPMovedPermanently(location=redirect_location(key, mount=config.mount),
+                                       headers={"Cache-Control": control})
     if key.directory and config.listing:
         page = await _listing(request, site, key.s3_key[: -len(config.cache.index_document)])
         if page is not None:
             return page
     error_document = config.cache.error_document
+    negative_ttl = config.cache.negative_ttl
     if error_document:
         error_key = config.s3.prefix + error_document
         windows = windows_for(error_document, config.cache)
@@ -124,8 +140,13 @@ async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamRe
         except OriginError:
             pass
         else:
-            return await _respond(request, resolved, windows.ttl, conditional=False, status=404)
-    raise web.HTTPNotFound(text="Not Found\n")
+            # A 404 is a 404 (freshness.not_found_headers): sent whole, under none of the error document's
+            # validators, so If-None-Match, If-Modified-Since and Range never apply to it.
+            meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
+            headers = CIMultiDictProxy(CIMultiDict(not_found_headers(meta.headers, negative_ttl, CACHE_STATUS)))
+            return await _respond(request, resolved, windows.ttl, None, conditional=False, status=404,
+                                  headers=headers)
+    raise web.HTTPNotFound(text="Not Found\n", headers=not_found_headers((), negative_ttl, CACHE_STATUS))
 
 
 LISTINGS_KEPT = 256  # folder listings remembered per site and worker
@@ -148,7 +169,7 @@ async def _listing(request: web.Request, site: Site, folder: str) -> web.Respons
         while len(site.listings) > LISTINGS_KEPT:
             site.listings.pop(next(iter(site.listings)))
     return web.Response(body=kept.body if request.method == "GET" else None, content_type="text/html",
-                        charset="utf-8", headers={"Cache-Control": "no-cache", "X-Cache": outcome})
+                        charset="utf-8", headers={"Cache-Control": UNVALIDATED_CACHE_CONTROL, "X-Cache": outcome})
 
 
 def _plan(request: web.Request, meta: ObjectMeta, *, conditional: bool, status: int) -> Plan:
@@ -166,14 +187,16 @@ def _with(headers: CIMultiDictProxy[str], plan: Plan) -> CIMultiDictProxy[str] |
     return ranged
 
 
-def _from_memory(request: web.Request, resolved: FromCache, ttl: float, *, conditional: bool,
-                 status: int) -> web.Response:
+def _from_memory(request: web.Request, resolved: FromCache, ttl: float, client: ClientFreshness | None, *,
+                 conditional: bool, status: int, headers: CIMultiDictProxy[str] | None = None) -> web.Response:
     """A GET of a small body held in memory: a Response sends head and body in one write (one syscall, one
     segment); a StreamResponse sends its head alone at prepare(), which doubled a hit's send cost."""
     body = resolved.body
     assert isinstance(body, bytes)
     meta = resolved.entry.meta
-    headers = response_headers(resolved, ttl, request.app[CLOCK]())
+    if headers is None:
+        assert client is not None
+        headers = response_headers(resolved, ttl, client, request.app[CLOCK]())
     plan = _plan(request, meta, conditional=conditional, status=status)
     if plan.status in (304, 412, 416):
         return _bodiless(plan, headers)
@@ -183,18 +206,23 @@ def _from_memory(request: web.Request, resolved: FromCache, ttl: float, *, condi
     return web.Response(status=plan.status, headers=_with(headers, plan), body=body)
 
 
-async def _respond(request: web.Request, resolved: Resolved, ttl: float, *, conditional: bool,
-                   status: int = 200) -> web.StreamResponse:
+async def _respond(request: web.Request, resolved: Resolved, ttl: float, client: ClientFreshness | None, *,
+                   conditional: bool, status: int = 200,
+                   headers: CIMultiDictProxy[str] | None = None) -> web.StreamResponse:
+    """`headers`: sent instead of the object's own (a 404 with the error document); else `client` is needed."""
     meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
     location = _website_redirect(request, meta.redirect) if meta.redirect else None
     if location is not None:
         await _release(request, resolved)
-        raise web.HTTPMovedPermanently(location=location, headers={"Cache-Control": "no-cache"})
+        control = client.redirect if client is not None else REDIRECT_CACHE_CONTROL
+        raise web.HTTPMovedPermanently(location=location, headers={"Cache-Control": control})
     if isinstance(resolved, FromCache) and isinstance(resolved.body, bytes) and request.method == "GET":
-        return _from_memory(request, resolved, ttl, conditional=conditional, status=status)
+        return _from_memory(request, resolved, ttl, client, conditional=conditional, status=status, headers=headers)
     body = resolved.body if isinstance(resolved, FromCache) else None
     try:
-        headers = response_headers(resolved, ttl, request.app[CLOCK]())
+        if headers is None:
+            assert client is not None
+            headers = response_headers(resolved, ttl, client, request.app[CLOCK]())
         plan = _plan(request, meta, conditional=conditional, status=status)
         if plan.status in (304, 412, 416):
             return _bodiless(plan, headers)
@@ -320,14 +348,15 @@ async def _sites_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*(site.service.close(grace=grace) for site in sites.values()))
 
 
-def response_headers(resolved: Resolved, ttl: float, now: float) -> CIMultiDictProxy[str]:
-    """The object's headers plus X-Cache, Age (RFC 9111 §4) and Cache-Status (RFC 9211); read-only, since
-    they are shared: a Response copies them, anyone adding a header copies first."""
+def response_headers(resolved: Resolved, ttl: float, client: ClientFreshness, now: float) -> CIMultiDictProxy[str]:
+    """The object's headers plus X-Cache, the stored Date with Age (RFC 9111 §4.2.3, freshness.py) and
+    Cache-Status (RFC 9211); read-only, since they are shared: a Response copies them, anyone adding a
+    header copies first. A miss gets Age 0 and aiohttp's Date (now)."""
     if isinstance(resolved, FromCache):
         entry = resolved.entry
-        return memo_headers(entry.meta, resolved.outcome, max(0, int(now - entry.checked_at)),
-                            int(ttl_left(entry, ttl, now)))
-    return memo_headers(resolved.meta, resolved.outcome, 0, None)
+        return memo_headers(entry.meta, resolved.outcome, age(entry.checked_at, now), int(ttl_left(entry, ttl, now)),
+                            int(entry.checked_at), client)
+    return memo_headers(resolved.meta, resolved.outcome, 0, None, None, client)
 
 
 async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -390,7 +419,8 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     `slab` and `row`: the workers' shared counters and this worker's row in them (workers.py, tally.py).
     `leader`: this process runs the once-per-proxy duties (the admin listener, mirror mode; workers.py).
     """
-    app = web.Application(middlewares=[error_middleware])
+    quiet_parse_errors()  # aiohttp's own 400s never echo request bytes (requestforms.py)
+    app = web.Application(middlewares=[request_forms, error_middleware])
     app[CONFIG] = config
     app[CLOCK] = clock
     names = tuple(site.name for site in config.sites)

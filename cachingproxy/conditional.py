@@ -77,7 +77,7 @@ def evaluate(
     # An empty representation has no satisfiable int-range (§14.1.1); the server MAY ignore Range
     # (§14.2), which is friendlier than 416 for every client that always asks for a range.
     range_value = headers.get("Range")
-    if method != "GET" or range_value is None or size == 0:
+    if method != "GET" or range_value is None or size == 0 or _repeated(headers, "Range"):
         return full
     # §13.1.5: If-Range is true only for a strong ETag equal to ours or a date exactly equal to
     # Last-Modified; a value whose first three characters hold a DQUOTE is an entity-tag.
@@ -106,6 +106,14 @@ def evaluate(
             return Plan(416, content_range=f"bytes */{size}")
         start, end = first, size if last is None else min(last + 1, size)
     return Plan(206, start, end, f"bytes {start}-{end - 1}/{size}")
+
+
+def _repeated(headers: Mapping[str, str], name: str) -> bool:
+    """Whether a multidict holds `name` more than once. Range is not a list (RFC 9110 §14.2), so two field lines
+    are invalid, and taking the first would be a guess at what the client meant: both are ignored (§14.2 lets a
+    server ignore Range), as every other unparseable Range is. Only reached when a Range is present."""
+    getall = getattr(headers, "getall", None)
+    return getall is not None and len(getall(name)) > 1
 
 
 def _parse_date(value: str | None) -> int | None:

@@ -68,8 +68,12 @@ class S3Config:
 
 @dataclass(frozen=True, slots=True)
 class CacheRule:
+    """One `[[cache.rules]]` entry; each setting comes from the first matching rule that sets it."""
+
     match: str
-    ttl: float
+    ttl: float | None = None  # None: this rule leaves the TTL to a later rule or `[cache] ttl`
+    client_cache_control: str | None = None  # Cache-Control toward browsers (freshness.py)
+    override: bool = False  # client_cache_control replaces S3's own Cache-Control/Expires too
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,7 @@ class CacheConfig:
     stale_while_revalidate: float = 0.0
     negative_ttl: float = 10.0
     verify_on_read: bool = False
+    client_cache_control: str = "no-cache"  # sent when S3 gives no Cache-Control or Expires (freshness.py)
     rules: tuple[CacheRule, ...] = ()
 
 
@@ -174,19 +179,35 @@ def _normalise_mount(mount: str, src: str) -> str:
     return mount.rstrip("/")  # "" is the site root
 
 
+_RULE_KEYS = frozenset({"match", "ttl", "client_cache_control", "override"})
+# A header value we are about to send: visible ASCII and spaces only, so config can never inject a header line.
+_HEADER_VALUE = re.compile(r"[\x20-\x7e]+")
+
+
 def _rules(raw: Any, src: str, table: str = "cache.rules") -> tuple[CacheRule, ...]:
     _check(isinstance(raw, list), src, table, f"must be an array of tables ([[{table}]])")
     rules = []
     for i, item in enumerate(raw):
         where = f"{table}[{i}]"
         _check(isinstance(item, dict), src, where, "must be a table")
-        _check(set(item) <= {"match", "ttl"}, src, where, f"unknown keys {sorted(set(item) - {'match', 'ttl'})}")
+        _check(set(item) <= _RULE_KEYS, src, where, f"unknown keys {sorted(set(item) - _RULE_KEYS)}")
         match, ttl = item.get("match"), item.get("ttl")
+        control, override = item.get("client_cache_control"), item.get("override", False)
         _check(isinstance(match, str) and bool(match), src, where + ".match", "must be a non-empty glob string")
-        _check(isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl >= 0, src, where + ".ttl",
-               "must be a number >= 0")
-        rules.append(CacheRule(match=str(match), ttl=float(ttl)))
+        _check(ttl is None or (isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl >= 0), src,
+               where + ".ttl", "must be a number >= 0")
+        _check(control is None or _cache_control_ok(control), src, where + ".client_cache_control",
+               "must be a non-empty Cache-Control value of printable ASCII")
+        _check(isinstance(override, bool), src, where + ".override", "must be true or false")
+        _check(ttl is not None or control is not None, src, where, "sets neither ttl nor client_cache_control")
+        _check(not override or control is not None, src, where + ".override", "needs client_cache_control")
+        rules.append(CacheRule(match=str(match), ttl=None if ttl is None else float(ttl),
+                               client_cache_control=control, override=override))
     return tuple(rules)
+
+
+def _cache_control_ok(value: Any) -> bool:
+    return isinstance(value, str) and _HEADER_VALUE.fullmatch(value) is not None and bool(value.strip())
 
 
 def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
@@ -251,6 +272,8 @@ def _check_s3(s3: S3Config, where: str, src: str) -> None:
 def _check_cache(cache: CacheConfig, where: str, src: str) -> None:
     for key in ("ttl", "stale_if_error", "stale_while_revalidate", "negative_ttl"):
         _check(getattr(cache, key) >= 0, src, f"{where}.{key}", "must be >= 0")
+    _check(_cache_control_ok(cache.client_cache_control), src, f"{where}.client_cache_control",
+           "must be a non-empty Cache-Control value of printable ASCII")
     _check(bool(cache.index_document) and "/" not in cache.index_document, src, f"{where}.index_document",
            "must be a file name without '/'")
 

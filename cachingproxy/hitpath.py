@@ -2,7 +2,8 @@
 they call from here buys speed or bounded resources at a maintenance cost, each listed with its figure
 (benchmarks/results/hot-path-changes.md, quick runs of `benchmarks/run.py`, 2 workers, 2-30 KB objects).
 
-1. `memo_headers`: an object's response headers built once per (version, outcome, Age second, TTL left)
+1. `memo_headers`: an object's response headers built once per (version, outcome, Age second, TTL left,
+   stored Date, browser Cache-Control)
    instead of per hit: dates, strings and a multidict cost more than the rest of a hit from memory. Part of
    the step that took hot hits from 0.33 to 0.42 of a bare aiohttp handler. Cost: the memo's key must name
    everything the headers depend on; a header that varies per request cannot go in here.
@@ -32,6 +33,7 @@ from typing import BinaryIO
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from .freshness import ClientFreshness
 from .headers import object_headers
 from .keys import Key, Redirect, Reject, request_key
 from .models import ObjectMeta, Outcome
@@ -40,9 +42,10 @@ __all__ = ["freeze_heap", "memo_headers", "memo_request_key", "reset", "send_fil
 
 
 @functools.lru_cache(maxsize=4096)
-def memo_headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | None) -> CIMultiDictProxy[str]:
+def memo_headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | None, checked: int | None,
+                 client: ClientFreshness) -> CIMultiDictProxy[str]:
     """headers.object_headers, remembered (1)."""
-    return object_headers(meta, outcome, age, left)
+    return object_headers(meta, outcome, age, left, checked, client)
 
 
 _MEMO_PATH = 512  # longer paths are decoded every time, so hostile ones cannot make the memo below large

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
 
-__all__ = ["LogFormatter", "OneLineBadRequests", "configure_logging", "logging_off_the_loop"]
+__all__ = ["LogFormatter", "MaskSecrets", "OneLineBadRequests", "configure_logging", "logging_off_the_loop"]
 
 
 class LogFormatter(logging.Formatter):
@@ -31,17 +32,55 @@ class LogFormatter(logging.Formatter):
 
 class OneLineBadRequests(logging.Filter):
     """For the `aiohttp.server` logger: aiohttp logs each malformed request it answers 400 with a full
-    traceback; one line says as much, and a scanner cannot fill the log with stack traces."""
+    traceback and the parser's message, which quotes the raw request line or header (a token in an
+    `Authorization` header with a stray control character, verbatim). One line instead, with the error kind
+    (the exception's class: the parsers' messages embed request bytes, sometimes with no fixed text at all)
+    and the client, so a scanner can neither fill the log with stack traces nor put secrets in it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError  # a worker has aiohttp loaded already
 
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            record.args = (record.getMessage(), " ".join(str(exc).split()))  # one line, whatever it quotes
-            record.msg = "%s: %s"
+            # aiohttp's call is log("Error handling request from %s", request.remote, exc_info=exc).
+            client = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.msg = "malformed request from %s: %s (answered %d and closed)"
+            record.args = (str(client), type(exc).__name__, exc.code)
             record.exc_info = record.exc_text = None
         return True
+
+
+class MaskSecrets(logging.Filter):
+    """For the output handler: whatever any logger was given, the admin token and the values of credential
+    headers or URL userinfo never reach the log (issue 17). Runs where the record is formatted, which is the
+    log thread (logging_off_the_loop), not the event loop."""
+
+    _CREDENTIALS = re.compile(r"(?i)\b((?:proxy-)?authorization|cookie)(\W{1,3})[^\r\n'\"}]*")
+    _USERINFO = re.compile(r"(?i)\b(https?://)[^/@\s'\"]*@")
+
+    def __init__(self, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self._secrets = tuple(s for s in secrets if s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        masked = self.mask(text)
+        if masked != text:
+            record.msg, record.args = masked, None
+        return True
+
+    def mask(self, text: str) -> str:
+        # Plain substring tests first: most lines (the access log's) contain none of these, and the regexes
+        # cost several µs a line on a thread that shares the GIL with the event loop.
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        if "://" in text:
+            text = self._USERINFO.sub(r"\1***@", text)
+        lowered = text.lower()
+        if "authorization" in lowered or "cookie" in lowered:
+            text = self._CREDENTIALS.sub(r"\1\2***", text)
+        return text
 
 
 class _Batched(logging.Handler):
@@ -143,10 +182,11 @@ def logging_off_the_loop() -> Iterator[None]:
             root.addHandler(handler)
 
 
-def configure_logging() -> None:
-    """stderr, INFO, one line per record, for `cachingproxy serve`."""
+def configure_logging(secrets: tuple[str, ...] = ()) -> None:
+    """stderr, INFO, one line per record, for `cachingproxy serve`; `secrets` (the admin token) are masked."""
     handler = logging.StreamHandler()
     handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(MaskSecrets(secrets))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
     # botocore DEBUG is wire-level, credentials included (botocore#2626): never let it through.

@@ -59,9 +59,10 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 def ttl_for(relative_key: str, rules: Sequence[CacheRule], default: float) -> float:
-    """The first rule whose glob matches the key below `[s3] prefix` wins; otherwise `[cache] ttl`."""
+    """The first rule that sets a ttl and whose glob matches the key below `[s3] prefix` wins; otherwise
+    `[cache] ttl`."""
     for rule in rules:
-        if glob_regex(rule.match).match(relative_key):
+        if rule.ttl is not None and glob_regex(rule.match).match(relative_key):
             return rule.ttl
     return default
 

@@ -29,6 +29,7 @@ class Fault:
     flip_byte: bool = False  # same length, one byte changed
     etag: str = ""  # replace the ETag S3 sent
     sse_kms: bool = False  # add x-amz-server-side-encryption: aws:kms
+    last_modified: str = ""  # replace the Last-Modified S3 sent (moto stamps every object with its upload time)
     ops: frozenset[str] = frozenset({"GET", "HEAD", "LIST"})  # which operations the fault applies to
 
 
@@ -152,6 +153,8 @@ class Shim:
             out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP}
             if fault is not None and fault.etag and "ETag" in out:
                 out["ETag"] = fault.etag
+            if fault is not None and fault.last_modified and "Last-Modified" in out:
+                out["Last-Modified"] = fault.last_modified
             if fault is not None and fault.sse_kms:
                 out["x-amz-server-side-encryption"] = "aws:kms"
             payload = await upstream.read()

@@ -225,3 +225,16 @@ def test_evaluate_object_variants(
 )
 def test_case_insensitive_headers(headers: dict[str, str], expected: Plan) -> None:
     assert evaluate("GET", CIMultiDict(headers), etag=ETAG, last_modified=LM, size=SIZE) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param([("Range", "bytes=0-9")], FIRST_TEN, id="one-range-field"),
+        pytest.param([("Range", "bytes=0-9"), ("Range", "bytes=50-59")], FULL, id="14.2-two-range-fields-ignored"),
+        pytest.param([("Range", "bytes=0-9"), ("range", "bytes=0-9")], FULL, id="14.2-even-when-equal"),
+    ],
+)
+def test_repeated_range_fields_are_ignored_not_guessed(fields: list[tuple[str, str]], expected: Plan) -> None:
+    """Issue 17 item 6: Range is not a list, so two field lines are invalid; taking the first would be a guess."""
+    assert evaluate("GET", CIMultiDict(fields), etag=ETAG, last_modified=LM, size=SIZE) == expected

@@ -38,6 +38,15 @@ def test_rules_parse_in_order() -> None:
     assert config.cache.rules == (CacheRule("_static/**", 3600.0), CacheRule("*", 1.0))
 
 
+def test_rules_set_ttl_and_client_cache_control_independently() -> None:
+    rules = [{"match": "_static/**", "client_cache_control": "max-age=31536000, immutable", "override": True},
+             {"match": "**", "ttl": 5}]
+    config = parse_config({"s3": {"bucket": "b"}, "cache": {"rules": rules}})
+    assert config.cache.rules == (CacheRule("_static/**", None, "max-age=31536000, immutable", True),
+                                  CacheRule("**", 5.0))
+    assert config.cache.client_cache_control == "no-cache"
+
+
 def test_mount_is_normalised() -> None:
     assert parse_config({"s3": {"bucket": "b"}, "server": {"mount": "/docs/"}}).server.mount == "/docs"
     assert parse_config({"s3": {"bucket": "b"}, "server": {"mount": "/"}}).server.mount == ""
@@ -58,6 +67,14 @@ def test_mount_is_normalised() -> None:
                  "cache.rules[0].match", id="rule-match"),
     pytest.param({"s3": {"bucket": "b"}, "cache": {"rules": [{"match": "x", "ttl": -1}]}},
                  "cache.rules[0].ttl", id="rule-ttl"),
+    pytest.param({"s3": {"bucket": "b"}, "cache": {"rules": [{"match": "x"}]}},
+                 "cache.rules[0]: sets neither ttl nor client_cache_control", id="rule-empty"),
+    pytest.param({"s3": {"bucket": "b"}, "cache": {"rules": [{"match": "x", "ttl": 1, "override": True}]}},
+                 "cache.rules[0].override: needs client_cache_control", id="rule-override-alone"),
+    pytest.param({"s3": {"bucket": "b"}, "cache": {"rules": [{"match": "x", "client_cache_control": "a\r\nX: y"}]}},
+                 "cache.rules[0].client_cache_control", id="rule-cc-injection"),
+    pytest.param({"s3": {"bucket": "b"}, "cache": {"client_cache_control": " "}}, "cache.client_cache_control",
+                 id="client-cc-empty"),
     pytest.param({"s3": {"bucket": "b"}, "extra": {}}, "extra: unknown section", id="section"),
 ])
 def test_invalid_config_names_the_key(data: dict[str, Any], message: str) -> None:
@@ -80,3 +97,12 @@ def test_cli_exits_nonzero_with_one_line(tmp_path: Path, content: str | None, ex
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and str(path) in lines[0]
+
+
+def test_client_cache_control_is_per_site() -> None:
+    site_a = {"name": "a", "hosts": ["a.example"], "cache": {"client_cache_control": "max-age=60"}}
+    config = parse_config({"s3": {"bucket": "b"}, "cache": {"client_cache_control": "no-cache"},
+                           "sites": [site_a, {"name": "b", "hosts": ["b.example"]}]})
+    assert [site.cache.client_cache_control for site in config.sites] == ["max-age=60", "no-cache"]
+    with pytest.raises(ConfigError, match=r"sites\.a\.cache\.client_cache_control"):
+        parse_config({"s3": {"bucket": "b"}, "sites": [{"name": "a", "cache": {"client_cache_control": "a\nb"}}]})

@@ -6,7 +6,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from cachingproxy.keys import Key, Redirect, Reject, redirect_location, request_key
+from cachingproxy.keys import (
+    BadTarget,
+    Key,
+    OriginForm,
+    Redirect,
+    Reject,
+    redirect_location,
+    request_key,
+    request_target,
+)
 
 
 def key(raw: str, mount: str = "/docs", prefix: str = "site/") -> Key | Reject | Redirect:
@@ -25,7 +34,6 @@ def key(raw: str, mount: str = "/docs", prefix: str = "site/") -> Key | Reject |
     pytest.param("/docs/e%CC%81", "site/e\u0301", False, id="no-unicode-normalisation"),
     pytest.param("/docs/%C3%A9", "site/\u00e9", False, id="nfc-stays-nfc"),
     pytest.param("/docs/%252e%252e/x", "site/%2e%2e/x", False, id="double-encoded-dotdot-is-a-literal-name"),
-    pytest.param("/docs/a%2Fb", "site/a/b", False, id="encoded-slash-is-a-separator-inside-prefix"),
     pytest.param("/docs/a.html#frag", "site/a.html", False, id="rfc9112-3.2-fragment-dropped"),
     pytest.param("/docs/a#b?c", "site/a", False, id="fragment-before-query-dropped-whole"),
 ])
@@ -44,6 +52,37 @@ def test_keys(raw: str, s3_key: str, directory: bool) -> None:
 def test_bare_mount_redirects_to_mount_slash(raw: str, location: str) -> None:
     # As for `dir` -> `dir/`: the index page's relative links must resolve under the mount.
     assert key(raw) == Redirect(location)
+
+
+@pytest.mark.parametrize(("raw", "location"), [
+    pytest.param("/docs/guides%2f", "/docs/guides/", id="encoded-trailing-slash"),
+    pytest.param("/docs/guides%2Findex.html", "/docs/guides/index.html", id="encoded-inner-slash"),
+    pytest.param("/docs/a%2Fb?x=1", "/docs/a/b?x=1", id="query-kept"),
+    pytest.param("/docs/a%20b%2Fc", "/docs/a%20b/c", id="other-escapes-re-encoded"),
+])
+def test_encoded_slash_redirects_to_the_canonical_path(raw: str, location: str) -> None:
+    """Issue 17 item 6: %2F names the same key as "/", but breaks a page's relative links (RFC 3986 §2.2)."""
+    assert key(raw) == Redirect(location)
+
+
+@pytest.mark.parametrize(("method", "target", "expected"), [
+    pytest.param("GET", "/docs/x?q", OriginForm("/docs/x?q", None), id="origin-form"),
+    pytest.param("GET", "http://h:8080/docs/x?q", OriginForm("/docs/x?q", "h:8080"), id="absolute-form-9112-3.2.2"),
+    pytest.param("HEAD", "HTTPS://h/docs/%2e%2e/x", OriginForm("/docs/%2e%2e/x", "h"), id="scheme-case-path-verbatim"),
+    pytest.param("GET", "http://h", OriginForm("/", "h"), id="empty-path-is-root-9110-4.2.3"),
+    pytest.param("GET", "http://h?q=1", OriginForm("/?q=1", "h"), id="query-without-path"),
+    pytest.param("GET", "http://[::1]:8/x", OriginForm("/x", "[::1]:8"), id="ip-literal"),
+    pytest.param("GET", "http://u:pw@h/x", BadTarget(400, "invalid authority in request-target"),
+                 id="userinfo-refused-9110-4.2.4"),
+    pytest.param("GET", "http:///x", BadTarget(400, "invalid authority in request-target"), id="empty-authority"),
+    pytest.param("GET", "ftp://h/x", BadTarget(400, "invalid request-target"), id="other-scheme"),
+    pytest.param("GET", "h:443", BadTarget(400, "invalid request-target"), id="authority-form-without-connect"),
+    pytest.param("CONNECT", "h:443", BadTarget(405, "CONNECT is not supported"), id="connect-9112-3.2.3"),
+    pytest.param("OPTIONS", "*", BadTarget(405, "OPTIONS is not supported"), id="asterisk-options-9112-3.2.4"),
+    pytest.param("GET", "*", BadTarget(400, "the asterisk-form is for OPTIONS only"), id="asterisk-get"),
+])
+def test_request_target_forms(method: str, target: str, expected: OriginForm | BadTarget) -> None:
+    assert request_target(method, target) == expected
 
 
 def test_root_mount() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import os
 
@@ -98,9 +99,35 @@ async def test_missing_object_is_404_with_error_document(make_proxy: MakeProxy, 
     assert resp.status == 404
     assert await resp.read() == b"<h1>not here</h1>"
     assert resp.headers["Content-Type"] == "text/html"
-    # A client validator never turns the error page into a 304.
-    again = await proxy.get("/docs/nope.html", headers={"If-None-Match": resp.headers["ETag"]})
-    assert again.status == 404
+    # A 404 is a 404 (issue 18): none of the error document's validators, its lifetime is negative_ttl.
+    assert not {"ETag", "Last-Modified", "Accept-Ranges", "Age", "X-Cache"} & set(resp.headers)
+    assert resp.headers["Cache-Control"] == "max-age=10"
+    assert resp.headers["Cache-Status"] == "cachingproxy; fwd=uri-miss; fwd-status=404"
+    # Client validators and ranges never turn the error page into a 304 or a 206, on a miss or a hit of it.
+    head = bucket.client.head_object(Bucket=bucket.name, Key="404.html")
+    etag, last_modified = head["ETag"], email.utils.formatdate(head["LastModified"].timestamp(), usegmt=True)
+    for headers in ({"If-None-Match": etag}, {"If-None-Match": "*"}, {"If-Modified-Since": last_modified},
+                    {"Range": "bytes=0-3"}, {"If-Range": etag, "Range": "bytes=0-3"}):
+        for method in ("GET", "HEAD"):
+            again = await proxy.request(method, "/docs/nope.html", headers=headers)
+            assert again.status == 404, (method, headers)
+            assert await again.read() == (b"<h1>not here</h1>" if method == "GET" else b""), headers
+            assert "Content-Range" not in again.headers and "ETag" not in again.headers
+
+
+async def test_plain_404_and_redirects_say_how_long_to_keep_them(make_proxy: MakeProxy, bucket: Bucket) -> None:
+    bucket.put("guides/index.html", b"g")
+    proxy = await make_proxy(cache={"negative_ttl": 30, "rules": [{"match": "old/**", "client_cache_control":
+                                                                   "max-age=3600"}]})
+    resp = await proxy.get("/docs/nope.html")
+    assert (resp.status, resp.headers["Cache-Control"]) == (404, "max-age=30")
+    assert resp.headers["Cache-Status"] == "cachingproxy; fwd=uri-miss; fwd-status=404"
+    for path in ("/docs", "/docs/guides"):
+        resp = await proxy.get(path, allow_redirects=False)
+        assert (resp.status, resp.headers["Cache-Control"]) == (301, "no-store"), path
+    bucket.put("old/x/index.html", b"x")
+    resp = await proxy.get("/docs/old/x", allow_redirects=False)
+    assert (resp.status, resp.headers["Cache-Control"]) == (301, "max-age=3600")
 
 
 async def test_missing_object_without_error_document_is_plain_404(proxy: ProxyClient, bucket: Bucket) -> None:
