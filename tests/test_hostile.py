@@ -389,16 +389,12 @@ async def test_other_methods_get_405_and_reach_nothing(make_proxy: MakeProxy, bu
     assert shim.counts == {}
 
 
-_ISSUE_17_5 = pytest.mark.xfail(strict=True, reason="issue 17 item 5: CONNECT and the asterisk form must get 405/400; "
-                                "the proxy answers 404 today (being fixed on the server side)")
-
-
 @pytest.mark.parametrize(("line", "expected"), [
     pytest.param(b"FOO /docs/a.txt HTTP/1.1", {400}, id="method-the-parser-refuses"),
-    pytest.param(b"CONNECT evil.example:443 HTTP/1.1", {400, 405}, id="connect", marks=_ISSUE_17_5),
-    pytest.param(b"OPTIONS * HTTP/1.1", {400, 405}, id="asterisk-form", marks=_ISSUE_17_5),
-    # RFC 9112 §3.2.2: served like the origin form (issue 17 item 5); 404 until that lands, never the secret.
-    pytest.param(b"GET http://evil.example/docs/a.txt HTTP/1.1", {200, 404}, id="absolute-form"),
+    pytest.param(b"CONNECT evil.example:443 HTTP/1.1", {405}, id="connect"),
+    pytest.param(b"OPTIONS * HTTP/1.1", {405}, id="asterisk-form"),
+    # RFC 9112 §3.2.2: served like the origin form, with the target's authority as the Host.
+    pytest.param(b"GET http://evil.example/docs/a.txt HTTP/1.1", {200}, id="absolute-form"),
 ])
 async def test_odd_request_lines_are_refused_and_reach_nothing_else(
         make_proxy: MakeProxy, bucket: Bucket, shim: Shim, line: bytes, expected: set[int]) -> None:
