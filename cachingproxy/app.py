@@ -316,7 +316,7 @@ async def _write_eof_flushed(request: web.Request, resp: web.StreamResponse) -> 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = app[CONFIG].cache
     store = CacheStore(cache.directory, cache.size_limit_mb * 1024 * 1024, verify_on_read=cache.verify_on_read,
-                       tally=app[TALLY])
+                       count=app[TALLY].add)
     await store.open()
     app[STORE] = store
     yield

@@ -8,7 +8,7 @@ worker then builds its own app, S3 client and diskcache connections. The supervi
 once to every worker, restarts a worker that dies on its own, and exits 0 when all workers stopped cleanly;
 workers die with it if it is killed.
 
-Misses stay single-flight across workers through store.FillLocks (one lock file per key being filled).
+Misses stay single-flight across workers through filllocks.FillLocks (one lock file per key being filled).
 """
 
 from __future__ import annotations

@@ -1,0 +1,102 @@
+"""This worker's in-memory layer over the index: recent entries and small bodies, and the shared stamp that
+says when to forget them. A hit found here costs no executor hop and no SQLite read at all.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import os
+from pathlib import Path
+
+from .models import Entry
+
+__all__ = ["HOT_BODY_BUDGET", "HOT_BODY_MAX", "HOT_ENTRIES", "HotLayer", "Stamp"]
+
+HOT_BODY_MAX = 64 * 1024  # bodies up to this size are kept in memory once hit: one write(), no file, no hop
+HOT_BODY_BUDGET = 16 * 1024 * 1024  # per worker; a docs site's hot pages, CSS and JS fit many times over
+HOT_ENTRIES = 50_000  # metadata records per worker (a few hundred bytes each)
+
+
+class Stamp:
+    """Eight bytes in `<cache>/stamp`, mapped by every worker, given a new random value after each metadata
+    write (commit, mark_checked, forget, purge). A worker whose in-memory layer was filled under another
+    value forgets it before its next lookup. Reading it is a memory load: no system call on a hit.
+
+    Ordering makes it safe: a lookup reads the stamp before SQLite and files what it read under that
+    stamp; a writer changes the stamp after its transaction commits. So a record read before a write is
+    always filed under a stamp that the write then replaces (a torn 8-byte read just forgets once more).
+    """
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8:
+                os.ftruncate(fd, 8)
+            self._map = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)  # the mapping keeps the file
+
+    def read(self) -> bytes:
+        return self._map[:8]
+
+    def change(self) -> None:
+        self._map[:8] = os.urandom(8)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class HotLayer:
+    """This worker's memory of recent metadata (per key) and small bodies (per key and ETag), both LRU-bounded.
+
+    Entries are only a copy of what SQLite said under the current stamp (see `Stamp`), so they obey the TTL
+    exactly as a lookup would. Bodies need no invalidation: a (key, ETag) body never changes, and one is
+    only served for an entry that names that ETag; they were size- (and with verify_on_read, MD5-) checked
+    when read from the file.
+    """
+
+    def __init__(self) -> None:
+        self.stamp = b""
+        self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
+        self.bodies: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()
+        self.body_bytes = 0
+
+    def sync(self, stamp: bytes) -> None:
+        if stamp != self.stamp:
+            self.stamp = stamp
+            self.entries.clear()
+
+    def remember(self, entry: Entry, stamp: bytes) -> None:
+        if stamp != self.stamp:
+            return  # read under an older stamp (a write happened meanwhile): it may be stale already
+        self.entries[entry.key] = entry
+        if len(self.entries) > HOT_ENTRIES:
+            self.entries.popitem(last=False)
+
+    def entry(self, key: str) -> Entry | None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def body(self, entry: Entry) -> bytes | None:
+        ident = (entry.key, entry.meta.etag)
+        data = self.bodies.get(ident)
+        if data is not None:
+            self.bodies.move_to_end(ident)
+        return data
+
+    def keep_body(self, entry: Entry, data: bytes) -> None:
+        ident = (entry.key, entry.meta.etag)
+        if ident in self.bodies:
+            return
+        self.bodies[ident] = data
+        self.body_bytes += len(data)
+        while self.body_bytes > HOT_BODY_BUDGET:
+            self.body_bytes -= len(self.bodies.popitem(last=False)[1])
+
+    def forget(self) -> None:
+        self.entries.clear()
+        self.bodies.clear()
+        self.body_bytes = 0

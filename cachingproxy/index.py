@@ -1,0 +1,252 @@
+"""The entry index: metadata per S3 key and bodies per (key, ETag), over one diskcache.Cache.
+
+The only importer of diskcache. Everything here blocks: the async front (store.py) runs it on its own
+executor. Only diskcache's public API is used; where we rely on a documented behaviour that is not obvious
+from a method's name, the comment says which, and tests/test_index.py checks it against the pinned version.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import diskcache
+
+from .models import Entry, ObjectMeta
+
+__all__ = ["INDEX_ERRORS", "EntryIndex"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_FORMAT = 1  # bump when the stored metadata layout changes; older records read as misses
+# A short SQLite timeout: under contention a lookup becomes a miss instead of pinning a thread for
+# diskcache's default 60 s (RELIABILITY.md §0.7).
+_SQLITE_TIMEOUT = 0.5
+_COMMIT_ATTEMPTS = 3  # a commit waits at most this many SQLite timeouts for another writer
+INDEX_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A verified staging file that `_StagingDisk.store` moves into place instead of copying."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Relinked:
+    """A body already in the cache, given a second name so that `set` can re-store it without a copy."""
+
+    path: str
+    size: int
+
+
+class _StagingDisk(diskcache.Disk):  # type: ignore[misc]
+    """diskcache's documented extension point (tutorial, "Disk"): how a value becomes a file.
+
+    `filename()` is Disk's public method for a new value file's name; `store()` returns the
+    (size, mode, filename, db_value) tuple its docstring specifies.
+    """
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if isinstance(value, _Staged | _Relinked):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            if isinstance(value, _Staged):
+                # Same file system (both live under [cache] directory), so this is an atomic rename.
+                os.replace(value.path, full_path)
+            else:
+                os.link(value.path, full_path)  # `set` removes the old name once its transaction commits
+            return value.size, diskcache.core.MODE_BINARY, filename, None
+        return super().store(value, read, key=key)
+
+
+def _meta_key(key: str) -> tuple[str, str]:
+    return ("meta", key)
+
+
+def _body_key(key: str, etag: str) -> tuple[str, str, str]:
+    return ("body", key, etag)
+
+
+def _encode(entry: Entry) -> dict[str, Any]:
+    m = entry.meta
+    return {"v": _FORMAT, "key": entry.key, "etag": m.etag, "size": m.size, "lm": m.last_modified,
+            "headers": list(m.headers), "enc": m.encrypted, "checked": entry.checked_at, "redirect": m.redirect}
+
+
+def _decode(raw: Any) -> Entry | None:
+    if not isinstance(raw, dict) or raw.get("v") != _FORMAT:
+        return None
+    meta = ObjectMeta(etag=raw["etag"], size=raw["size"], last_modified=raw["lm"],
+                      headers=tuple(tuple(h) for h in raw["headers"]), encrypted=raw["enc"],
+                      redirect=raw.get("redirect", ""))
+    return Entry(key=raw["key"], meta=meta, checked_at=raw["checked"])
+
+
+class EntryIndex:
+    """Entries and their body files in `<directory>`; a read that fails is a miss, never an error."""
+
+    def __init__(self, directory: Path, size_limit: int) -> None:
+        self._directory = directory
+        self._size_limit = size_limit
+        self._cache: diskcache.Cache | None = None
+        self._lock = threading.Lock()
+        # Commits that met another writer's lock and tried again: lets a test wait until a retry has
+        # happened rather than hold the lock for a guessed time. Bumped from executor threads without a lock:
+        # exact for one commit at a time, which is all a test relies on.
+        self.commit_retries = 0
+
+    @property
+    def available(self) -> bool:
+        return self._cache is not None
+
+    def _open_db(self) -> diskcache.Cache:
+        cache = diskcache.Cache(
+            str(self._directory),
+            size_limit=self._size_limit,
+            # Not "least-recently-used": that turns every read into a write transaction (RELIABILITY.md §0.7),
+            # which serialises hits and times out under load. Hits are recorded in memory and written back
+            # in one batched transaction (`touch`), which approximates LRU to within the batch interval and
+            # keeps every hit read-only.
+            eviction_policy="least-recently-stored",
+            timeout=_SQLITE_TIMEOUT,
+            disk=_StagingDisk,
+        )
+        try:
+            cache.get(_meta_key(""))  # a garbage file can open fine and fail on first use
+        except BaseException:
+            cache.close()
+            raise
+        return cache
+
+    def open(self) -> None:
+        """Open the index, moving an unreadable one aside; raises when the directory cannot hold one at all."""
+        try:
+            cache = self._open_db()
+        except sqlite3.DatabaseError as exc:
+            # "file is not a database" / "malformed" (diskcache #67, #164): keep the evidence, start empty.
+            aside = self._directory.with_name(f"{self._directory.name}.corrupt-{int(time.time())}")
+            log.error("cache index unreadable (%s): moved aside to %s, starting empty", exc, aside)
+            os.replace(self._directory, aside)
+            cache = self._open_db()
+        self._cache = cache
+
+    def close(self) -> None:
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            # diskcache keeps one connection per thread (#133): this closes the calling thread's; the rest
+            # die with their threads.
+            cache.close()
+
+    def _guard(self, fn: Callable[[diskcache.Cache], T], default: T) -> T:
+        cache = self._cache
+        if cache is None:
+            return default
+        try:
+            return fn(cache)
+        except INDEX_ERRORS as exc:
+            log.warning("cache operation failed (%s): treating as a miss", exc.__class__.__name__)
+            return default
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    def entry(self, key: str) -> Entry | None:
+        return _decode(self._guard(lambda c: c.get(_meta_key(key)), None))
+
+    def body(self, entry: Entry) -> BinaryIO | None:
+        """An open handle on the body file, or None when it is gone."""
+        def get(cache: diskcache.Cache) -> BinaryIO | None:
+            ident = _body_key(entry.key, entry.meta.etag)
+            # `get(read=True)` returns the default when the file vanished between its SELECT and its open
+            # (a concurrent `touch` renamed it): one more try reads the new row.
+            handle: BinaryIO | None = cache.get(ident, read=True)
+            return handle if handle is not None else cache.get(ident, read=True)
+        return self._guard(get, None)
+
+    def stats(self) -> tuple[int, int]:
+        """(rows, bytes on disk)."""
+        return self._guard(lambda c: (len(c), c.volume()), (0, 0))
+
+    # -- writes ---------------------------------------------------------------------------------------
+
+    def commit(self, entry: Entry, path: str, size: int) -> None:
+        """Index a verified body file (moved, not copied) and its entry in one transaction.
+
+        Raises INDEX_ERRORS; then the file at `path` may or may not still be there.
+        """
+        cache = self._cache
+        if cache is None:
+            raise OSError("no cache index")
+        old = _decode(cache.get(_meta_key(entry.key)))
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                # BEGIN IMMEDIATE is where another writer makes us time out, before the file moves, so a
+                # verified body is worth another try rather than a refetch from S3 later.
+                with cache.transact():
+                    cache.set(_body_key(entry.key, entry.meta.etag), _Staged(path, size), read=True)
+                    cache.set(_meta_key(entry.key), _encode(entry))
+                break
+            except diskcache.Timeout:
+                if attempt == _COMMIT_ATTEMPTS or not os.path.exists(path):
+                    raise
+                self.commit_retries += 1
+        if old is not None and old.meta.etag != entry.meta.etag:
+            cache.delete(_body_key(entry.key, old.meta.etag))
+
+    def put(self, entry: Entry) -> None:
+        """Replace an entry's metadata (a revalidation); its body is unchanged."""
+        self._guard(lambda c: c.set(_meta_key(entry.key), _encode(entry)), None)
+
+    def touch(self, read: Iterable[tuple[str, str]]) -> None:
+        """Record that these (key, ETag) bodies were read, for eviction.
+
+        Eviction is "least-recently-stored", and `set` is the public call that renews a row's store time.
+        So the entry is set again as it is, and the body is set again under a second hard link to its file
+        (`_Relinked`): no copy, and `set` removes the old name after its commit, as it does for any
+        replaced value. Readers holding the old file keep reading it (POSIX unlink semantics).
+        """
+        def renew(cache: diskcache.Cache) -> None:
+            with cache.transact():
+                for key, etag in read:
+                    raw = cache.get(_meta_key(key))
+                    entry = _decode(raw)
+                    if entry is None or entry.meta.etag != etag:
+                        continue  # replaced or removed since it was read: nothing to renew
+                    cache.set(_meta_key(key), raw)
+                    handle = cache.get(_body_key(key, etag), read=True)
+                    if handle is not None:
+                        with handle:
+                            # `get(read=True)` opens the value file by its path (Disk.fetch), so `name` is it.
+                            relinked = _Relinked(handle.name, os.fstat(handle.fileno()).st_size)
+                        cache.set(_body_key(key, etag), relinked, read=True)
+        self._guard(renew, None)
+
+    # -- removal --------------------------------------------------------------------------------------
+
+    def forget(self, key: str) -> int:
+        def drop(cache: diskcache.Cache) -> int:
+            entry = _decode(cache.pop(_meta_key(key), default=None))
+            if entry is None:
+                return 0
+            cache.delete(_body_key(key, entry.meta.etag))
+            return 1
+        return self._guard(drop, 0)
+
+    def purge_prefix(self, prefix: str) -> int:
+        """Remove every entry whose key starts with `prefix` ("" for all); returns how many objects."""
+        def drop(cache: diskcache.Cache) -> int:
+            doomed = [k for k in cache.iterkeys() if isinstance(k, tuple) and k[1].startswith(prefix)]
+            for k in doomed:
+                cache.delete(k)
+            return sum(1 for k in doomed if k[0] == "meta")
+        return self._guard(drop, 0)

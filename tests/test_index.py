@@ -1,0 +1,84 @@
+"""The entry index against the pinned diskcache: the documented behaviours index.py relies on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cachingproxy.index import EntryIndex
+from cachingproxy.models import Entry, ObjectMeta
+
+
+def _commit(index: EntryIndex, tmp_path: Path, key: str, data: bytes) -> Entry:
+    entry = Entry(key=key, meta=ObjectMeta(etag=f'"{key}"', size=len(data), last_modified=None), checked_at=0.0)
+    staged = tmp_path / f"{key}.part"
+    staged.write_bytes(data)
+    index.commit(entry, str(staged), len(data))
+    assert not staged.exists(), "the staging file is moved into the cache, not copied"
+    return entry
+
+
+def _value_files(directory: Path) -> list[Path]:
+    return sorted(directory.rglob("*.val"))
+
+
+def test_a_committed_body_is_the_staging_file_itself(tmp_path: Path) -> None:
+    index = EntryIndex(tmp_path / "db", 10_000_000)
+    index.open()
+    try:
+        staged = tmp_path / "a.part"
+        staged.write_bytes(os.urandom(70_000))
+        inode = staged.stat().st_ino
+        entry = Entry(key="a", meta=ObjectMeta(etag='"a"', size=70_000, last_modified=None), checked_at=0.0)
+        index.commit(entry, str(staged), 70_000)
+        [value] = _value_files(tmp_path / "db")
+        assert value.stat().st_ino == inode
+        assert index.entry("a") == entry
+    finally:
+        index.close()
+
+
+def test_get_with_read_names_the_value_file(tmp_path: Path) -> None:
+    """touch() relinks a body through the handle's `name`: diskcache's Disk.fetch opens the value by path."""
+    index = EntryIndex(tmp_path / "db", 10_000_000)
+    index.open()
+    try:
+        entry = _commit(index, tmp_path, "a", os.urandom(50_000))
+        handle = index.body(entry)
+        assert handle is not None
+        with handle:
+            assert Path(handle.name) == _value_files(tmp_path / "db")[0]
+    finally:
+        index.close()
+
+
+def test_touch_renews_without_copying_or_leaking_files(tmp_path: Path) -> None:
+    index = EntryIndex(tmp_path / "db", 10_000_000)
+    index.open()
+    try:
+        data = os.urandom(80_000)
+        entry = _commit(index, tmp_path, "a", data)
+        reader = index.body(entry)
+        assert reader is not None
+        with reader:
+            [before] = _value_files(tmp_path / "db")
+            index.touch([("a", entry.meta.etag), ("gone", '"x"')])
+            [after] = _value_files(tmp_path / "db")
+            assert after != before and after.stat().st_ino == os.fstat(reader.fileno()).st_ino
+            assert reader.read() == data, "a reader of the old name keeps its bytes"
+        assert index.entry("a") == entry
+        assert index.stats()[0] == 2  # still one entry row and one body row
+    finally:
+        index.close()
+
+
+def test_an_unreadable_index_is_moved_aside(tmp_path: Path) -> None:
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "cache.db").write_bytes(b"not a database" * 100)
+    index = EntryIndex(tmp_path / "db", 10_000_000)
+    index.open()
+    try:
+        assert index.available and index.entry("a") is None
+        assert [p.name.startswith("db.corrupt-") for p in tmp_path.iterdir() if p.name != "db"] == [True]
+    finally:
+        index.close()
