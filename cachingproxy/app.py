@@ -20,6 +20,7 @@ from .conditional import Plan, evaluate
 from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
+from .fill import FileSpan
 from .freshness import (
     REDIRECT_CACHE_CONTROL,
     UNVALIDATED_CACHE_CONTROL,
@@ -238,9 +239,12 @@ async def _respond(request: web.Request, resolved: Resolved, ttl: float, client:
                 if plan.end > plan.start:
                     await send_file(request, body, plan.start, plan.end - plan.start, stall)
             elif isinstance(resolved, FromFill):
-                async for chunk in resolved.fill.read(plan.start, plan.end):
+                async for piece in resolved.fill.read(plan.start, plan.end):
+                    if isinstance(piece, FileSpan):
+                        await send_file(request, piece.fd, piece.offset, piece.count, stall)
+                        continue
                     async with asyncio.timeout(stall):
-                        await resp.write(chunk)
+                        await resp.write(piece)
             else:
                 assert isinstance(resolved, FromHead)
             async with asyncio.timeout(stall):

@@ -7,9 +7,9 @@ Everything here blocks: the async front (store.py) runs it on its own executor.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -18,9 +18,14 @@ from pathlib import Path
 
 from .models import ObjectMeta
 
-__all__ = ["Staging", "anonymous_staging", "new_staging", "remove_leftovers"]
+__all__ = ["PASS_THROUGH_WINDOW", "FellBehind", "Staging", "new_staging", "remove_leftovers"]
 
-log = logging.getLogger(__name__)
+# What a body that cannot go to disk may hold in memory, per fill: bounded whatever the object's size.
+PASS_THROUGH_WINDOW = 8 * 1024 * 1024
+
+
+class FellBehind(Exception):
+    """A reader asked for bytes of a pass-through body that have already left its window."""
 
 
 class Staging:
@@ -28,7 +33,10 @@ class Staging:
 
     The fd stays valid after the file is renamed into the cache or unlinked, so readers that joined a fill
     keep reading the same bytes whatever happens to the path. If the disk fails mid-body (ENOSPC, EFBIG),
-    the rest spills to memory: the readers still get every byte, the body is just never committed.
+    or there was never a file (`fd` None: no room, or larger than the cache), the body passes through:
+    only its last `window` bytes are kept in memory, whatever its size, and a reader that falls further
+    behind gets `FellBehind` (the service then reads the rest from S3 for it). Such a body is never
+    committed.
     """
 
     @classmethod
@@ -38,23 +46,35 @@ class Staging:
         staging.written = staging._on_disk = meta.size
         return staging
 
-    def __init__(self, fd: int | None, path: str | None, key: str, meta: ObjectMeta) -> None:
+    def __init__(self, fd: int | None, path: str | None, key: str, meta: ObjectMeta, *,
+                 window: int = PASS_THROUGH_WINDOW) -> None:
         self.fd = fd
         self.key = key
         self.meta = meta
         self.written = 0
-        self.path = path  # None: an anonymous file or memory, which can serve readers but never be committed
-        self._on_disk = 0
-        self._spill: bytearray | None = None if fd is not None else bytearray()
+        self.path = path  # None: a pass-through or a finished body, which can serve readers but never be committed
+        self.disk_error: OSError | None = None  # why this body stopped going to disk, once it has
+        self.reported = False  # whether the store has counted and logged `disk_error`
+        self._on_disk = 0  # bytes [0, _on_disk) are in the file
+        self._window = window
+        self._tail: collections.deque[bytes] = collections.deque()  # bytes [_tail_start, written)
+        self._tail_start = 0
+        self._tail_bytes = 0
         self._md5 = hashlib.md5(usedforsecurity=False) if meta.md5 else None
         self._closed = False
         # A fill writes in an executor thread while the loop may close the file (a cancelled fill, the last
-        # reader leaving): the fd must never be closed, and perhaps reused, under a write.
+        # reader leaving): the fd must never be closed, and perhaps reused, under a write. Readers of the
+        # tail take it too, because the writer drops chunks from it.
         self._lock = threading.Lock()
 
     @property
+    def on_disk(self) -> int:
+        """Bytes [0, on_disk) can be read from `fd` (and sent with sendfile) for as long as the file is open."""
+        return self._on_disk
+
+    @property
     def committable(self) -> bool:
-        return self.path is not None and self._spill is None
+        return self.path is not None and self.disk_error is None
 
     def write(self, chunk: bytes) -> None:
         with self._lock:
@@ -64,30 +84,44 @@ class Staging:
         if self._closed:
             return
         view = memoryview(chunk)
-        if self._spill is None and self.fd is not None:
+        if self.fd is not None and self.disk_error is None:
             try:
                 while view:
                     n = os.write(self.fd, view)
                     self._on_disk += n
                     view = view[n:]
             except OSError as exc:
-                log.warning("cache disk write failed (%s): this body passes through uncached",
-                            exc.__class__.__name__)
-                self._spill = bytearray()
+                self.disk_error = exc
+                self._tail_start = self._on_disk
         if view:
-            assert self._spill is not None
-            self._spill += view
+            self._keep(chunk if len(view) == len(chunk) else bytes(view))
         if self._md5 is not None:
             self._md5.update(chunk)
         self.written += len(chunk)
 
+    def _keep(self, data: bytes) -> None:
+        self._tail.append(data)
+        self._tail_bytes += len(data)
+        # At most `window` bytes plus the chunk just written, so a reader at the window's edge can finish it.
+        while self._tail_bytes - len(self._tail[0]) >= self._window:
+            dropped = self._tail.popleft()
+            self._tail_bytes -= len(dropped)
+            self._tail_start += len(dropped)
+
     def pread(self, size: int, offset: int) -> bytes:
+        """Up to `size` bytes at `offset`, which must be below `written`; raises FellBehind (see the class)."""
         if offset < self._on_disk:
             assert self.fd is not None
             return os.pread(self.fd, min(size, self._on_disk - offset), offset)
-        assert self._spill is not None
-        start = offset - self._on_disk
-        return bytes(self._spill[start : start + size])
+        with self._lock:
+            if offset < self._tail_start:
+                raise FellBehind(offset)
+            at = self._tail_start
+            for data in self._tail:
+                if offset < at + len(data):
+                    return data[offset - at : offset - at + size]
+                at += len(data)
+        return b""
 
     def problem(self) -> str | None:
         """Why this body must not be cached, or None when it is complete and intact."""
@@ -109,7 +143,7 @@ class Staging:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._spill = None
+                self._tail.clear()
                 if self.fd is not None:
                     os.close(self.fd)
 
@@ -127,15 +161,6 @@ def new_staging(directory: Path, key: str, meta: ObjectMeta) -> Staging:
     """
     fd, path = tempfile.mkstemp(dir=directory, prefix=f"{os.getpid()}-", suffix=".part")
     return Staging(fd, path, key, meta)
-
-
-def anonymous_staging(key: str, meta: ObjectMeta) -> Staging:
-    """Waiters still share one S3 read through an anonymous file (or memory); it is never committed."""
-    try:
-        with tempfile.TemporaryFile() as handle:
-            return Staging(os.dup(handle.fileno()), None, key, meta)
-    except OSError:
-        return Staging(None, None, key, meta)
 
 
 def remove_leftovers(directory: Path) -> None:

@@ -80,9 +80,10 @@ def reset(request: web.Request) -> None:
 _RESET = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}
 
 
-async def send_file(request: web.Request, body: BinaryIO, offset: int, count: int, stall: float) -> None:
-    """sendfile(2) from the cached file under our own validators (aiohttp's FileResponse invents its own),
-    never copied in Python; TimeoutError when the client takes nothing for `stall` seconds.
+async def send_file(request: web.Request, body: BinaryIO | int, offset: int, count: int, stall: float) -> None:
+    """sendfile(2) from the cached file (or a fill's staging file, by fd) under our own validators (aiohttp's
+    FileResponse invents its own), never copied in Python; TimeoutError when the client takes nothing for
+    `stall` seconds.
 
     Bodies held in memory never get here: app.py sends them with their headers in one write. The socket
     is reached through a dup of its fd, because uvloop has no loop.sendfile (uvloop#228) and refuses
@@ -97,7 +98,7 @@ async def send_file(request: web.Request, body: BinaryIO, offset: int, count: in
         raise ConnectionResetError("client went away")
     async with asyncio.timeout(stall):
         await _drained(transport)
-    fd = body.fileno()
+    fd = body if isinstance(body, int) else body.fileno()
     out = os.dup(sock.fileno())
     try:
         while count > 0:

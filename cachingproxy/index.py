@@ -100,7 +100,9 @@ class EntryIndex:
         self._directory = directory
         self._size_limit = size_limit
         self._cache: diskcache.Cache | None = None
-        self._lock = threading.Lock()
+        self._culler: diskcache.Cache | None = None  # see `evict_to`
+        self._culling = threading.Lock()
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the SQLite file we opened
         # Commits that met another writer's lock and tried again: lets a test wait until a retry has
         # happened rather than hold the lock for a guessed time. Bumped from executor threads without a lock:
         # exact for one commit at a time, which is all a test relies on.
@@ -139,14 +141,39 @@ class EntryIndex:
             log.error("cache index unreadable (%s): moved aside to %s, starting empty", exc, aside)
             os.replace(self._directory, aside)
             cache = self._open_db()
+        try:
+            self._culler = self._open_db()
+            self._identity = self._file_identity()
+        except BaseException:
+            cache.close()
+            raise
         self._cache = cache
+
+    def _file_identity(self) -> tuple[int, int]:
+        # diskcache keeps its index in `<directory>/cache.db` (diskcache.core.DBNAME, the file its docs
+        # describe as the SQLite database).
+        st = os.stat(self._directory / diskcache.core.DBNAME)
+        return st.st_dev, st.st_ino
+
+    def vanished(self) -> bool:
+        """Whether the index file we opened is no longer the one at its path (deleted, or replaced by another
+        worker's recovery). SQLite goes on using a deleted file, so nothing else would tell us."""
+        if self._identity is None:
+            return False
+        try:
+            return self._file_identity() != self._identity
+        except OSError:
+            return True
 
     def close(self) -> None:
         cache, self._cache = self._cache, None
-        if cache is not None:
-            # diskcache keeps one connection per thread (#133): this closes the calling thread's; the rest
-            # die with their threads.
-            cache.close()
+        culler, self._culler = self._culler, None
+        self._identity = None
+        for each in (cache, culler):
+            if each is not None:
+                # diskcache keeps one connection per thread (#133): this closes the calling thread's; the
+                # rest die with their threads.
+                each.close()
 
     def _guard(self, fn: Callable[[diskcache.Cache], T], default: T) -> T:
         cache = self._cache
@@ -232,6 +259,24 @@ class EntryIndex:
         self._guard(renew, None)
 
     # -- removal --------------------------------------------------------------------------------------
+
+    def evict_to(self, volume: int) -> None:
+        """Evict least-recently-stored (so least recently read, see `touch`) entries until the index holds at
+        most `volume` bytes: room for a body whose size is known before it is written.
+
+        `Cache.cull()` culls to the object's `size_limit`, and `reset(key, value, update=False)` changes that
+        attribute on one Cache object only, leaving the Settings table (and so every other worker's limit)
+        alone. A second Cache object kept for this alone is what lowers it, never the one serving reads.
+        """
+        def cull(_: diskcache.Cache) -> None:
+            culler = self._culler
+            if culler is None:
+                return
+            with self._culling:
+                culler.reset("size_limit", max(0, volume), update=False)
+                culler.cull()
+        self._guard(cull, None)
+
 
     def forget(self, key: str) -> int:
         def drop(cache: diskcache.Cache) -> int:

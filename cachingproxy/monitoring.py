@@ -129,10 +129,11 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     ops = request.app[OPS]
-    cache_ok = ops.store.available
+    cache = await ops.store.check()  # "full" still serves (bodies pass through): ready, and says so
+    cache_ok = cache != "failed"
     reachable = await ops.s3_reachable()
     status, word = readiness(cache_ok, all(reachable.values()), any(reachable.values()))
-    body: dict[str, object] = {"status": word, "cache": "ok" if cache_ok else "unavailable",
+    body: dict[str, object] = {"status": word, "cache": cache if cache_ok else "unavailable",
                                "s3": "ok" if all(reachable.values()) else "unreachable"}
     if len(reachable) > 1:
         body["sites"] = {name: "ok" if ok else "unreachable" for name, ok in reachable.items()}

@@ -213,9 +213,19 @@ class S3Origin:
         resp = await self._send("HeadObject", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key))
         return meta_from_headers(resp["ResponseMetadata"]["HTTPHeaders"])
 
-    async def get(self, key: str) -> ObjectBody:
-        """Start a GetObject; the caller reads `chunks()` and must `close()` it."""
-        resp = await self._send("GetObject", key, lambda: self._client.get_object(Bucket=self._bucket, Key=key))
+    async def get(self, key: str, *, span: tuple[int, int] | None = None, etag: str | None = None) -> ObjectBody:
+        """Start a GetObject; the caller reads `chunks()` and must `close()` it.
+
+        `span`: only bytes [first, last] (inclusive), and then `etag` must still be the object's (If-Match),
+        so the part is of the version the caller holds the rest of; `meta.size` is then the part's length.
+        """
+        extra: dict[str, str] = {}
+        if span is not None:
+            extra["Range"] = f"bytes={span[0]}-{span[1]}"
+        if etag is not None:
+            extra["IfMatch"] = etag
+        resp = await self._send("GetObject", key,
+                                lambda: self._client.get_object(Bucket=self._bucket, Key=key, **extra))
         return ObjectBody(meta_from_headers(resp["ResponseMetadata"]["HTTPHeaders"]), resp["Body"], key,
                           self._read_timeout)
 

@@ -10,7 +10,7 @@ import collections
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar, assert_never
 
@@ -307,7 +307,7 @@ class CachingProxy:
     def _fill_for(self, key: str) -> Fill:
         fill = self._fills.get(key)
         if fill is None:
-            fill = self._fills[key] = Fill(key, self._store.read_staging)
+            fill = self._fills[key] = Fill(key, self._store.read_staging, functools.partial(self._read_part, key))
             self._spawn(self._run_fill(fill))
         return fill
 
@@ -391,6 +391,21 @@ class CachingProxy:
         fill.verified = True
         fill.notify()
         return True
+
+    async def _read_part(self, key: str, meta: ObjectMeta, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the version `meta` describes, in a GetObject of their own (If-Match): for a
+        reader that fell behind a fill passing through (see store.FellBehind)."""
+        part = await self._ask(lambda: self._origin.get(key, span=(start, end - 1), etag=meta.etag))
+        try:
+            async for chunk in part.chunks(CHUNK_SIZE):
+                start += len(chunk)
+                if start > end:
+                    break
+                yield chunk
+        finally:
+            part.close()
+        if start != end:
+            raise OriginUnavailable("ranged read shorter or longer than asked")
 
     # -- plumbing -------------------------------------------------------------------------------------
 

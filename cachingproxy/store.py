@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
+import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Literal, TypeVar
 
-from .bodies import Staging, anonymous_staging, new_staging, remove_leftovers
+from .bodies import FellBehind, Staging, new_staging, remove_leftovers
 from .filllocks import FillLocks, Flight
 from .hot import HOT_BODY_MAX, HotLayer, Stamp
 from .index import INDEX_ERRORS, EntryIndex
 from .models import Entry, ObjectMeta
 
-__all__ = ["HOT_BODY_MAX", "WRITE_ERRORS", "CacheStore", "Count", "Flight", "Staging"]
+__all__ = ["HOT_BODY_MAX", "WRITE_ERRORS", "CacheStore", "Count", "FellBehind", "Flight", "Health", "Staging",
+           "room_to_make"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +41,21 @@ T = TypeVar("T")
 Count = Callable[[str, int], None]  # how the store reports its counters (e.g. `Tally.add`)
 _TOUCH_INTERVAL = 10.0  # seconds between batched access-time write-backs
 WRITE_ERRORS = ("cache_write_errors",)  # the one counter this module reports
+# Write errors that mean "no room" rather than "broken": the cache is full, not failed.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+Health = Literal["ok", "full", "failed"]
+
+
+def room_to_make(size: int, *, volume: int, limit: int, free: int, reserved: int) -> int | None:
+    """Bytes to evict before writing a body of `size` bytes, or None when no eviction can make it fit.
+
+    `volume` is what the index holds, `limit` the configured size limit, `free` what the file system has
+    left and `reserved` what fills in flight have claimed of it. The limit is kept before the disk is, so a
+    fill never runs the disk out when its length is known.
+    """
+    if size > limit or size + reserved > free + volume:
+        return None
+    return max(0, volume + size - limit, size + reserved - free)
 
 
 def _uncounted(name: str, amount: int) -> None:
@@ -52,6 +71,7 @@ class CacheStore:
         self._touch_interval = touch_interval
         self._verify_on_read = verify_on_read
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache")
+        self._size_limit = size_limit
         self._index = EntryIndex(self._root / "db", size_limit)
         self._staging_dir = self._root / "staging"
         self._count = count  # shared across workers when it is a Tally's add (tally.py)
@@ -62,6 +82,10 @@ class CacheStore:
         self._hot = HotLayer()
         self._stamp: Stamp | None = None  # None: no in-memory layer (the cache directory is unusable)
         self._locks = FillLocks(self._root / "locks")
+        self._opened = False  # whether the index opened once: then a vanished directory is recreated
+        self._full = False  # in a disk-full episode: logged when it starts and when it ends
+        self._reserved = 0  # bytes claimed by staging files in flight (see room_to_make)
+        self._room = threading.Lock()  # guards _reserved and _full across executor threads
 
     @property
     def write_errors(self) -> int:
@@ -77,9 +101,31 @@ class CacheStore:
     def available(self) -> bool:
         return self._index.available
 
+    @property
+    def health(self) -> Health:
+        """"failed": no cache (every request passes through); "full": serving, but new bodies pass through
+        uncached until there is room; "ok". `check()` first looks for a vanished directory."""
+        if not self._index.available:
+            return "failed"
+        return "full" if self._full else "ok"
+
     def _write_failed(self) -> None:
         self._write_errors += 1
         self._count(WRITE_ERRORS[0], 1)
+
+    def _no_room(self, why: str) -> None:
+        """A body could not go to disk for want of space: counted each time, logged once per episode."""
+        self._write_failed()
+        with self._room:
+            started, self._full = not self._full, True
+        if started:
+            log.warning("cache disk full (%s): new bodies pass through uncached until there is room", why)
+
+    def _room_again(self) -> None:
+        with self._room:
+            ended, self._full = self._full, False
+        if ended:
+            log.warning("cache disk has room again: caching resumed")
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -91,6 +137,7 @@ class CacheStore:
             self._staging_dir.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self._staging_dir)
             self._index.open()
+            self._opened = True
             try:
                 self._stamp = Stamp(self._root / "stamp")
             except (OSError, ValueError) as exc:
@@ -99,6 +146,35 @@ class CacheStore:
             # Cache trouble is not an outage: serve straight from S3 and say so.
             log.error("cache directory %s unusable (%s): serving without a cache", self._root,
                       exc.__class__.__name__)
+
+    def _check_sync(self) -> Health:
+        """Recreate the layout and a fresh index if the directory vanished under us (`rm -rf cache/*`).
+
+        SQLite keeps using its deleted file, so without this every fill would fail to stage while lookups
+        and /stats went on reading the ghost of the old index. Another worker may have recreated it first:
+        then this one just opens the new index (sibling workers' files are never touched here).
+        """
+        if not self._opened or not (self._index.vanished() or not self._staging_dir.is_dir()):
+            return self.health
+        log.error("cache directory %s vanished or was replaced while running: recreating it", self._root)
+        self._index.close()
+        try:
+            self._staging_dir.mkdir(parents=True, exist_ok=True)
+            self._index.open()
+            stamp = Stamp(self._root / "stamp")
+            # The old stamp stays mapped (the loop may be reading it); a new value makes this worker's
+            # in-memory entries, read from the vanished index, stale at once.
+            stamp.change()
+            self._stamp = stamp
+        except Exception as exc:
+            log.error("cache directory %s cannot be recreated (%s): serving without a cache", self._root,
+                      exc.__class__.__name__)
+            self._index.close()
+        return self.health
+
+    async def check(self) -> Health:
+        """The cache's health, after recreating a vanished directory (for /readyz)."""
+        return await self._run(self._check_sync)
 
     async def open(self) -> None:
         await self._run(self._open_sync)
@@ -234,29 +310,73 @@ class CacheStore:
     # -- writes ---------------------------------------------------------------------------------------
 
     def _stage_sync(self, key: str, meta: ObjectMeta) -> Staging:
-        if self._index.available:
-            try:
-                return new_staging(self._staging_dir, key, meta)
-            except OSError as exc:
+        """A staging file with room made for `meta.size` bytes, or a pass-through (see bodies.Staging)."""
+        passing = Staging(None, None, key, meta)
+        if meta.size > self._size_limit or self._check_sync() == "failed":
+            return passing  # larger than the whole cache: never stored, so nothing to make room for
+        try:
+            free = shutil.disk_usage(self._staging_dir).free
+        except OSError as exc:
+            self._write_failed()
+            log.warning("cannot stage a body (%s): passing through", exc.__class__.__name__)
+            return passing
+        with self._room:
+            reserved = self._reserved
+        volume = self._index.stats()[1]
+        evict = room_to_make(meta.size, volume=volume, limit=self._size_limit, free=free, reserved=reserved)
+        if evict is None:
+            self._no_room(f"{meta.size} bytes do not fit")
+            return passing
+        if evict:
+            self._index.evict_to(volume - evict)
+            self._changed()
+        try:
+            staging = new_staging(self._staging_dir, key, meta)
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                self._no_room(exc.__class__.__name__)
+            else:
                 self._write_failed()
                 log.warning("cannot stage a body (%s): passing through", exc.__class__.__name__)
-        return anonymous_staging(key, meta)
+            return passing
+        with self._room:
+            self._reserved += meta.size
+        return staging
+
+    def _unreserve(self, staging: Staging) -> None:
+        if staging.path is not None:
+            with self._room:
+                self._reserved -= staging.meta.size
 
     async def stage(self, key: str, meta: ObjectMeta) -> Staging:
         return await self._run(self._stage_sync, key, meta)
 
+    def _write_sync(self, staging: Staging, chunk: bytes) -> None:
+        staging.write(chunk)
+        error = staging.disk_error
+        if error is not None and not staging.reported:
+            staging.reported = True
+            if error.errno in _FULL_ERRNOS:
+                self._no_room(error.__class__.__name__)
+            else:
+                self._write_failed()
+                log.warning("cache disk write failed (%s): this body passes through uncached",
+                            error.__class__.__name__)
+
     async def write(self, staging: Staging, chunk: bytes) -> None:
-        await self._run(staging.write, chunk)
+        await self._run(self._write_sync, staging, chunk)
 
     async def read_staging(self, staging: Staging, size: int, offset: int) -> bytes:
+        """Bytes of a fill in progress; raises FellBehind when a pass-through body has moved past them."""
         return await self._run(staging.pread, size, offset)
 
     def _commit_sync(self, staging: Staging, now: float) -> Entry | None:
         entry = Entry(key=staging.key, meta=staging.meta, checked_at=now)
         path = staging.path
+        self._unreserve(staging)
         if not self._index.available or path is None or not staging.committable:
-            if path is not None:
-                self._write_failed()
+            if path is not None and staging.disk_error is None:
+                self._write_failed()  # (a disk error was counted when it happened)
             staging.discard_path()
             return None
         try:
@@ -265,10 +385,14 @@ class CacheStore:
             staging.path = None
             self._changed()
         except INDEX_ERRORS as exc:
-            self._write_failed()
-            log.warning("cache write failed (%s): served without caching", exc.__class__.__name__)
+            if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+                self._no_room(exc.__class__.__name__)
+            else:
+                self._write_failed()
+                log.warning("cache write failed (%s): served without caching", exc.__class__.__name__)
             staging.discard_path()
             return None
+        self._room_again()
         return entry
 
     async def commit(self, staging: Staging, now: float) -> Entry | None:
@@ -276,8 +400,12 @@ class CacheStore:
         await self._wait_flush()
         return await self._run(self._commit_sync, staging, now)
 
+    def _discard_sync(self, staging: Staging) -> None:
+        self._unreserve(staging)
+        staging.discard_path()
+
     async def discard(self, staging: Staging) -> None:
-        await self._run(staging.discard_path)
+        await self._run(self._discard_sync, staging)
 
     def _mark_checked_sync(self, entry: Entry) -> None:
         self._index.put(entry)
@@ -309,6 +437,10 @@ class CacheStore:
         self._hot.forget()  # this worker's bodies too: a purge is also how an operator frees memory
         return purged
 
+    def _stats_sync(self) -> tuple[int, int]:
+        self._check_sync()  # never count the entries of a deleted index
+        return self._index.stats()
+
     async def stats(self) -> tuple[int, int]:
         """(rows, bytes on disk)."""
-        return await self._run(self._index.stats)
+        return await self._run(self._stats_sync)

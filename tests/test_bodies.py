@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cachingproxy.bodies import new_staging, remove_leftovers
+import pytest
+
+from cachingproxy.bodies import FellBehind, Staging, new_staging, remove_leftovers
 from cachingproxy.models import ObjectMeta
+from cachingproxy.store import room_to_make
 
 
 def test_staging_reports_short_and_corrupt_bodies(tmp_path: Path) -> None:
@@ -45,3 +48,43 @@ def test_leftovers_of_dead_workers_go_and_a_live_siblings_stay(tmp_path: Path) -
         assert list(tmp_path.iterdir()) == [live]
     finally:
         sibling.communicate(b"")
+
+
+def test_a_body_without_a_disk_keeps_only_its_window() -> None:
+    data = os.urandom(100_000)
+    staging = Staging(None, None, "k", ObjectMeta(etag='"e"', size=len(data), last_modified=None), window=30_000)
+    for at in range(0, len(data), 10_000):
+        staging.write(data[at : at + 10_000])
+    assert staging.pread(10_000, 70_000) == data[70_000:80_000]
+    assert staging.pread(5_000, 95_000) == data[95_000:]
+    with pytest.raises(FellBehind):
+        staging.pread(10_000, 60_000)
+    assert staging.problem() is None and not staging.committable
+
+
+def test_a_write_that_fails_mid_body_goes_on_in_memory(tmp_path: Path) -> None:
+    data = os.urandom(50_000)
+    staging = new_staging(tmp_path, "k", ObjectMeta(etag='"e"', size=len(data), last_modified=None))
+    try:
+        staging.write(data[:20_000])
+        assert staging.fd is not None
+        os.close(staging.fd)  # the next write fails (EBADF), as ENOSPC would
+        staging.fd = os.open(os.devnull, os.O_RDONLY)
+        staging.write(data[20_000:])
+        assert staging.disk_error is not None and not staging.committable
+        assert staging.pread(30_000, 20_000) == data[20_000:]
+    finally:
+        staging.close()
+        staging.discard_path()
+
+
+@pytest.mark.parametrize(("size", "volume", "limit", "free", "reserved", "evict"), [
+    (10, 0, 100, 1000, 0, 0),  # room under both
+    (10, 95, 100, 1000, 0, 5),  # the size limit first
+    (10, 50, 1000, 5, 0, 5),  # the disk: evict what is missing of the free space
+    (10, 50, 1000, 15, 10, 5),  # fills in flight have claimed part of the free space
+    (101, 0, 100, 1000, 0, None),  # larger than the cache: never stored
+    (60, 50, 1000, 5, 0, None),  # more than evicting everything would free
+], ids=["fits", "limit", "disk", "reserved", "over-limit", "cannot-fit"])
+def test_room_to_make(size: int, volume: int, limit: int, free: int, reserved: int, evict: int | None) -> None:
+    assert room_to_make(size, volume=volume, limit=limit, free=free, reserved=reserved) == evict
