@@ -76,6 +76,25 @@ class Staging:
     def committable(self) -> bool:
         return self.path is not None and self.disk_error is None
 
+    @classmethod
+    def following(cls, fd: int, key: str, meta: ObjectMeta) -> Staging:
+        """Another worker's staging file, read as it grows (see `observe`); never written or committed here."""
+        staging = cls(fd, None, key, meta)
+        staging.observe()
+        return staging
+
+    def observe(self) -> bool:
+        """For a followed file: take in what its writer has added since; whether anything was.
+
+        One fstat(2) of an open local file: it does not wait on the disk, so the loop may call it.
+        """
+        assert self.fd is not None
+        size = min(os.fstat(self.fd).st_size, self.meta.size)
+        if size <= self._on_disk:
+            return False
+        self.written = self._on_disk = size
+        return True
+
     def write(self, chunk: bytes) -> None:
         with self._lock:
             self._write(chunk)

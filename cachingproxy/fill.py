@@ -40,6 +40,9 @@ class Fill:
         self._read_part = read_part  # bytes [start, end) of this version in a GetObject of their own
         self.ready: asyncio.Future[ObjectMeta] = asyncio.get_running_loop().create_future()
         self.staging: Staging | None = None
+        # Stagings replaced while readers may still be sending from their fds (a followed fill taken over,
+        # or a committed body adopted): closed with the current one, when the last reader leaves.
+        self.retired: list[Staging] = []
         self.verified = False
         self.error: OriginError | None = None
         self.done = False
@@ -67,11 +70,12 @@ class Fill:
     async def read(self, start: int, end: int) -> AsyncIterator[bytes | FileSpan]:
         """Bytes [start, end) of a fill as they arrive, as spans of its staging file where they are on disk;
         raises OriginError if the fill fails first. A span's fd stays open until `leave`."""
-        staging = self.staging
-        assert staging is not None, "read() only between joining and leave()"
-        size = staging.meta.size
+        assert self.staging is not None, "read() only between joining and leave()"
+        size = self.staging.meta.size
         offset = start
         while offset < end:
+            staging = self.staging  # again each time: a fill taken over from another worker has a new one
+            assert staging is not None
             # The final byte waits for verification, so a corrupt or short body can never look complete.
             available = staging.written if self.verified else min(staging.written, size - 1)
             if available <= offset:
@@ -121,7 +125,15 @@ class Fill:
         self.readers -= 1
         self.close_if_unused()
 
+    def replace_staging(self, staging: Staging) -> None:
+        if self.staging is not None:
+            self.retired.append(self.staging)
+        self.staging = staging
+
     def close_if_unused(self) -> None:
-        if self.done and self.readers == 0 and self.staging is not None:
-            staging, self.staging = self.staging, None
-            staging.close()
+        if self.done and self.readers == 0:
+            if self.staging is not None:
+                staging, self.staging = self.staging, None
+                staging.close()
+            while self.retired:
+                self.retired.pop().close()

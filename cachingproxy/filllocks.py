@@ -1,7 +1,8 @@
 """Cross-process single flight: one lock file per key being filled, so N workers fetch a cold key once.
 
-Nothing here touches cached data: a lock file is empty, named after a digest of the key, and lives only while
-its fill runs.
+A lock file is named after a digest of the key and lives only while its fill runs. Its holder writes into
+it where its staging file is and what S3 said about the object (`publish`), so that another worker's fill
+of the same key streams from that staging file as it grows instead of waiting for the end (`Published`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import time
@@ -18,28 +20,63 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["FillLocks", "Flight"]
+from .models import ObjectMeta
+
+__all__ = ["FillLocks", "Flight", "Published"]
+
+_RECORD_MAX = 256 * 1024  # a record is a path and an object's metadata: far less than this
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class Published:
+    """Another worker's fill in flight, as it published it: follow `path` (None: its body passes through, so
+    there is nothing to follow) until `FillLocks.finished` says it ended. `watch` is a descriptor of its
+    lock file, closed by `hold` when the `async with` ends."""
+
+    path: str | None
+    meta: ObjectMeta
+    watch: int
+
+
+@dataclass(frozen=True, slots=True)
 class Flight:
     """How `FillLocks.hold` went: `waited` means another worker was filling, so look the key up again before
-    fetching. (Whether the lock is held in the end changes nothing for the caller: it fetches either way.)"""
+    fetching; `follow` is that worker's fill when it published one (the lock is then not held). Whether the
+    lock is held in the end changes nothing for a caller that fetches: it fetches either way."""
 
     waited: bool
+    follow: Published | None = None
+
+
+def _encode(path: str | None, meta: ObjectMeta) -> bytes:
+    return json.dumps({"pid": os.getpid(), "path": path, "etag": meta.etag, "size": meta.size,
+                       "lm": meta.last_modified, "headers": meta.headers, "enc": meta.encrypted}).encode()
+
+
+def _decode(raw: bytes) -> tuple[str | None, ObjectMeta] | None:
+    try:
+        record = json.loads(raw)
+        meta = ObjectMeta(etag=record["etag"], size=int(record["size"]), last_modified=record["lm"],
+                          headers=tuple((str(k), str(v)) for k, v in record["headers"]), encrypted=record["enc"])
+        path = record["path"]
+    except (ValueError, KeyError, TypeError):
+        return None  # not written yet, or caught mid-write: look again at the next poll
+    return (path if isinstance(path, str) else None), meta
 
 
 class FillLocks:
     """One lock file per key being filled, so that N workers fetch a cold key from S3 once, not N times.
 
     In-process single-flight (service.py) already gives one fill per key per worker; the fill task then
-    takes this lock before its GetObject and keeps it until the body is committed. A worker that finds it
-    held waits (polling, never blocking a thread), and when it gets it sees `waited=True`: it must look the
-    key up again, because the other worker has most likely just committed it. After `timeout` it fetches
-    anyway, without the lock, as nginx's proxy_cache_lock_timeout does, so a slow or stuck fill elsewhere
-    costs one duplicate S3 read, never an outage.
+    takes this lock before its GetObject and keeps it until the body is committed, and publishes its
+    staging file in the lock file as soon as it has one. A worker that finds the lock held polls (never
+    blocking a thread) until either the holder has published, and then follows that fill (`Flight.follow`:
+    unlike nginx's proxy_cache_lock, its clients get bytes as they arrive), or the lock is free, and then it
+    sees `waited=True`: it must look the key up again, because the other worker has most likely just
+    committed it. After `timeout` without either it fetches anyway, without the lock, so a stuck fill
+    elsewhere costs one duplicate S3 read, never an outage.
 
     flock(2) locks die with their process, so a crashed worker never leaves a key locked. The holder
     unlinks the file before unlocking, and an acquirer checks that the file it locked is still the one at
@@ -55,6 +92,7 @@ class FillLocks:
         self._poll = poll
         self._max_poll = max_poll
         self._made = False
+        self._held: dict[str, int] = {}  # key -> fd of the lock file this worker holds
 
     def _path(self, key: str) -> str:
         # Keys never become paths (RELIABILITY.md §2): a digest is fixed-length and has no '/'.
@@ -78,7 +116,46 @@ class FillLocks:
             # The previous holder unlinked this inode after we opened it: locking it proves nothing.
             os.close(fd)
             return None, False
+        os.ftruncate(fd, 0)  # a record left by a holder that died is not this fill's
         return fd, False
+
+    def _published(self, path: str) -> Published | None:
+        """The record in a lock file someone else holds, with a descriptor to watch the lock through."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            decoded = _decode(os.pread(fd, _RECORD_MAX, 0))
+        except OSError:
+            decoded = None
+        if decoded is None:
+            os.close(fd)
+            return None
+        return Published(decoded[0], decoded[1], fd)
+
+    def publish(self, key: str, path: str | None, meta: ObjectMeta) -> None:
+        """Tell the other workers where this fill of `key` streams to (None: nowhere they can read)."""
+        fd = self._held.get(key)
+        if fd is None:
+            return
+        try:
+            os.pwrite(fd, _encode(path, meta), 0)
+        except OSError as exc:
+            log.warning("cannot publish a fill (%s): other workers wait for it instead", exc.__class__.__name__)
+
+    @staticmethod
+    def finished(fill: Published) -> bool:
+        """Whether the publishing worker has let go of its lock: its fill ended, or it died (flock(2) locks
+        die with their process). Non-blocking: a shared lock is only granted once the exclusive one is gone."""
+        try:
+            fcntl.flock(fill.watch, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        fcntl.flock(fill.watch, fcntl.LOCK_UN)
+        return True
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[Flight]:
@@ -86,6 +163,7 @@ class FillLocks:
         path = self._path(key)
         fd: int | None = None
         waited = False
+        follow: Published | None = None
         try:
             if not self._made:
                 self._dir.mkdir(parents=True, exist_ok=True)
@@ -98,16 +176,24 @@ class FillLocks:
                 if fd is not None or time.monotonic() >= deadline:
                     break
                 if busy:
+                    follow = self._published(path)
+                    if follow is not None:
+                        break
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self._max_poll)
         except OSError as exc:
             # Cache trouble is not an outage: fetch without the lock (and make the directory again next time).
             self._made = False
             log.warning("fill lock unavailable (%s): fetching without it", exc.__class__.__name__)
+        if fd is not None:
+            self._held[key] = fd
         try:
-            yield Flight(waited=waited)
+            yield Flight(waited=waited, follow=follow)
         finally:
+            if follow is not None:
+                os.close(follow.watch)
             if fd is not None:
+                del self._held[key]
                 with contextlib.suppress(OSError):
                     os.unlink(path)  # before unlocking: see the class docstring
                 os.close(fd)  # closing the last fd releases the flock

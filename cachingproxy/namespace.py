@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from .config import S3Config
 from .models import Entry, ObjectMeta
-from .store import CacheStore, Flight, Staging
+from .store import CacheStore, Flight, Published, Staging
 
 __all__ = ["NamespacedStore", "namespace_for"]
 
@@ -61,6 +61,16 @@ class NamespacedStore:
 
     def fill_lock(self, key: str) -> contextlib.AbstractAsyncContextManager[Flight]:
         return self._store.fill_lock(self._ns + key)
+
+    def publish(self, staging: Staging) -> None:
+        self._store.publish(staging)  # staging.key is already namespaced: `stage` made it
+
+    @staticmethod
+    def finished(fill: Published) -> bool:
+        return CacheStore.finished(fill)
+
+    async def follow(self, key: str, fill: Published) -> Staging | None:
+        return await self._store.follow(self._ns + key, fill)
 
     async def adopt(self, entry: Entry) -> Staging | None:
         return await self._store.adopt(self._in(entry))

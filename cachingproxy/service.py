@@ -34,6 +34,7 @@ from .policy import (
     decide,
     is_fresh,
 )
+from .store import Published
 
 __all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "Resolved"]
 
@@ -42,6 +43,10 @@ T = TypeVar("T")
 
 _ANY = Windows(ttl=0.0)  # a listing's row of the decision table does not depend on the TTL
 NEGATIVE_CACHE_MAX = 10_000  # bounded and kept apart from bodies: random 404s never evict real entries
+# How often a worker following another's fill looks at its staging file and its lock: the delay a reader
+# there sees after S3's bytes, and after the filler dies, before a takeover starts.
+_FOLLOW_POLL = 0.01
+_FILL_ROUNDS = 3  # follow, take over, follow a third worker's takeover; then fetch without the lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,29 +330,24 @@ class CachingProxy:
 
     async def _run_fill(self, fill: Fill) -> None:
         key = fill.key
-        body = None
         started = self._clock()
         try:
-            # Single-flight across worker processes too: held until the body is committed.
-            async with self._store.fill_lock(key) as flight:
-                if flight.waited and await self._adopt(fill, started):
+            for _ in range(_FILL_ROUNDS):
+                # Single-flight across worker processes too: held until the body is committed. A worker
+                # that finds another filling streams from that fill's staging file (`_follow`); if that fill
+                # ends without a body for it (failed, or its worker died), it tries to take over.
+                async with self._store.fill_lock(key) as flight:
+                    if flight.follow is not None:
+                        if flight.follow.path is None:
+                            break  # the other fill passes through (disk full): nothing to read, fetch here
+                        if await self._follow(fill, flight.follow, started):
+                            return
+                        continue
+                    if flight.waited and await self._adopt(fill, started):
+                        return
+                    await self._fill_from_s3(fill, publish=True)
                     return
-                body = await self._ask(lambda: self._origin.get(key))
-                fill.staging = await self._store.stage(key, body.meta)
-                fill.ready.set_result(body.meta)
-                async for chunk in body.chunks(CHUNK_SIZE):
-                    at = fill.staging.written
-                    await self._store.write(fill.staging, chunk)
-                    fill.recent = (at, chunk)
-                    self.counters.add("bytes_from_s3", len(chunk))
-                    fill.notify()
-                problem = fill.staging.problem()
-                if problem is not None:
-                    log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
-                    raise BodyCorrupt(problem)
-                await self._store.commit(fill.staging, self._clock())
-                fill.verified = True
-                fill.notify()
+            await self._fill_from_s3(fill, publish=False)
         except ObjectMissing as exc:
             self._remember_missing(key)
             fill.fail(exc)
@@ -363,8 +363,6 @@ class CachingProxy:
             log.exception("fill failed")
             fill.fail(OriginUnavailable("internal"))
         finally:
-            if body is not None:
-                body.close()
             if not fill.verified and fill.error is None:
                 fill.fail(OriginUnavailable("fill cancelled"))  # shutdown: never leave a reader waiting
             fill.done = True
@@ -373,6 +371,73 @@ class CachingProxy:
             if fill.staging is not None and not fill.verified:
                 await self._store.discard(fill.staging)
             fill.close_if_unused()
+
+    async def _fill_from_s3(self, fill: Fill, *, publish: bool) -> None:
+        """GetObject into a new staging file, verify, commit. When readers already follow another worker's
+        copy (a takeover), only the same version will do: If-Match its ETag."""
+        key = fill.key
+        etag = fill.ready.result().etag if fill.ready.done() else None
+        body = await self._ask(lambda: self._origin.get(key, etag=etag))
+        try:
+            staging = await self._store.stage(key, body.meta)
+            if publish:
+                self._store.publish(staging)
+            fill.replace_staging(staging)
+            if not fill.ready.done():
+                fill.ready.set_result(body.meta)
+            async for chunk in body.chunks(CHUNK_SIZE):
+                at = staging.written
+                await self._store.write(staging, chunk)
+                fill.recent = (at, chunk)
+                self.counters.add("bytes_from_s3", len(chunk))
+                fill.notify()
+        finally:
+            body.close()
+        problem = staging.problem()
+        if problem is not None:
+            log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
+            raise BodyCorrupt(problem)
+        await self._store.commit(staging, self._clock())
+        fill.verified = True
+        fill.notify()
+
+    async def _follow(self, fill: Fill, other: Published, since: float) -> bool:
+        """Serve another worker's fill of the same key from its staging file as it grows, until it ends.
+
+        True when it committed the body (then it is ours too); False when it ended without one: failed, or
+        its worker died, which its flock shows at once, so a taker-over starts within one poll.
+        """
+        staging = await self._store.follow(fill.key, other)
+        if staging is None:
+            return await self._until_finished(other) and await self._adopt(fill, since)
+        if fill.ready.done() and fill.ready.result().etag != other.meta.etag:
+            staging.close()  # another version than the one our readers have begun: no use to them
+            return False
+        fill.replace_staging(staging)
+        if not fill.ready.done():
+            fill.ready.set_result(other.meta)
+        fill.notify()
+        while True:
+            ended = self._store.finished(other)  # before the last look at the file, so that look sees all
+            if staging.observe():
+                fill.notify()
+            if ended:
+                break
+            await asyncio.sleep(_FOLLOW_POLL)
+        if staging.written == other.meta.size:
+            entry = await self._store.lookup(fill.key)
+            if entry is not None and entry.meta.etag == other.meta.etag and entry.checked_at >= since:
+                fill.verified = True  # verified by its filler before it committed
+                fill.notify()
+                return True
+        return await self._adopt(fill, since)
+
+    async def _until_finished(self, other: Published) -> bool:
+        # Polled: the end of another process's fill shows only as its flock going away.
+        while True:
+            if self._store.finished(other):
+                return True
+            await asyncio.sleep(_FOLLOW_POLL)
 
     async def _adopt(self, fill: Fill, since: float) -> bool:
         """After waiting on another worker's fill of the same key, serve what it committed instead of asking S3.
@@ -383,11 +448,14 @@ class CachingProxy:
         entry = await self._store.lookup(fill.key)
         if entry is None or entry.checked_at < since:
             return False
+        if fill.ready.done() and fill.ready.result().etag != entry.meta.etag:
+            return False
         staging = await self._store.adopt(entry)
         if staging is None:
             return False
-        fill.staging = staging
-        fill.ready.set_result(entry.meta)
+        fill.replace_staging(staging)
+        if not fill.ready.done():
+            fill.ready.set_result(entry.meta)
         fill.verified = True
         fill.notify()
         return True

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
 from .bodies import FellBehind, Staging, new_staging, remove_leftovers
-from .filllocks import FillLocks, Flight
+from .filllocks import FillLocks, Flight, Published
 from .hot import HOT_BODY_MAX, HotLayer, Stamp
 from .index import INDEX_ERRORS, EntryIndex
 from .models import Entry, ObjectMeta
 
-__all__ = ["HOT_BODY_MAX", "WRITE_ERRORS", "CacheStore", "Count", "FellBehind", "Flight", "Health", "Staging",
-           "room_to_make"]
+__all__ = ["HOT_BODY_MAX", "WRITE_ERRORS", "CacheStore", "Count", "FellBehind", "Flight", "Health", "Published",
+           "Staging", "room_to_make"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -293,6 +293,28 @@ class CacheStore:
         if not self._index.available:
             return contextlib.nullcontext(Flight(waited=False))
         return self._locks.hold(key)
+
+    def publish(self, staging: Staging) -> None:
+        """Tell the other workers where the fill of `staging.key` (whose lock this worker holds) streams to."""
+        self._locks.publish(staging.key, staging.path, staging.meta)
+
+    @staticmethod
+    def finished(fill: Published) -> bool:
+        """Whether another worker's published fill has ended (or its worker died)."""
+        return FillLocks.finished(fill)
+
+    def _follow_sync(self, key: str, fill: Published) -> Staging | None:
+        if fill.path is None:
+            return None
+        try:
+            fd = os.open(fill.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None  # committed (renamed) or discarded meanwhile: the index will say which
+        return Staging.following(fd, key, fill.meta)
+
+    async def follow(self, key: str, fill: Published) -> Staging | None:
+        """Another worker's staging file, to read as it grows; None when there is none (any more)."""
+        return await self._run(self._follow_sync, key, fill)
 
     def _adopt_sync(self, entry: Entry) -> Staging | None:
         handle = self._index.body(entry)
