@@ -1,8 +1,9 @@
 """The benchmark's stand-in for S3 across a WAN: a streaming aiohttp proxy in front of moto.
 
-    python benchmarks/shim.py --port 9001 --upstream http://127.0.0.1:9000 --delay 0.030
+    python benchmarks/shim.py --port 9001 --upstream http://127.0.0.1:9000 --delay 0.030 [--rate BYTES_PER_S]
 
-Every request waits `--delay` seconds before it is forwarded (the round trip to a distant region), and is
+Every request waits `--delay` seconds before it is forwarded (the round trip to a distant region), each body
+is sent at no more than `--rate` bytes a second when given (a slow S3 link; 0: as fast as it comes), and is
 counted by S3 operation. `GET /__shim__/counts` answers the counters as JSON, `POST /__shim__/reset` zeroes
 them. Bodies are streamed, never buffered, so a 100 MB object costs the shim no more than a chunk of memory.
 Standalone on purpose: the benchmark runs it as its own process and does not import the test suite.
@@ -29,6 +30,7 @@ COUNTS = web.AppKey("counts", collections.Counter)
 SESSION = web.AppKey("session", ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 DELAY = web.AppKey("delay", float)
+RATE = web.AppKey("rate", float)
 
 
 def operation(request: web.Request) -> str:
@@ -63,8 +65,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
             resp.content_length = upstream.content_length
         await resp.prepare(request)
         if request.method != "HEAD":
+            started, sent = asyncio.get_running_loop().time(), 0
             async for chunk in upstream.content.iter_chunked(CHUNK_SIZE):
                 await resp.write(chunk)
+                sent += len(chunk)
+                if app[RATE] > 0:
+                    await asyncio.sleep(max(0.0, started + sent / app[RATE] - asyncio.get_running_loop().time()))
         await resp.write_eof()
         return resp
 
@@ -77,11 +83,12 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def create_app(upstream: str, delay: float) -> web.Application:
+def create_app(upstream: str, delay: float, rate: float = 0.0) -> web.Application:
     app = web.Application()
     app[COUNTS] = collections.Counter()
     app[UPSTREAM] = upstream.rstrip("/")
     app[DELAY] = delay
+    app[RATE] = rate
     app.cleanup_ctx.append(_session_ctx)
     app.router.add_get(CONTROL + "counts", counts)
     app.router.add_post(CONTROL + "reset", reset)
@@ -95,8 +102,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="moto's URL, e.g. http://127.0.0.1:9000")
     parser.add_argument("--delay", type=float, default=0.030, help="seconds added to every request")
+    parser.add_argument("--rate", type=float, default=0.0, help="bytes a second per body (0: unlimited)")
     args = parser.parse_args()
-    web.run_app(create_app(args.upstream, args.delay), host=args.host, port=args.port, access_log=None,
+    web.run_app(create_app(args.upstream, args.delay, args.rate), host=args.host, port=args.port, access_log=None,
                 print=None)
 
 
