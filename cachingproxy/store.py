@@ -1,9 +1,10 @@
 """The disk cache's async front: `CacheStore` runs the synchronous core on its own small executor.
 
 The core is split by job: `index` (entries and body files in diskcache, its only importer), `bodies`
-(staging files: write, verify, fsync), `filllocks` (cross-process single flight) and `hot` (this worker's
-in-memory layer). Every blocking call runs on the store's executor, never on the event loop, except on the hot
-path: a hit found in the in-memory layer costs no executor hop and no SQLite read at all.
+(staging files: write, verify, fsync), `writer` (room for a body, commit, a full disk), `filllocks`
+(cross-process single flight, fills followed across workers) and `hot` (this worker's in-memory layer).
+Every blocking call runs on the store's executor, never on the event loop, except on the hot path: a hit
+found in the in-memory layer costs no executor hop and no SQLite read at all.
 
 Several worker processes may share one directory (workers.py). What they share besides the index: a stamp
 that changes after every metadata write (so each worker's in-memory layer knows when to forget), and one
@@ -14,23 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import logging
 import os
-import shutil
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
-from .bodies import FellBehind, Staging, new_staging, remove_leftovers
+from .bodies import FellBehind, Staging, remove_leftovers
 from .filllocks import FillLocks, Flight, Published
 from .hot import HOT_BODY_MAX, HotLayer, Stamp
-from .index import INDEX_ERRORS, EntryIndex
+from .index import EntryIndex
 from .models import Entry, ObjectMeta
+from .writer import WRITE_ERRORS, BodyWriter, Count, room_to_make
 
 __all__ = ["HOT_BODY_MAX", "WRITE_ERRORS", "CacheStore", "Count", "FellBehind", "Flight", "Health", "Published",
            "Staging", "room_to_make"]
@@ -38,24 +37,8 @@ __all__ = ["HOT_BODY_MAX", "WRITE_ERRORS", "CacheStore", "Count", "FellBehind", 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Count = Callable[[str, int], None]  # how the store reports its counters (e.g. `Tally.add`)
 _TOUCH_INTERVAL = 10.0  # seconds between batched access-time write-backs
-WRITE_ERRORS = ("cache_write_errors",)  # the one counter this module reports
-# Write errors that mean "no room" rather than "broken": the cache is full, not failed.
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 Health = Literal["ok", "full", "failed"]
-
-
-def room_to_make(size: int, *, volume: int, limit: int, free: int, reserved: int) -> int | None:
-    """Bytes to evict before writing a body of `size` bytes, or None when no eviction can make it fit.
-
-    `volume` is what the index holds, `limit` the configured size limit, `free` what the file system has
-    left and `reserved` what fills in flight have claimed of it. The limit is kept before the disk is, so a
-    fill never runs the disk out when its length is known.
-    """
-    if size > limit or size + reserved > free + volume:
-        return None
-    return max(0, volume + size - limit, size + reserved - free)
 
 
 def _uncounted(name: str, amount: int) -> None:
@@ -71,11 +54,10 @@ class CacheStore:
         self._touch_interval = touch_interval
         self._verify_on_read = verify_on_read
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache")
-        self._size_limit = size_limit
         self._index = EntryIndex(self._root / "db", size_limit)
         self._staging_dir = self._root / "staging"
-        self._count = count  # shared across workers when it is a Tally's add (tally.py)
-        self._write_errors = 0
+        self._writer = BodyWriter(self._index, self._staging_dir, size_limit, count=count, changed=self._changed,
+                                  usable=lambda: self._check_sync() != "failed")
         self._touched: dict[str, str] = {}  # key -> ETag of the body read
         self._touch_flushed = time.monotonic()
         self._flushing: Future[None] | None = None
@@ -83,14 +65,11 @@ class CacheStore:
         self._stamp: Stamp | None = None  # None: no in-memory layer (the cache directory is unusable)
         self._locks = FillLocks(self._root / "locks")
         self._opened = False  # whether the index opened once: then a vanished directory is recreated
-        self._full = False  # in a disk-full episode: logged when it starts and when it ends
-        self._reserved = 0  # bytes claimed by staging files in flight (see room_to_make)
-        self._room = threading.Lock()  # guards _reserved and _full across executor threads
 
     @property
     def write_errors(self) -> int:
         """Bodies this worker could not write to the cache (the shared counter totals every worker)."""
-        return self._write_errors
+        return self._writer.write_errors
 
     @property
     def commit_retries(self) -> int:
@@ -107,25 +86,7 @@ class CacheStore:
         uncached until there is room; "ok". `check()` first looks for a vanished directory."""
         if not self._index.available:
             return "failed"
-        return "full" if self._full else "ok"
-
-    def _write_failed(self) -> None:
-        self._write_errors += 1
-        self._count(WRITE_ERRORS[0], 1)
-
-    def _no_room(self, why: str) -> None:
-        """A body could not go to disk for want of space: counted each time, logged once per episode."""
-        self._write_failed()
-        with self._room:
-            started, self._full = not self._full, True
-        if started:
-            log.warning("cache disk full (%s): new bodies pass through uncached until there is room", why)
-
-    def _room_again(self) -> None:
-        with self._room:
-            ended, self._full = self._full, False
-        if ended:
-            log.warning("cache disk has room again: caching resumed")
+        return "full" if self._writer.full else "ok"
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -331,103 +292,24 @@ class CacheStore:
 
     # -- writes ---------------------------------------------------------------------------------------
 
-    def _stage_sync(self, key: str, meta: ObjectMeta) -> Staging:
-        """A staging file with room made for `meta.size` bytes, or a pass-through (see bodies.Staging)."""
-        passing = Staging(None, None, key, meta)
-        if meta.size > self._size_limit or self._check_sync() == "failed":
-            return passing  # larger than the whole cache: never stored, so nothing to make room for
-        try:
-            free = shutil.disk_usage(self._staging_dir).free
-        except OSError as exc:
-            self._write_failed()
-            log.warning("cannot stage a body (%s): passing through", exc.__class__.__name__)
-            return passing
-        with self._room:
-            reserved = self._reserved
-        volume = self._index.stats()[1]
-        evict = room_to_make(meta.size, volume=volume, limit=self._size_limit, free=free, reserved=reserved)
-        if evict is None:
-            self._no_room(f"{meta.size} bytes do not fit")
-            return passing
-        if evict:
-            self._index.evict_to(volume - evict)
-            self._changed()
-        try:
-            staging = new_staging(self._staging_dir, key, meta)
-        except OSError as exc:
-            if exc.errno in _FULL_ERRNOS:
-                self._no_room(exc.__class__.__name__)
-            else:
-                self._write_failed()
-                log.warning("cannot stage a body (%s): passing through", exc.__class__.__name__)
-            return passing
-        with self._room:
-            self._reserved += meta.size
-        return staging
-
-    def _unreserve(self, staging: Staging) -> None:
-        if staging.path is not None:
-            with self._room:
-                self._reserved -= staging.meta.size
-
     async def stage(self, key: str, meta: ObjectMeta) -> Staging:
-        return await self._run(self._stage_sync, key, meta)
-
-    def _write_sync(self, staging: Staging, chunk: bytes) -> None:
-        staging.write(chunk)
-        error = staging.disk_error
-        if error is not None and not staging.reported:
-            staging.reported = True
-            if error.errno in _FULL_ERRNOS:
-                self._no_room(error.__class__.__name__)
-            else:
-                self._write_failed()
-                log.warning("cache disk write failed (%s): this body passes through uncached",
-                            error.__class__.__name__)
+        """A staging file with room made for `meta.size` bytes, or a pass-through (see bodies.Staging)."""
+        return await self._run(self._writer.stage, key, meta)
 
     async def write(self, staging: Staging, chunk: bytes) -> None:
-        await self._run(self._write_sync, staging, chunk)
+        await self._run(self._writer.write, staging, chunk)
 
     async def read_staging(self, staging: Staging, size: int, offset: int) -> bytes:
         """Bytes of a fill in progress; raises FellBehind when a pass-through body has moved past them."""
         return await self._run(staging.pread, size, offset)
 
-    def _commit_sync(self, staging: Staging, now: float) -> Entry | None:
-        entry = Entry(key=staging.key, meta=staging.meta, checked_at=now)
-        path = staging.path
-        self._unreserve(staging)
-        if not self._index.available or path is None or not staging.committable:
-            if path is not None and staging.disk_error is None:
-                self._write_failed()  # (a disk error was counted when it happened)
-            staging.discard_path()
-            return None
-        try:
-            staging.sync()
-            self._index.commit(entry, path, staging.written)
-            staging.path = None
-            self._changed()
-        except INDEX_ERRORS as exc:
-            if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
-                self._no_room(exc.__class__.__name__)
-            else:
-                self._write_failed()
-                log.warning("cache write failed (%s): served without caching", exc.__class__.__name__)
-            staging.discard_path()
-            return None
-        self._room_again()
-        return entry
-
     async def commit(self, staging: Staging, now: float) -> Entry | None:
         """Index a verified body; None when the cache could not take it (the response goes on regardless)."""
         await self._wait_flush()
-        return await self._run(self._commit_sync, staging, now)
-
-    def _discard_sync(self, staging: Staging) -> None:
-        self._unreserve(staging)
-        staging.discard_path()
+        return await self._run(self._writer.commit, staging, now)
 
     async def discard(self, staging: Staging) -> None:
-        await self._run(self._discard_sync, staging)
+        await self._run(self._writer.discard, staging)
 
     def _mark_checked_sync(self, entry: Entry) -> None:
         self._index.put(entry)

@@ -12,7 +12,7 @@ import pytest
 
 from cachingproxy.bodies import FellBehind, Staging, new_staging, remove_leftovers
 from cachingproxy.models import ObjectMeta
-from cachingproxy.store import room_to_make
+from cachingproxy.writer import room_to_make
 
 
 def test_staging_reports_short_and_corrupt_bodies(tmp_path: Path) -> None:
