@@ -13,18 +13,16 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cachingproxy.appkeys import STORE
 from cachingproxy.bodies import PASS_THROUGH_WINDOW
 
-from .conftest import Bucket, MakeProxy, service_of
+from .conftest import Bucket, MakeProxy, ProxyClient, service_of
 from .shim import Fault, Shim
 
 MiB = 1024 * 1024
-Client = Any
 
 
 @pytest.fixture
@@ -53,7 +51,7 @@ def _fill_up(disk: Path, leave: int) -> Path:
     return filler
 
 
-async def _readyz(proxy: Client) -> tuple[int, dict[str, str]]:
+async def _readyz(proxy: ProxyClient) -> tuple[int, dict[str, str]]:
     resp = await proxy.get("/readyz")
     return resp.status, await resp.json()
 
