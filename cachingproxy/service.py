@@ -10,16 +10,17 @@ import collections
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar, assert_never
 
 from .config import CacheConfig
 from .counters import Counters
-from .fill import CHUNK_SIZE, Fill
+from .fill import Fill
+from .filling import Fills
 from .models import Clock, Entry, ObjectMeta, Outcome
 from .namespace import NamespacedStore
-from .origin import BodyCorrupt, ObjectMissing, OriginDenied, OriginError, OriginTimeout, OriginUnavailable, S3Origin
+from .origin import ObjectMissing, OriginError, OriginTimeout, OriginUnavailable, S3Origin
 from .policy import (
     Breaker,
     Confirm,
@@ -34,7 +35,6 @@ from .policy import (
     decide,
     is_fresh,
 )
-from .store import Published
 
 __all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "Resolved"]
 
@@ -43,10 +43,6 @@ T = TypeVar("T")
 
 _ANY = Windows(ttl=0.0)  # a listing's row of the decision table does not depend on the TTL
 NEGATIVE_CACHE_MAX = 10_000  # bounded and kept apart from bodies: random 404s never evict real entries
-# How often a worker following another's fill looks at its staging file and its lock: the delay a reader
-# there sees after S3's bytes, and after the filler dies, before a takeover starts.
-_FOLLOW_POLL = 0.01
-_FILL_ROUNDS = 3  # follow, take over, follow a third worker's takeover; then fetch without the lock
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +88,10 @@ class CachingProxy:
         self._origin = origin
         self._clock = clock
         self.counters = counters
-        self._fills: dict[str, Fill] = {}
+        self._fills = Fills(store, origin, clock, counters, self._ask, self._remember_missing)
         self._revalidations: dict[str, asyncio.Task[_Unchanged | _Changed]] = {}
         self._heads: dict[str, asyncio.Task[ObjectMeta]] = {}
         self._negative: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._sharers: collections.Counter[asyncio.Task[Any]] = collections.Counter()  # awaiters per shared task
         self._breaker = breaker  # shared by the sites whose S3 client this is
 
@@ -126,7 +121,7 @@ class CachingProxy:
         failed, the body turned out evicted); every choice is the table's.
         """
         if want_body and key in self._fills:
-            return await self._join(self._fills[key], Outcome.MISS)
+            return await self._join(self._fills.start(key), Outcome.MISS)
         entry = await self._store.lookup(key)
         health = self._breaker.health(self._clock())
         error: OriginError | None = None
@@ -221,13 +216,13 @@ class CachingProxy:
         Observability for tests: they hold S3 and wait until N requests share the work before letting it
         answer, instead of sleeping and hoping that N requests have arrived by then.
         """
-        fill = self._fills.get(key)
+        fill = self._fills.in_flight(key)
         task = self._revalidations.get(key)
         return (fill.readers if fill is not None else 0) + (self._sharers[task] if task is not None else 0)
 
     async def settle(self) -> None:
         """Wait for background fills and revalidations (tests, and graceful shutdown before closing the store)."""
-        while pending := [*self._tasks, *self._revalidations.values()]:
+        while pending := [*self._fills.tasks, *self._revalidations.values()]:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def close(self, grace: float = 0.0) -> None:
@@ -236,7 +231,7 @@ class CachingProxy:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self.settle()
-        tasks = list(self._tasks) + list(self._revalidations.values()) + list(self._heads.values())
+        tasks = [*self._fills.tasks, *self._revalidations.values(), *self._heads.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -254,7 +249,7 @@ class CachingProxy:
         """Background revalidation for stale-while-revalidate; a changed object is refetched behind it."""
         result = await self._revalidate(entry)
         if isinstance(result, _Changed):
-            self._fill_for(entry.key)
+            self._fills.start(entry.key)
         return result
 
     async def _revalidate(self, entry: Entry) -> _Unchanged | _Changed:
@@ -307,14 +302,7 @@ class CachingProxy:
             self.counters.add("misses")
             return FromHead(meta, Outcome.MISS)
         self.counters.add("misses")
-        return await self._join(self._fill_for(key), Outcome.MISS)
-
-    def _fill_for(self, key: str) -> Fill:
-        fill = self._fills.get(key)
-        if fill is None:
-            fill = self._fills[key] = Fill(key, self._store.read_staging, functools.partial(self._read_part, key))
-            self._spawn(self._run_fill(fill))
-        return fill
+        return await self._join(self._fills.start(key), Outcome.MISS)
 
     async def _join(self, fill: Fill, outcome: Outcome) -> FromFill:
         # Counted before waiting, not after: the staging fd must outlive every joined request, and a fill
@@ -327,153 +315,6 @@ class CachingProxy:
             fill.leave()
             raise
         return FromFill(fill, meta, outcome)
-
-    async def _run_fill(self, fill: Fill) -> None:
-        key = fill.key
-        started = self._clock()
-        try:
-            for _ in range(_FILL_ROUNDS):
-                # Single-flight across worker processes too: held until the body is committed. A worker
-                # that finds another filling streams from that fill's staging file (`_follow`); if that fill
-                # ends without a body for it (failed, or its worker died), it tries to take over.
-                async with self._store.fill_lock(key) as flight:
-                    if flight.follow is not None:
-                        if flight.follow.path is None:
-                            break  # the other fill passes through (disk full): nothing to read, fetch here
-                        if await self._follow(fill, flight.follow, started):
-                            return
-                        continue
-                    if flight.waited and await self._adopt(fill, started):
-                        return
-                    await self._fill_from_s3(fill, publish=True)
-                    return
-            await self._fill_from_s3(fill, publish=False)
-        except ObjectMissing as exc:
-            self._remember_missing(key)
-            fill.fail(exc)
-        except OriginDenied as exc:
-            if exc.proves_absence:
-                self._remember_missing(key)
-            fill.fail(exc)
-        except OriginError as exc:
-            if isinstance(exc, BodyCorrupt):
-                self.counters.add("integrity_failures")
-            fill.fail(exc)
-        except Exception:
-            log.exception("fill failed")
-            fill.fail(OriginUnavailable("internal"))
-        finally:
-            if not fill.verified and fill.error is None:
-                fill.fail(OriginUnavailable("fill cancelled"))  # shutdown: never leave a reader waiting
-            fill.done = True
-            if self._fills.get(key) is fill:
-                del self._fills[key]
-            if fill.staging is not None and not fill.verified:
-                await self._store.discard(fill.staging)
-            fill.close_if_unused()
-
-    async def _fill_from_s3(self, fill: Fill, *, publish: bool) -> None:
-        """GetObject into a new staging file, verify, commit. When readers already follow another worker's
-        copy (a takeover), only the same version will do: If-Match its ETag."""
-        key = fill.key
-        etag = fill.ready.result().etag if fill.ready.done() else None
-        body = await self._ask(lambda: self._origin.get(key, etag=etag))
-        try:
-            staging = await self._store.stage(key, body.meta)
-            if publish:
-                self._store.publish(staging)
-            fill.replace_staging(staging)
-            if not fill.ready.done():
-                fill.ready.set_result(body.meta)
-            async for chunk in body.chunks(CHUNK_SIZE):
-                at = staging.written
-                await self._store.write(staging, chunk)
-                fill.recent = (at, chunk)
-                self.counters.add("bytes_from_s3", len(chunk))
-                fill.notify()
-        finally:
-            body.close()
-        problem = staging.problem()
-        if problem is not None:
-            log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
-            raise BodyCorrupt(problem)
-        await self._store.commit(staging, self._clock())
-        fill.verified = True
-        fill.notify()
-
-    async def _follow(self, fill: Fill, other: Published, since: float) -> bool:
-        """Serve another worker's fill of the same key from its staging file as it grows, until it ends.
-
-        True when it committed the body (then it is ours too); False when it ended without one: failed, or
-        its worker died, which its flock shows at once, so a taker-over starts within one poll.
-        """
-        staging = await self._store.follow(fill.key, other)
-        if staging is None:
-            return await self._until_finished(other) and await self._adopt(fill, since)
-        if fill.ready.done() and fill.ready.result().etag != other.meta.etag:
-            staging.close()  # another version than the one our readers have begun: no use to them
-            return False
-        fill.replace_staging(staging)
-        if not fill.ready.done():
-            fill.ready.set_result(other.meta)
-        fill.notify()
-        while True:
-            ended = self._store.finished(other)  # before the last look at the file, so that look sees all
-            if staging.observe():
-                fill.notify()
-            if ended:
-                break
-            await asyncio.sleep(_FOLLOW_POLL)
-        if staging.written == other.meta.size:
-            entry = await self._store.lookup(fill.key)
-            if entry is not None and entry.meta.etag == other.meta.etag and entry.checked_at >= since:
-                fill.verified = True  # verified by its filler before it committed
-                fill.notify()
-                return True
-        return await self._adopt(fill, since)
-
-    async def _until_finished(self, other: Published) -> bool:
-        # Polled: the end of another process's fill shows only as its flock going away.
-        while True:
-            if self._store.finished(other):
-                return True
-            await asyncio.sleep(_FOLLOW_POLL)
-
-    async def _adopt(self, fill: Fill, since: float) -> bool:
-        """After waiting on another worker's fill of the same key, serve what it committed instead of asking S3.
-
-        Only a version S3 confirmed after this fill began counts (as fresh as fetching it now would be);
-        otherwise the other fill failed, or committed nothing usable, and this one fetches after all.
-        """
-        entry = await self._store.lookup(fill.key)
-        if entry is None or entry.checked_at < since:
-            return False
-        if fill.ready.done() and fill.ready.result().etag != entry.meta.etag:
-            return False
-        staging = await self._store.adopt(entry)
-        if staging is None:
-            return False
-        fill.replace_staging(staging)
-        if not fill.ready.done():
-            fill.ready.set_result(entry.meta)
-        fill.verified = True
-        fill.notify()
-        return True
-
-    async def _read_part(self, key: str, meta: ObjectMeta, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the version `meta` describes, in a GetObject of their own (If-Match): for a
-        reader that fell behind a fill passing through (see store.FellBehind)."""
-        part = await self._ask(lambda: self._origin.get(key, span=(start, end - 1), etag=meta.etag))
-        try:
-            async for chunk in part.chunks(CHUNK_SIZE):
-                start += len(chunk)
-                if start > end:
-                    break
-                yield chunk
-        finally:
-            part.close()
-        if start != end:
-            raise OriginUnavailable("ranged read shorter or longer than asked")
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -517,18 +358,13 @@ class CachingProxy:
             if not self._sharers[task]:
                 del self._sharers[task]
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def prefetch(self, key: str) -> ObjectMeta:
         """Fill `key` with no client waiting (warm jobs): the same single-flight fill as a miss, awaited to the end.
 
         Returns the stored version's metadata, or raises the fill's OriginError. Not counted as a miss.
         """
         self._negative.pop(key, None)  # a listing has just shown that the key exists
-        fill = self._fill_for(key)
+        fill = self._fills.start(key)
         await fill.verified_body()
         return fill.ready.result()
 
