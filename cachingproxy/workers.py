@@ -2,7 +2,9 @@
 
 `run_workers(config, n)` binds one listening socket per worker with SO_REUSEPORT, so the kernel spreads new
 connections across the workers by hash (no thundering herd, and no accept imbalance as with one shared
-socket). Bind errors therefore surface once, in the supervisor, before anything forks. Workers are forked
+socket). Bind errors therefore surface once, in the supervisor, before anything forks. SO_REUSEPORT would
+also let a second instance join the port: the supervisor first claims the port for its lifetime
+(portlock.py), so a second instance fails with "Address already in use" as nginx does. Workers are forked
 (not spawned): the config is already parsed and nothing has opened a loop, a thread or a file yet; each
 worker then builds its own app, S3 client and diskcache connections. The supervisor forwards SIGTERM/SIGINT
 once to every worker, restarts a worker that dies on its own, and exits 0 when all workers stopped cleanly;
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .logsetup import logging_off_the_loop
+from .portlock import claim_port
 from .tally import Slab
 
 if TYPE_CHECKING:
@@ -201,12 +204,31 @@ def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket) -> int
     """
     n = resolve_workers(n)
     server = config.server
-    socks = bind_sockets(server.host, server.port, n)
-    host, port = socks[0].getsockname()[:2]
+    # Claimed before binding: a socket bound even for a moment joins the running instance's SO_REUSEPORT
+    # group, and the connections the kernel queued on it would be reset when it closes.
+    claim = claim_port(server.port) if server.port else None
+    try:
+        socks = bind_sockets(server.host, server.port, n)
+        host, port = socks[0].getsockname()[:2]
+        if claim is None:  # port 0: the kernel picked a free port; claimed all the same
+            try:
+                claim = claim_port(port)
+            except OSError:
+                for sock in socks:
+                    sock.close()
+                raise
+        return _run(config, socks, serve, f"http://{host}:{port}")
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _run(config: Config, socks: list[socket.socket], serve: ServeFn, url: str) -> int:
+    n = len(socks)
     sites = config.sites
     where = f"{sites[0].mount}/" if len(sites) == 1 else "/ (" + ", ".join(
         f"{site.name}: {' '.join(site.hosts) or 'any host'} {site.mount or '/'}" for site in sites) + ")"
-    banner = (f"cachingproxy: serving http://{host}:{port}{where} with {n} worker"
+    banner = (f"cachingproxy: serving {url}{where} with {n} worker"
               f"{'s' if n > 1 else ''} (pid {os.getpid()})")
 
     def announce() -> None:

@@ -24,12 +24,14 @@ from .conftest import Bucket, free_port
 from .shim import Fault, Shim
 
 
-def write_config(tmp_path: Path, port: int, endpoint: str, bucket: str, workers: int) -> Path:
+def write_config(tmp_path: Path, port: int, endpoint: str, bucket: str, workers: int, mount: str = "/docs") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "config.toml"
     config.write_text(f"""
 [server]
 port = {port}
 workers = {workers}
+mount = "{mount}"
 [s3]
 bucket = "{bucket}"
 endpoint_url = "{endpoint}"
@@ -239,3 +241,34 @@ async def test_the_served_process_times_requests_finer_than_its_loop_clock(
                 if entry and json.loads(entry)["cache"] == "HIT":
                     hits.append(json.loads(entry)["ms"])
     assert any(ms != int(ms) for ms in hits), hits
+
+
+async def test_a_second_instance_on_the_same_port_fails_at_start(tmp_path: Path, bucket: Bucket, shim: Shim) -> None:
+    """SO_REUSEPORT lets any process of the same user join the port; a second instance must refuse to start
+    (as nginx does) instead of taking every other connection, while one instance's workers still share it."""
+    bucket.put("a.html", b"first")
+    port = free_port()
+    first = write_config(tmp_path / "first", port, shim.url, bucket.name, workers=2)
+    second = write_config(tmp_path / "second", port, shim.url, bucket.name, workers=2, mount="/other")
+    async with serving(first) as (proc, line, _):
+        assert "with 2 workers" in line
+        other = await asyncio.create_subprocess_exec(sys.executable, "-m", "cachingproxy", "serve", "--config",
+                                                     str(second), stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.STDOUT)
+        try:
+            output, _ = await asyncio.wait_for(other.communicate(), 60)
+        finally:
+            if other.returncode is None:  # it started serving: kill it, then fail below
+                other.kill()
+                await other.wait()
+        said = output.decode(errors="replace")
+        assert other.returncode == 1, said
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use (cachingproxy pid {proc.pid} " in said
+        assert "serving" not in said
+        # Every connection still reaches the first instance (the second would answer 404 under /other).
+        results = await asyncio.gather(*(raw_get(port, "/docs/a.html") for _ in range(20)))
+        assert [body for _, body in results] == [b"first"] * 20
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    async with serving(second) as (_, line, _):  # the claim ended with the first instance
+        assert f":{port}/other/" in line
