@@ -7,7 +7,8 @@ also let a second instance join the port: the supervisor first claims the port f
 (portlock.py), so a second instance fails with "Address already in use" as nginx does. Workers are forked
 (not spawned): the config is already parsed and nothing has opened a loop, a thread or a file yet; each
 worker then builds its own app, S3 client and diskcache connections. The supervisor forwards SIGTERM/SIGINT
-once to every worker, restarts a worker that dies on its own, and exits 0 when all workers stopped cleanly;
+once to every worker (as SIGTERM, like the signals the proxy does not handle yet, which it logs first:
+stopsignals.py), restarts a worker that dies on its own, and exits 0 when all workers stopped cleanly;
 workers die with it if it is killed.
 
 Misses stay single-flight across workers through filllocks.FillLocks (one lock file per key being filled).
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .logsetup import logging_off_the_loop
 from .portlock import claim_port
+from .stopsignals import HANDLED_SIGNALS, STOP_SIGNALS, UNHANDLED_SIGNALS, exit_status, stop_reason
 from .tally import Slab
 
 if TYPE_CHECKING:
@@ -52,7 +54,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKLOG = 1024  # per worker socket; aiohttp's default of 128 drops SYNs under a burst of new clients
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 RESTART_WINDOW = 60.0  # a worker that died this many times within this many seconds is a crash loop: give up
 RESTART_LIMIT = 5
 LEADER_LOCK = "admin.lock"  # in [cache] directory; see claim_leadership
@@ -65,6 +66,7 @@ ServeFn = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
 # and this process's row in it, set in each worker. Module state because fork is how they travel.
 _slab: Slab | None = None
 _row = 0
+_stopped_by: int | None = None  # the signal that stopped serve_socket, for the exit status of a single worker
 
 
 def default_workers() -> int:
@@ -115,7 +117,11 @@ def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
 
 
 def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: Callable[[], None]) -> None:
-    """Run the app on one pre-bound socket until SIGTERM (and SIGINT when not supervised); blocking."""
+    """Run the app on one pre-bound socket until SIGTERM (and SIGINT when not supervised); blocking.
+
+    Unsupervised, the signals the proxy does not handle (stopsignals.py) stop it too, with a log line saying
+    why; a supervised worker logs and ignores them: the supervisor decides for all workers.
+    """
     from aiohttp import web  # here, like __main__: the supervisor never needs it
 
     from .app import create_app, server_kwargs
@@ -124,21 +130,33 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
     loop = new_event_loop()
     stopping = False
 
-    def stop() -> None:
+    def stop(signum: int) -> None:
         # Only the first signal stops: a second one raised during cleanup would cut the graceful
         # shutdown short (aiohttp's own handler stays armed until cleanup ends).
         nonlocal stopping
+        global _stopped_by
         if not stopping:
             stopping = True
+            _stopped_by = signum
+            if not supervised:  # a worker's SIGTERM comes from the supervisor, which logged why
+                (log.warning if signum in UNHANDLED_SIGNALS else log.info)("%s", stop_reason(signum))
             raise web.GracefulExit()
+
+    def ignore(signum: int) -> None:
+        log.warning("%s received by worker pid %d: ignored; signals are for the supervisor (pid %d)",
+                    signal.Signals(signum).name, os.getpid(), os.getppid())
 
     if supervised:
         # Ctrl-C in a terminal reaches the whole process group; a supervised worker waits for the one
         # SIGTERM its supervisor forwards instead.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for signum in (signal.SIGTERM,) if supervised else STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # in case a caller left them blocked
+        loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
+        for signum in UNHANDLED_SIGNALS:
+            loop.add_signal_handler(signum, ignore, signum)
+    else:
+        for signum in HANDLED_SIGNALS:
+            loop.add_signal_handler(signum, stop, signum)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # in case a caller left them blocked
     # Held for the process's lifetime: the kernel releases it when the worker dies, and its successor takes it.
     leadership = claim_leadership(config.cache.directory)
     app = create_app(config, slab=_slab, row=_row, leader=leadership is not None)
@@ -189,8 +207,10 @@ def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: in
                  ready: multiprocessing.connection.Connection) -> None:
     for signum in STOP_SIGNALS:  # still blocked: the supervisor's handlers must not run in a worker
         signal.signal(signum, signal.SIG_DFL)
+    for signum in UNHANDLED_SIGNALS:  # until `serve` logs them: a SIGHUP to the process group is the supervisor's
+        signal.signal(signum, signal.SIG_IGN)
     # A stop signal before `serve` installs its handlers just ends the worker (nothing to drain yet).
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     _die_with_parent(parent)
     global _row
     _row = slot
@@ -240,7 +260,7 @@ def _run(config: Config, socks: list[socket.socket], serve: ServeFn, url: str) -
         for sock in socks[1:]:
             sock.close()
         serve(config, socks[0], False, announce)
-        return 0
+        return exit_status(_stopped_by)
     return _supervise(config, socks, serve, announce)
 
 
@@ -258,6 +278,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, annou
     restarts: list[float] = []
     stopping = False
     failed = False
+    stopped_by: int | None = None
     kill_at = float("inf")
 
     def spawn(slot: int, sock: socket.socket | None) -> None:
@@ -265,7 +286,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, annou
             sock = bind_sockets(address[0], address[1], 1)[0]
         # Blocked across fork so a signal can never find a worker the loop below does not know yet, nor
         # run the supervisor's handler inside a worker; the worker resets them, then unblocks.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             proc = ctx.Process(target=_worker_main, args=(serve, config, sock, parent, slot, ready_w),
                                name=f"cachingproxy-worker-{slot}")
@@ -275,7 +296,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, annou
             # The worker owns its socket now; keeping a copy here would leave a listening socket that
             # nobody accepts on (its share of new connections would hang) if that worker died.
             sock.close()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def stop_all(signum: int = signal.SIGTERM) -> None:
         for proc in workers.values():
@@ -284,14 +305,16 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, annou
                     os.kill(proc.pid, signum)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping, kill_at
+        nonlocal stopping, kill_at, stopped_by
         if not stopping:
             stopping = True
+            stopped_by = signum
             kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
-            log.info("%s: stopping %d workers", signal.Signals(signum).name, len(workers))
+            (log.warning if signum in UNHANDLED_SIGNALS else log.info)(
+                "%s: stopping %d workers", stop_reason(signum), len(workers))
             stop_all()
 
-    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, on_signal) for signum in HANDLED_SIGNALS}
     try:
         for slot, sock in enumerate(socks):
             spawn(slot, sock)
@@ -331,4 +354,4 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, annou
         stop_all(signal.SIGKILL)  # only reached with workers left on an exception in this loop
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 1 if failed else 0
+    return 1 if failed else exit_status(stopped_by)
