@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
 
 .PHONY: test demo lint bench clean
 
@@ -10,6 +11,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
+
+# The demo needs only the `demo` extra (moto's S3 and flask): about a quarter of the test environment, which
+# adds pytest, mypy and a browser driver. After `make test` the environment has it all already.
+$(DEMO_STAMP): pyproject.toml
+	@if [ $(STAMP) -nt pyproject.toml ]; then touch $@; else \
+		$(PY) -m venv $(VENV) && \
+		$(BIN)/pip install -q --disable-pip-version-check -e '.[demo]' && touch $@; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check cachingproxy tests benchmarks
@@ -22,7 +30,7 @@ test: lint
 	.ci/install-browser.sh
 	$(BIN)/pytest -q -rs -p no:cacheprovider
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/python -m cachingproxy.demo
 
 # The proxy beside nginx proxy_cache and a direct fetch (issue 6): installs nginx and wrk from the system

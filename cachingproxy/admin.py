@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 from functools import cache
 from importlib.resources import files
@@ -24,7 +25,7 @@ from aiohttp.typedefs import Handler, Middleware
 from .accesslog import StructuredAccessLogger, track_s3_calls
 from .config import ADMIN_TOKEN_ENV, AdminConfig, Config
 from .keys import MAX_KEY_BYTES
-from .monitoring import NO_STORE, OPS, Ops
+from .monitoring import NO_STORE, OPS, Ops, metrics
 from .requestforms import request_forms
 from .sites import Site
 from .warm import KEEP_JOBS
@@ -49,9 +50,14 @@ PAGE_HEADERS = {
 async def start_admin_listener(config: Config, ops: Ops, *, leader: bool) -> web.AppRunner | None:
     """Say where the admin API is; start its own listener when it has one (and this process leads)."""
     admin = config.admin
+    if admin.public_metrics:
+        log.info("/metrics is public on the proxy's port ([admin] public_metrics = true)")
     if not admin.token:
-        log.info("admin API off: set %s (or [admin] token) to turn it on", ADMIN_TOKEN_ENV)
+        log.info("admin API off, and with it %s/metrics: set %s (or [admin] token) to turn it on", admin.path,
+                 ADMIN_TOKEN_ENV)
         return None
+    # config.with_env_token: the variable, when set, is the token; say which, never what.
+    source = ADMIN_TOKEN_ENV if os.environ.get(ADMIN_TOKEN_ENV) else "[admin] token in the config file"
     if admin.port and not leader:
         log.info("admin API on port %d is served by another worker", admin.port)
         return None
@@ -66,9 +72,10 @@ async def start_admin_listener(config: Config, ops: Ops, *, leader: bool) -> web
         except BaseException:
             await runner.cleanup()
             raise
-        log.info("admin API on http://%s:%d%s/", admin.host, admin.port, admin.path)
+        log.info("admin API (with /metrics) on http://%s:%d%s/; admin token from %s", admin.host, admin.port,
+                 admin.path, source)
         return runner
-    log.info("admin API on the proxy's port under %s/", admin.path)
+    log.info("admin API (with /metrics) on the proxy's port under %s/; admin token from %s", admin.path, source)
     if config.server.host not in LOOPBACK:
         log.warning("the admin API is reachable wherever the proxy is; consider [admin] port on 127.0.0.1")
     return None
@@ -85,6 +92,7 @@ def mount_admin(parent: web.Application, admin: AdminConfig) -> None:
     sub = web.Application(middlewares=[_guard(admin)])
     sub.router.add_get("/", _dashboard, name=DASHBOARD)
     sub.router.add_get("/stats", _stats)
+    sub.router.add_get("/metrics", metrics)  # Prometheus: `authorization: {credentials: <token>}` in the job
     sub.router.add_get("/warm", _warm_list)
     sub.router.add_post("/warm", _warm_start)
     sub.router.add_get("/warm/{id}", _warm_status)

@@ -434,7 +434,7 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _ops_ctx])  # unwound in reverse
     app.on_response_prepare.append(_on_prepare)
     # Registered first, so they win over a site mounted at "/".
-    add_monitoring_routes(app)
+    add_monitoring_routes(app, public_metrics=config.admin.public_metrics)
     if not config.admin.port:
         mount_admin(app, config.admin)
     # Every other path: the sites route by Host and mount themselves (routing.py); keys.py reads raw_path.

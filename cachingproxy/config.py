@@ -102,6 +102,7 @@ class AdminConfig:
     warm_prefixes: tuple[str, ...] = ()
     warm_interval: float = 0.0  # seconds between mirror warms of `warm_prefixes`; 0 = only at start
     readiness_ttl: float = 5.0
+    public_metrics: bool = False  # also serve /metrics on the proxy's port, without the token
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,10 @@
 
 Run as ``python -m cachingproxy.demo [--port 8080] [--s3-port 0]``. moto and boto3 come from the
 optional ``demo`` extra, so they are imported only when the demo (or a test seeding a bucket) runs.
+
+The admin API is on, with a fresh random token each run, printed with the URLs to try (as Jupyter prints
+its token). The config file is the operator's to edit: it is written once, and later runs change only what
+the demo owns (the fake S3's endpoint, which moves every run, and the port when ``--port`` is given).
 """
 
 from __future__ import annotations
@@ -12,16 +16,22 @@ import logging
 import mimetypes
 import os
 import random
+import re
+import secrets
+import shlex
+import sys
 import zipfile
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import ADMIN_TOKEN_ENV, Config, ConfigError, load_config
+
 if TYPE_CHECKING:
     from moto.server import ThreadedMotoServer
 
-__all__ = ["main", "seed_bucket"]
+__all__ = ["banner", "main", "seed_bucket", "set_toml_value"]
 
 BUCKET = "docs-demo"
 PREFIX = "site/"
@@ -41,6 +51,7 @@ _CONTENT_TYPES = {
     ".zip": "application/zip",
 }
 _HTML_CACHE_CONTROL = "max-age=60"
+DEFAULT_PORT = 8080
 
 
 def _content_type(name: str) -> str:
@@ -146,11 +157,12 @@ def _start_moto(port: int = 0) -> tuple[ThreadedMotoServer, str]:
     return server, f"http://{host}:{bound}"
 
 
-def _write_config(directory: Path, *, port: int, endpoint_url: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "config.toml"
-    path.write_text(
-        f"""\
+def _config_text(*, port: int, endpoint_url: str, cache_dir: Path) -> str:
+    return f"""\
+# Written by the first `make demo` and yours to edit: later runs keep it and change only [s3] endpoint_url
+# (the fake S3 gets a new port every run) and [server] port when --port is given. Delete it to start over.
+# The admin token comes from CACHINGPROXY_ADMIN_TOKEN, which the demo sets afresh each run.
+
 [server]
 host = "127.0.0.1"
 port = {port}
@@ -164,13 +176,86 @@ endpoint_url = "{endpoint_url}"
 addressing_style = "path"
 
 [cache]
-directory = "{(directory / "cache").as_posix()}"
+directory = "{cache_dir.as_posix()}"
 ttl = 60
 error_document = "404.html"
-""",
-        encoding="utf-8",
-    )
+"""
+
+
+def set_toml_value(text: str, section: str, key: str, literal: str) -> str:
+    """`text` with `key = literal` in `[section]`: the existing line replaced (its comment and every other line
+    kept), or one added at the top of the section. Enough TOML for the file this module writes; not a parser."""
+    lines = text.splitlines(keepends=True)
+    header = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
+    assignment = re.compile(rf"^(\s*){re.escape(key)}\s*=")
+    current = ""
+    section_at: int | None = None
+    for i, line in enumerate(lines):
+        found = header.match(line)
+        if found:
+            current = found[1]
+            if current == section:
+                section_at = i
+            continue
+        if current == section and assignment.match(line):
+            lines[i] = f"{key} = {literal}\n"
+            return "".join(lines)
+    if section_at is None:
+        return text + ("" if text.endswith("\n") or not text else "\n") + f"\n[{section}]\n{key} = {literal}\n"
+    lines.insert(section_at + 1, f"{key} = {literal}\n")
+    return "".join(lines)
+
+
+def _write_config(directory: Path, *, port: int | None, endpoint_url: str) -> Path:
+    """Write the demo's config the first time; afterwards keep the operator's edits (see the module docstring)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.toml"
+    if not path.exists():
+        path.write_text(_config_text(port=port or DEFAULT_PORT, endpoint_url=endpoint_url,
+                                     cache_dir=directory / "cache"), encoding="utf-8")
+        return path
+    text = set_toml_value(path.read_text(encoding="utf-8"), "s3", "endpoint_url", f'"{endpoint_url}"')
+    if port is not None:
+        text = set_toml_value(text, "server", "port", str(port))
+    path.write_text(text, encoding="utf-8")
     return path
+
+
+def _command(name: str) -> str:
+    """How to run this environment's `name` script from here: `.venv/bin/cachingproxy` under `make demo`."""
+    script = Path(sys.executable).parent / name
+    if not script.exists():
+        return name
+    try:
+        return shlex.quote(str(script.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(script))
+
+
+def banner(config: Config, token: str, *, endpoint_url: str, objects: int, config_path: Path) -> str:
+    """What the demo prints before the proxy starts: every URL to try, with the token (new each run)."""
+    server, admin = config.server, config.admin
+    proxy = f"http://{server.host}:{server.port}"
+    admin_base = f"http://{admin.host}:{admin.port}{admin.path}" if admin.port else proxy + admin.path
+    auth = f'-H "Authorization: Bearer {token}"'
+    return f"""
+  Docs:       {proxy}{server.mount}/
+  Dashboard:  {admin_base}/   (paste the token into its login form)
+  Stats:      {admin_base}/stats
+  Metrics:    {admin_base}/metrics
+  Token:      {token}   (new every run: it is only in this process's CACHINGPROXY_ADMIN_TOKEN)
+
+  Try:
+    curl {auth} {admin_base}/stats
+    curl {auth} {admin_base}/metrics
+    CACHINGPROXY_ADMIN_TOKEN={token} {_command("cachingproxy")} warm --url {admin_base}
+
+  S3:         {endpoint_url}  (moto, bucket {BUCKET!r}, {objects} objects under {PREFIX!r})
+  Config:     {config_path}  (yours to edit and kept across runs; the demo rewrites only [s3] endpoint_url,
+              and [server] port when --port is given; delete the file to start over)
+
+  Ctrl-C to stop.
+"""
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -178,7 +263,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m cachingproxy.demo",
         description="Serve the sample docs site from an in-process fake S3 through the caching proxy.",
     )
-    parser.add_argument("--port", type=int, default=8080, help="proxy port (default: 8080)")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"proxy port, written to the config (default: the config's, {DEFAULT_PORT} at first)")
     parser.add_argument("--s3-port", type=int, default=0, help="fake S3 port (default: 0, any free port)")
     return parser.parse_args(argv)
 
@@ -194,13 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         objects = seed_bucket(endpoint_url, BUCKET, PREFIX)
         config_path = _write_config(Path("demo-cache"), port=args.port, endpoint_url=endpoint_url)
-        print(
-            f"\n  Docs:    http://127.0.0.1:{args.port}/docs/\n"
-            f"  S3:      {endpoint_url}  (moto, bucket {BUCKET!r}, {len(objects)} objects under {PREFIX!r})\n"
-            f"  Config:  {config_path}\n"
-            f"\n  Ctrl-C to stop.\n",
-            flush=True,
-        )
+        token = secrets.token_urlsafe(18)
+        os.environ[ADMIN_TOKEN_ENV] = token  # wins over [admin] token in the file (config.with_env_token)
+        try:
+            config = load_config(str(config_path))
+        except ConfigError as exc:
+            print(f"cachingproxy demo: {exc}", file=sys.stderr)
+            return 2
+        print(banner(config, token, endpoint_url=endpoint_url, objects=len(objects), config_path=config_path),
+              flush=True)
         from cachingproxy.__main__ import main as proxy_main
 
         return proxy_main(["serve", "--config", str(config_path)])

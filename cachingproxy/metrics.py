@@ -1,4 +1,5 @@
-"""The proxy's figures: a `Snapshot` value for GET {admin}/stats, and its Prometheus exposition for GET /metrics.
+"""The proxy's figures: a `Snapshot` value for GET {admin}/stats, and its Prometheus exposition for GET
+{admin}/metrics.
 
 The only module that imports prometheus_client. Each app gets its own `CollectorRegistry`, never the global
 one: tests build many apps in one process, and the global registry refuses a second metric of the same name.

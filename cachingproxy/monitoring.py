@@ -1,7 +1,9 @@
-"""Monitoring: /healthz, /readyz and /metrics at the proxy's root, and `Ops`, what they and the admin API share.
+"""Monitoring: /healthz and /readyz at the proxy's root, /metrics, and `Ops`, what they and the admin API share.
 
-None of these routes needs the admin token: they say nothing a load balancer or a Prometheus scraper on the
-office network should not know, and they change nothing.
+/healthz and /readyz need no token: they say nothing a load balancer on the office network should not know,
+and change nothing. /metrics says more (traffic, cache size, what S3 was asked), so it is served where the
+admin API is, behind its token (`{admin path}/metrics`), and on the public port only with
+`[admin] public_metrics = true`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .store import CacheStore
 from .tally import Tally
 from .warm import JobBoard, Warmer
 
-__all__ = ["NO_STORE", "OPS", "READY_PROBE_TIMEOUT", "Ops", "add_monitoring_routes", "readiness"]
+__all__ = ["NO_STORE", "OPS", "READY_PROBE_TIMEOUT", "Ops", "add_monitoring_routes", "metrics", "readiness"]
 
 READY_PROBE_TIMEOUT = 2.0  # /readyz answers within this even when S3 accepts connections and never replies
 NO_STORE = {"Cache-Control": "no-store"}
@@ -117,10 +119,11 @@ class Ops:
 OPS = web.AppKey("ops", Ops)
 
 
-def add_monitoring_routes(app: web.Application) -> None:
+def add_monitoring_routes(app: web.Application, *, public_metrics: bool) -> None:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    if public_metrics:
+        app.router.add_get("/metrics", metrics)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -140,7 +143,8 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=status, headers=NO_STORE)
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    ops = request.app[OPS]
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: under the admin API's guard, or at /metrics with `public_metrics`."""
+    ops = request.config_dict[OPS]  # the admin API is a sub-app: its own app has no OPS
     body = ops.metrics.render(await ops.snapshot())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, **NO_STORE})

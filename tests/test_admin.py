@@ -177,7 +177,7 @@ async def test_warmed_objects_are_all_served_stale_while_s3_is_down(
     # The outage is visible, not masked: still 200 (the mirror serves), but "degraded", and counted.
     resp = await proxy.get("/readyz")
     assert (resp.status, await resp.json()) == (200, {"status": "degraded", "cache": "ok", "s3": "unreachable"})
-    metrics = scrape(await (await proxy.get("/metrics")).text())
+    metrics = scrape(await (await proxy.get("/_admin/metrics", headers=AUTH)).text())
     assert metrics[("cachingproxy_stale_served_total", (SITE,))] == len(warmed)
     assert metrics[("cachingproxy_request_duration_seconds_count", (("cache", "STALE"), SITE))] == len(warmed)
 
@@ -370,8 +370,11 @@ async def test_stats_and_metrics_agree_with_the_s3_requests_counted_at_the_shim(
     clock.advance(30)
     assert (await stats(proxy))["uptime"] == pytest.approx(TTL + 1 + 30)
 
-    resp = await proxy.get("/metrics")
+    resp = await proxy.get("/_admin/metrics", headers=AUTH)
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    # Not on the public port unless asked for, and not without the token.
+    assert (await proxy.get("/metrics")).status == 404
+    assert (await proxy.get("/_admin/metrics")).status == 401
     metrics = scrape(await resp.text())
     for op in ("GET", "HEAD", "LIST"):
         assert metrics[("cachingproxy_s3_requests_total", (("operation", op), SITE))] == shim.counts[op], op
@@ -430,10 +433,21 @@ async def test_admin_is_off_without_a_token_and_says_so(
         assert resp.status == 404, path
     assert any("admin API off" in line and TOKEN_ENV in line for line in admin_log.lines)
     assert (await proxy.get("/docs/a.html")).headers["X-Cache"] == "HIT"
-    # Monitoring needs no admin API.
+    # Health checks need no admin API; /metrics lives with it.
     assert await (await proxy.get("/healthz")).json() == {"status": "ok"}
-    assert (await proxy.get("/metrics")).status == 200
     assert (await proxy.get("/readyz")).status == 200
+    assert (await proxy.get("/metrics")).status == 404
+    assert (await proxy.get("/_admin/metrics")).status == 404
+    assert any("admin API off, and with it /_admin/metrics" in line for line in admin_log.lines)
+
+
+async def test_public_metrics_is_a_choice(make_proxy: MakeProxy, bucket: Bucket, shim: Shim) -> None:
+    bucket.put("a.html", b"a")
+    proxy = await make_proxy(admin={"public_metrics": True})
+    assert (await proxy.get("/docs/a.html")).status == 200
+    resp = await proxy.get("/metrics")
+    assert resp.status == 200
+    assert scrape(await resp.text())[("cachingproxy_cache_misses_total", ())] == 1
 
 
 async def test_admin_refuses_foreign_hosts_oversize_bodies_and_forms(
@@ -475,6 +489,10 @@ async def test_admin_on_its_own_port(make_proxy: MakeProxy, bucket: Bucket, shim
             assert (await resp.json())["s3_requests"]["GET"] == 1
         async with session.get(f"{base}/") as resp:
             assert resp.status == 200 and resp.content_type == "text/html"
+        async with session.get(f"{base}/metrics", headers=AUTH) as resp:  # /metrics goes where the admin API is
+            assert resp.status == 200 and "cachingproxy_cache_hits_total" in await resp.text()
+    assert (await proxy.get("/_admin/metrics", headers=AUTH)).status == 404
+    assert (await proxy.get("/metrics")).status == 404
     assert (await proxy.get("/docs/guides/a.html")).headers["X-Cache"] == "HIT"
 
 
