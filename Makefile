@@ -30,8 +30,9 @@ test: lint
 	.ci/install-browser.sh
 	$(BIN)/pytest -q -rs -p no:cacheprovider
 
+# `make demo DEMO_ARGS="--port 9090"` for another port.
 demo: $(DEMO_STAMP)
-	$(BIN)/python -m cachingproxy.demo
+	$(BIN)/python -m cachingproxy.demo $(DEMO_ARGS)
 
 # The proxy beside nginx proxy_cache and a direct fetch (issue 6): installs nginx and wrk from the system
 # packages when missing (benchmarks/setup.sh), runs for about 4 minutes on loopback only, prints one table
