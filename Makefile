@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench dist clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,5 +41,10 @@ bench: $(STAMP)
 	sh benchmarks/setup.sh
 	$(BIN)/python benchmarks/run.py --no-setup
 
+# The wheel to install on a server (README, "Install on a server"): dist/cachingproxy-<version>-py3-none-any.whl.
+DIST ?= dist
+dist: $(STAMP)
+	$(BIN)/python -m build --wheel --no-isolation --outdir $(DIST) .
+
 clean:
-	rm -rf $(VENV) demo-cache test-output
+	rm -rf $(VENV) demo-cache test-output build dist

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from . import __version__
 from .config import ConfigError, load_config
 
 __all__ = ["main"]
@@ -70,6 +71,7 @@ def _add_admin_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cachingproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cachingproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", default="config.toml", help="config file (default: ./config.toml)")
