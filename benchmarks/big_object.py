@@ -1,8 +1,8 @@
-"""RELIABILITY.md §6 rows 20 and 21: a 1 GiB object on miss and on hit, with 200 small hits beside it.
+"""docs/reliability.md §6 rows 20 and 21: a 1 GiB object on miss and on hit, with 200 small hits beside it.
 
 Reports the proxy's peak RSS growth (VmHWM, reset through /proc/self/clear_refs before each phase) and the
 event loop's worst lag (a 5 ms ticker inside the proxy's loop). moto runs as its own process, because it
-buffers whole objects in memory (RELIABILITY.md §5), and the clients are curl processes, so the figures are
+buffers whole objects in memory (docs/reliability.md §5), and the clients are curl processes, so the figures are
 the proxy's alone.
 
     .venv/bin/python benchmarks/big_object.py [--size-mb 1024] [--hits 200]

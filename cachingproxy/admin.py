@@ -3,7 +3,7 @@
 It is a sub-app under `[admin] path` on the proxy's listener, or its own listener on `[admin] host:port`, and is
 off (404) without a token. Every route except the dashboard page needs the token. The page itself holds no data
 and fetches it from JS with that header, so a cross-site form post, or a page on a rebinding DNS name, cannot act
-through an operator's browser (docs/reliability.md, admin exposure).
+through an operator's browser (docs/reliability.md §4, admin exposure).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = ["ADMIN_MAX_BODY", "mount_admin", "start_admin_listener"]
 
 log = logging.getLogger(__name__)
 
-ADMIN_MAX_BODY = 64 * 1024  # admin bodies are tiny JSON; aiohttp's default is 1 MiB (RELIABILITY.md §4)
+ADMIN_MAX_BODY = 64 * 1024  # admin bodies are tiny JSON; aiohttp's default is 1 MiB (docs/reliability.md §4)
 JSON_TYPE = "application/json"
 DASHBOARD = "dashboard"  # route name: the one admin route that needs no token
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})

@@ -77,7 +77,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
     request[STARTED] = time.perf_counter()
     if request.body_exists:
         # RFC 9110 §9.3.1: a GET body has no meaning, and a front proxy may frame it differently (request
-        # smuggling, docs/reliability.md). Refuse it and close, so no byte after it is read as a request.
+        # smuggling, docs/reliability.md §4). Refuse it and close, so no byte after it is read as a request.
         refusal = web.HTTPBadRequest(text="Bad Request: GET and HEAD take no body\n")
         refusal.force_close()
         raise refusal
@@ -405,7 +405,7 @@ def server_kwargs(config: Config) -> dict[str, Any]:
         "access_log_class": StructuredAccessLogger,
         # aiohttp >= 3.14 arms this timer when the connection opens and again after each response, and
         # incoming bytes do not extend it; so it is also the deadline for a complete request head, which
-        # is what cuts slowloris clients (RELIABILITY.md §0.4 describes 3.13, which armed it only after a
+        # is what cuts slowloris clients (docs/reliability.md §0.4 describes 3.13, which armed it only after a
         # response). tests/test_hostile.py sends a header a byte at a time to prove it.
         "keepalive_timeout": server.keepalive_timeout,
         # A refused body is drained for at most this long (aiohttp's default is 10 s per connection).

@@ -183,7 +183,7 @@ def new_staging(directory: Path, key: str, meta: ObjectMeta) -> Staging:
 
 
 def remove_leftovers(directory: Path) -> None:
-    """Staging files left by a crash were never indexed: remove them (RELIABILITY.md §0.5).
+    """Staging files left by a crash were never indexed: remove them (docs/reliability.md §0.5).
 
     Files are named after the worker that writes them, because sibling workers share this directory and
     a restarting worker must not delete their fills in flight. Our own pid's files are leftovers too

@@ -95,7 +95,7 @@ class FillLocks:
         self._held: dict[str, int] = {}  # key -> fd of the lock file this worker holds
 
     def _path(self, key: str) -> str:
-        # Keys never become paths (RELIABILITY.md §2): a digest is fixed-length and has no '/'.
+        # Keys never become paths (docs/reliability.md §2): a digest is fixed-length and has no '/'.
         return str(self._dir / (hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest() + ".lock"))
 
     def _try_lock(self, path: str) -> tuple[int | None, bool]:

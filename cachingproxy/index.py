@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 _FORMAT = 1  # bump when the stored metadata layout changes; older records read as misses
 # A short SQLite timeout: under contention a lookup becomes a miss instead of pinning a thread for
-# diskcache's default 60 s (RELIABILITY.md §0.7).
+# diskcache's default 60 s (docs/reliability.md §0.7).
 _SQLITE_TIMEOUT = 0.5
 _COMMIT_ATTEMPTS = 3  # a commit waits at most this many SQLite timeouts for another writer
 INDEX_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
@@ -116,7 +116,7 @@ class EntryIndex:
         cache = diskcache.Cache(
             str(self._directory),
             size_limit=self._size_limit,
-            # Not "least-recently-used": that turns every read into a write transaction (RELIABILITY.md §0.7),
+            # Not "least-recently-used": that turns every read into a write transaction (docs/reliability.md §0.7),
             # which serialises hits and times out under load. Hits are recorded in memory and written back
             # in one batched transaction (`touch`), which approximates LRU to within the batch interval and
             # keeps every hit read-only.

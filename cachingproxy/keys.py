@@ -91,7 +91,7 @@ def request_target(method: str, target: str) -> OriginForm | BadTarget:
 
 
 def request_key(raw_path: str, *, mount: str, prefix: str, index_document: str) -> Key | Reject | Redirect:
-    """Decode `request.raw_path` once and join it to `prefix` by concatenation (RELIABILITY.md §4).
+    """Decode `request.raw_path` once and join it to `prefix` by concatenation (docs/reliability.md §4).
 
     The router only sends paths equal to `mount` or under `mount + "/"`; anything else is a 404.
     """

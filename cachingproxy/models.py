@@ -36,7 +36,7 @@ class ObjectMeta:
 
     @property
     def md5(self) -> str | None:
-        """The body's MD5 when the ETag is one (single-part, not KMS/SSE-C; RELIABILITY.md §0.2)."""
+        """The body's MD5 when the ETag is one (single-part, not KMS/SSE-C; docs/reliability.md §0.2)."""
         if self.encrypted or not _MD5_ETAG.match(self.etag):
             return None
         return self.etag[1:-1].lower()

@@ -48,7 +48,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Representation headers S3 stores with an object and a browser needs; user metadata (x-amz-meta-*) is
-# deliberately absent so nothing a publisher sets can be reflected (RELIABILITY.md §4, header injection).
+# deliberately absent so nothing a publisher sets can be reflected (docs/reliability.md §4, header injection).
 FORWARDED_HEADERS = {
     "content-type": "Content-Type",
     "cache-control": "Cache-Control",
@@ -81,7 +81,7 @@ class OriginDenied(OriginError):
 
     @property
     def proves_absence(self) -> bool:
-        """Only a GET's AccessDenied body can mean "missing" (RELIABILITY.md §0.3); a HEAD 403 never does."""
+        """Only a GET's AccessDenied body can mean "missing" (docs/reliability.md §0.3); a HEAD 403 never does."""
         return self.code == "AccessDenied"
 
 

@@ -181,7 +181,7 @@ class CacheStore:
         if handle is None:
             return None
         size = os.fstat(handle.fileno()).st_size
-        # diskcache never fsyncs, and its own repair accepts a short file (RELIABILITY.md §0.5): a body whose
+        # diskcache never fsyncs, and its own repair accepts a short file (docs/reliability.md §0.5): a body whose
         # size disagrees with S3's is a miss, never served. Same-size damage (bit rot, a zeroed page after
         # power loss) needs the opt-in full MD5 check, which reads the whole file on every hit.
         problem = f"{size} bytes, expected {entry.meta.size}" if size != entry.meta.size else None

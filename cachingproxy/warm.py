@@ -43,7 +43,7 @@ NOT_STORED = "fetched, but the cache could not store it (see cache_write_errors)
 
 
 def failure_reason(exc: OriginError) -> str:
-    """A short fixed reason; S3's own text (bucket, request ids) never reaches a client (RELIABILITY.md §4)."""
+    """A short fixed reason; S3's own text (bucket, request ids) never reaches a client (docs/reliability.md §4)."""
     if isinstance(exc, ObjectMissing):
         return "missing: deleted since it was listed"
     if isinstance(exc, OriginDenied):

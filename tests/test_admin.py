@@ -110,7 +110,7 @@ def admin_log() -> Iterator[Records]:
 
 
 def not_stored(job: dict[str, Any], store_errors: int) -> set[str]:
-    """Keys a warm fetched but the cache refused (a SQLite lock timeout under load; RELIABILITY.md §0.7).
+    """Keys a warm fetched but the cache refused (a SQLite lock timeout under load; docs/reliability.md §0.7).
 
     Such an object is reported failed, never "fetched". There are normally none, and then every comparison
     in the warm tests is exact; on a starved machine they are exact about the rest.

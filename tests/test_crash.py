@@ -1,4 +1,4 @@
-"""Crash safety (RELIABILITY.md §6 rows 15 and 37): the proxy as a real subprocess, killed or stopped mid-write."""
+"""Crash safety (docs/reliability.md §6 rows 15 and 37): the proxy as a real subprocess, killed or stopped mid-write."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Resilience: RELIABILITY.md §6 rows 1-14, 16-19, 22-24, injected by the real shim in front of moto.
+"""Resilience: docs/reliability.md §6 rows 1-14, 16-19, 22-24, injected by the real shim in front of moto.
 
 Each test names its row; the figures it asserts are the ones quoted in the README's reliability table.
 """

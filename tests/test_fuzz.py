@@ -1,6 +1,6 @@
 """Property-based fuzzing of a running proxy: generated paths, query strings, methods and headers, sent raw.
 
-The properties (issue 5, RELIABILITY.md §6 rows 27-29 and 33): no 5xx, nothing from outside `[s3] prefix` (the
+The properties (issue 5, docs/reliability.md §6 rows 27-29 and 33): no 5xx, nothing from outside `[s3] prefix` (the
 bucket holds a secret beside it), S3 is only ever asked for keys inside the prefix, the server stays up, and
 afterwards every cached entry is byte-for-byte its object under its ETag.
 

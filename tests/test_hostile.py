@@ -1,6 +1,6 @@
 """Hostile input over real sockets: traversal, open redirects, injection, poisoning, limits, smuggling, slowloris.
 
-Rows 27-34 and 36 of RELIABILITY.md §6. Requests that a client library would normalise go out on raw sockets,
+Rows 27-34 and 36 of docs/reliability.md §6. Requests that a client library would normalise go out on raw sockets,
 byte for byte. The bucket holds a secret outside `[s3] prefix` in every test that could reach one, and the shim's
 log proves which keys S3 was asked for.
 """

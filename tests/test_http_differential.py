@@ -333,7 +333,7 @@ async def test_proxy_answers_like_s3(make_proxy: MakeProxy, bucket: Bucket, shim
     plan = {obj.key: _cases_for(obj) for obj in CORPUS}
 
     async def ask(obj: Obj, case: Case, state: str, s3: dict[str, Answer], request: dict[str, str]) -> None:
-        # Literal sub-delims in the path: "+", "=", "&" and ";" are not special to the proxy (RELIABILITY §3).
+        # Literal sub-delims in the path: "+", "=", "&" and ";" are not special to the proxy (docs/reliability.md §3).
         path = "/docs/" + quote(obj.key, safe="/+=&;")
         if state == "MISS":
             await store.forget(PREFIX + obj.key)

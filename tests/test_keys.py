@@ -1,4 +1,4 @@
-"""Raw request path -> S3 key, one row per rule (RELIABILITY.md §3 keys, §4 traversal and redirects)."""
+"""Raw request path -> S3 key, one row per rule (docs/reliability.md §3 keys, §4 traversal and redirects)."""
 
 from __future__ import annotations
 
