@@ -51,6 +51,7 @@ __all__ = ["create_app", "server_kwargs"]
 log = logging.getLogger(__name__)
 
 LEADER = web.AppKey("leader", bool)
+_OUTCOME_HEADERS = ("X-Cache", "Age", "Cache-Status")  # on every response that comes from an object
 
 
 @web.middleware
@@ -58,6 +59,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """One error boundary: short plain-text statuses, never a traceback or anything S3 said."""
     try:
         return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        # aiohttp writes "GET,HEAD"; RFC 9110 §10.2.1's list style (and the README) has a space.
+        exc.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        raise
     except web.HTTPException:
         raise
     except ObjectMissing:
@@ -289,7 +294,10 @@ def _bodiless(plan: Plan, headers: CIMultiDictProxy[str]) -> web.Response:
     if plan.status == 304:
         kept: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k in NOT_MODIFIED_HEADERS)
         return web.Response(status=304, headers=kept)
-    extra = {"Content-Range": plan.content_range} if plan.content_range else {}
+    # The object was looked up, so the outcome applies here too.
+    extra = {name: headers[name] for name in _OUTCOME_HEADERS}
+    if plan.content_range:
+        extra["Content-Range"] = plan.content_range
     text = "Range Not Satisfiable\n" if plan.status == 416 else "Precondition Failed\n"
     return web.Response(status=plan.status, text=text, headers=extra)
 
