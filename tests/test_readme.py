@@ -61,6 +61,8 @@ def test_no_document_points_outside_the_repository() -> None:
     offenders = []
     for name in tracked.split():
         path = ROOT / name
+        if name == "tests/test_readme.py":  # this file names them to look for them
+            continue
         if path.suffix in {".py", ".md", ".toml", ".sh", ".html", ".cfg", ".txt"} or name in {"Makefile", ".ci/run"}:
             text = path.read_text(encoding="utf-8", errors="replace")
             if "../shared" in text or "RELIABILITY.md" in text or "DESIGN.md" in text:
