@@ -1,21 +1,22 @@
-"""The access log: one JSON line per response, and the measurements taken once the response is sent."""
+"""The access log: one line per response (accessline.py), and the measurements taken once it is sent."""
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 from time import perf_counter
+from time import time as wall_clock
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .accessline import combined_line, json_line, new_request_id, request_id_from
 from .appkeys import BODY_SENT, S3_CALLS, SITE, STARTED
 from .counters import S3_CALLS as CURRENT_S3_CALLS
 from .counters import SITE as SITE_NAME
 from .monitoring import OPS
 
-__all__ = ["StructuredAccessLogger", "track_s3_calls"]
+__all__ = ["StructuredAccessLogger", "request_id", "track_s3_calls"]
 
 
 def track_s3_calls(request: web.Request) -> None:
@@ -27,12 +28,15 @@ def track_s3_calls(request: web.Request) -> None:
 
 class StructuredAccessLogger(AbstractAccessLogger):
     """After each response is sent: its latency by X-Cache and the object bytes it delivered go to the
-    metrics, and one JSON line (method, path, status, bytes, cache, ms, s3: the S3 requests it caused) to
-    the log. Latency runs to the end of the send, from the object handler's STARTED stamp (or, for other
-    routes, from aiohttp's own start, which has millisecond resolution under uvloop).
+    metrics, and one line to the log, in the format `[server] access_log` names (aiohttp hands it over as
+    `access_log_format`, see `app.server_kwargs`): "json" (accessline.json_line: time, site, client, method, path,
+    status, bytes, cache, ms, s3: the S3 requests it caused, ua, id: the X-Request-Id sent), "combined"
+    (Apache/nginx), or "off" (measured, not logged). Latency runs to the end of the send, from the object
+    handler's STARTED stamp (or, for other routes, from aiohttp's own start, which has millisecond resolution
+    under uvloop).
 
     So every listener that serves the proxy must use this class (`app.server_kwargs` passes it). The path
-    is logged without its query string and no header is logged, so neither can leak a token.
+    and referer are logged without their query strings and no other header is logged, so none can leak a token.
     """
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
@@ -55,15 +59,30 @@ class StructuredAccessLogger(AbstractAccessLogger):
                     ops.counters.add("bytes_served", delivered)
                 finally:
                     SITE_NAME.reset(token)
-        if not self.logger.isEnabledFor(logging.INFO):
+        if self.log_format == "off" or not self.logger.isEnabledFor(logging.INFO):
             return
         if delivered is None:  # not an object response: whatever body it had in full, none for HEAD
             delivered = (response.content_length or 0) if isinstance(response, web.Response) and \
                 request.method != "HEAD" else 0
-        calls = request.get(S3_CALLS)
         path = request.raw_path.partition("?")[0].partition("#")[0]
-        # Formatted by hand: json.dumps of the whole dict cost more than the rest of a cached hit's logging.
-        self.logger.info(
-            '{"site":%s,"method":%s,"path":%s,"status":%d,"bytes":%d,"cache":%s,"ms":%.1f,"s3":%s}',
-            json.dumps(site_name or "-"), json.dumps(request.method), json.dumps(path), response.status, delivered,
-            json.dumps(outcome or "-"), time * 1000, json.dumps(dict(calls), separators=(",", ":")) if calls else "{}")
+        client = request.remote or ""
+        agent = request.headers.get("User-Agent", "")
+        if self.log_format == "combined":
+            version = f"HTTP/{request.version.major}.{request.version.minor}"
+            self.logger.info("%s", combined_line(
+                when=wall_clock(), client=client, method=request.method, path=path, version=version,
+                status=response.status, size=delivered, referer=request.headers.get("Referer", ""),
+                user_agent=agent))
+            return
+        calls = request.get(S3_CALLS)
+        self.logger.info("%s", json_line(
+            when=wall_clock(), site=site_name or "-", client=client, method=request.method, path=path,
+            status=response.status, size=delivered, cache=outcome or "-", ms=time * 1000, s3=calls or {},
+            user_agent=agent,
+            # Set with the X-Request-Id header as the response was prepared; aiohttp's own 400s never were.
+            request_id=response.headers.get("X-Request-Id") or new_request_id()))
+
+
+async def request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response the app makes says its request id (the access log's `id`)."""
+    response.headers["X-Request-Id"] = request_id_from(request.headers.get("X-Request-Id"))

@@ -9,11 +9,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .accesslog import StructuredAccessLogger, track_s3_calls
+from .accesslog import StructuredAccessLogger, request_id, track_s3_calls
 from .admin import mount_admin, start_admin_listener
 from .appkeys import BODY_SENT, CLOCK, CONFIG, COUNTERS, SITE, SITES, STARTED, STORE, TALLY
 from .conditional import Plan, evaluate
@@ -51,6 +51,11 @@ __all__ = ["create_app", "server_kwargs"]
 log = logging.getLogger(__name__)
 
 LEADER = web.AppKey("leader", bool)
+SERVER = "cachingproxy"
+# Every response's Server header, aiohttp's own 400s for malformed requests included (no app hook sees those):
+# aiohttp names itself and Python with their versions, which tells a scanner what to try. web_response reads
+# this module global for each response (aiohttp 3.14; pinned below 3.15), tests/test_readme.py checks it.
+setattr(web_response, "SERVER_SOFTWARE", SERVER)  # noqa: B010 (not exported: mypy)
 _OUTCOME_HEADERS = ("X-Cache", "Age", "Cache-Status")  # on every response that comes from an object
 
 
@@ -411,6 +416,7 @@ def server_kwargs(config: Config) -> dict[str, Any]:
     server = config.server
     return {
         "access_log_class": StructuredAccessLogger,
+        "access_log_format": server.access_log,  # our logger's format name, not aiohttp's %-format
         # aiohttp >= 3.14 arms this timer when the connection opens and again after each response, and
         # incoming bytes do not extend it; so it is also the deadline for a complete request head, which
         # is what cuts slowloris clients (docs/reliability.md §0.4 describes 3.13, which armed it only after a
@@ -441,6 +447,7 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     app[LEADER] = leader
     app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _ops_ctx])  # unwound in reverse
     app.on_response_prepare.append(_on_prepare)
+    app.on_response_prepare.append(request_id)
     # Registered first, so they win over a site mounted at "/".
     add_monitoring_routes(app, public_metrics=config.admin.public_metrics)
     if not config.admin.port:

@@ -46,6 +46,7 @@ class ServerConfig:
     max_field_size: int = 8190
     max_headers: int = 64
     workers: int = 0  # processes on one port (SO_REUSEPORT); 0 = one per core, see workers.py
+    access_log: str = "json"  # "json" (one object per line), "combined" (Apache/nginx) or "off"; accessline.py
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,7 @@ class Config:
 
 _ADDRESSING = ("auto", "path", "virtual")
 _RETRY_MODES = ("standard", "adaptive", "legacy")
+_ACCESS_LOGS = ("json", "combined", "off")  # accessline.FORMATS; config imports nothing of ours
 
 
 def _values(cls: type[Any], raw: Any, where: str, src: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -234,6 +236,7 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     _check(server.send_timeout > 0, src, "server.send_timeout", "must be > 0")
     for key in ("max_line_size", "max_field_size", "max_headers"):
         _check(getattr(server, key) >= 1, src, f"server.{key}", "must be >= 1")
+    _check(server.access_log in _ACCESS_LOGS, src, "server.access_log", f"must be one of {_ACCESS_LOGS}")
     _check(bool(cache.directory), src, "cache.directory", "is required")
     _check(cache.size_limit_mb >= 1, src, "cache.size_limit_mb", "must be >= 1")
     _check(admin.path.startswith("/") and len(admin.path) > 1, src, "admin.path", "must start with '/'")

@@ -1,15 +1,22 @@
-"""Logging for the served process: a cheap timestamp, one-line 400s, and records written off the event loop."""
+"""Logging for the served process: a cheap timestamp, one-line 400s, an access log of bare lines that never
+interleave across workers, and records written off the event loop."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-__all__ = ["LogFormatter", "MaskSecrets", "OneLineBadRequests", "configure_logging", "logging_off_the_loop"]
+__all__ = ["ACCESS_LOGGER", "AtomicLines", "LogFormatter", "MaskSecrets", "OneLineBadRequests", "configure_logging",
+           "logging_off_the_loop"]
+
+ACCESS_LOGGER = "aiohttp.access"  # the logger aiohttp hands the access logger class
+PIPE_BUF = 4096  # Linux: a write of at most this many bytes to a pipe is atomic (pipe(7))
 
 
 class LogFormatter(logging.Formatter):
@@ -83,6 +90,41 @@ class MaskSecrets(logging.Filter):
         return text
 
 
+class AtomicLines(logging.Handler):
+    """The access log's handler: each record's message alone (no timestamp or level prefix: accessline.py
+    builds the whole line), written to a file descriptor in single writes of whole lines, at most PIPE_BUF bytes
+    each. Workers share one stderr; a buffered stream would split a batch at its buffer's edges, and another
+    worker's write could then land inside a line. Lines are kept under PIPE_BUF by accessline.LINE_LIMIT.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write([record])
+
+    def write(self, records: Sequence[logging.LogRecord]) -> None:
+        chunk: list[bytes] = []
+        size = 0
+        for record in records:
+            line = (record.getMessage() + "\n").encode("utf-8", "replace")
+            if chunk and size + len(line) > PIPE_BUF:
+                self._write(b"".join(chunk), record)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write(b"".join(chunk), records[-1])
+
+    def _write(self, data: bytes, record: logging.LogRecord) -> None:
+        try:
+            while data:  # a blocking write of <= PIPE_BUF bytes to a pipe is all or nothing; a file takes it all
+                data = data[os.write(self._fd, data):]
+        except OSError:
+            self.handleError(record)
+
+
 class _Batched(logging.Handler):
     """Collects records on the event loop and hands them to the real handlers on one thread, in batches.
 
@@ -123,6 +165,10 @@ class _Batched(logging.Handler):
             return
         for handler in self._handlers:
             records = [r for r in batch if r.levelno >= handler.level]
+            if isinstance(handler, AtomicLines):
+                with handler.lock or contextlib.nullcontext():
+                    handler.write([r for r in records if handler.filter(r)])
+                continue
             if type(handler) is not logging.StreamHandler:
                 for record in records:
                     handler.handle(record)
@@ -164,22 +210,29 @@ def logging_off_the_loop() -> Iterator[None]:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # documented switch: no stack walk to find the caller
-    root = logging.getLogger()
-    handlers = list(root.handlers)
+    with contextlib.ExitStack() as stack:
+        for logger in (logging.getLogger(), logging.getLogger(ACCESS_LOGGER)):
+            stack.enter_context(_batched(logger))
+        yield
+
+
+@contextlib.contextmanager
+def _batched(logger: logging.Logger) -> Iterator[None]:
+    handlers = list(logger.handlers)
     if not handlers:
         yield
         return
     batched = _Batched(handlers)
     for handler in handlers:
-        root.removeHandler(handler)
-    root.addHandler(batched)
+        logger.removeHandler(handler)
+    logger.addHandler(batched)
     try:
         yield
     finally:
-        root.removeHandler(batched)
+        logger.removeHandler(batched)
         batched.close()  # writes what is still waiting
         for handler in handlers:
-            root.addHandler(handler)
+            logger.addHandler(handler)
 
 
 def configure_logging(secrets: tuple[str, ...] = ()) -> None:
@@ -189,5 +242,11 @@ def configure_logging(secrets: tuple[str, ...] = ()) -> None:
     handler.addFilter(MaskSecrets(secrets))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("aiohttp.server").addFilter(OneLineBadRequests())
+    # The access log: bare lines (JSON objects or combined), straight to stderr's descriptor (AtomicLines).
+    access = logging.getLogger(ACCESS_LOGGER)
+    lines = AtomicLines(sys.stderr.fileno())
+    lines.addFilter(MaskSecrets(secrets))  # applied by _Batched before each write, as for the other handler
+    access.addHandler(lines)
+    access.propagate = False
     # botocore DEBUG is wire-level, credentials included (botocore#2626): never let it through.
     logging.getLogger("botocore").setLevel(logging.WARNING)

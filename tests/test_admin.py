@@ -610,26 +610,38 @@ async def test_access_log_is_one_json_line_per_request_with_the_s3_calls_it_caus
         server = TestServer(create_app(config, clock=clock))
         await server.start_server(**server_kwargs(config), access_log=logger)
         proxy = cast(ProxyClient, await aiohttp_client(server))  # see conftest.make_proxy
-        assert len(await (await proxy.get("/docs/a.html")).read()) == 100
+        responses = [await proxy.get("/docs/a.html")]
+        assert len(await responses[0].read()) == 100
         await service_of(proxy).settle()  # committed: the next GET is a HIT, not a join of the same fill
-        assert len(await (await proxy.get("/docs/a.html?utm=x")).read()) == 100
+        responses.append(await proxy.get("/docs/a.html?utm=x"))
+        assert len(await responses[1].read()) == 100
         clock.advance(TTL + 1)
-        await proxy.head("/docs/a.html")
-        await proxy.get("/_admin/stats?token=secret", headers=AUTH)
+        responses.append(await proxy.head("/docs/a.html"))
+        responses.append(await proxy.get("/_admin/stats?token=secret", headers=AUTH))
+        sent_ids = []
+        for resp in responses:
+            sent_ids.append(resp.headers["X-Request-Id"])
         lines = [json.loads(line) for line in await records.wait_for(4)]
     finally:
         logger.removeHandler(records)
-    assert [{k: v for k, v in line.items() if k != "ms"} for line in lines] == [
-        {"site": "default", "method": "GET", "path": "/docs/a.html", "status": 200, "bytes": 100, "cache": "MISS",
-         "s3": {"GET": 1}},
-        {"site": "default", "method": "GET", "path": "/docs/a.html", "status": 200, "bytes": 100, "cache": "HIT",
-         "s3": {}},
-        {"site": "default", "method": "HEAD", "path": "/docs/a.html", "status": 200, "bytes": 0,
-         "cache": "REVALIDATED", "s3": {"HEAD": 1}},
-        {"site": "-", "method": "GET", "path": "/_admin/stats", "status": 200, "bytes": lines[3]["bytes"],
-         "cache": "-", "s3": {"LIST": 1}},
+    varying = {"ms", "time", "id"}
+    agent = lines[0]["ua"]
+    assert agent.startswith("Python/") and "aiohttp" in agent  # the test client's
+    assert [{k: v for k, v in line.items() if k not in varying} for line in lines] == [
+        {"site": "default", "client": "127.0.0.1", "method": "GET", "path": "/docs/a.html", "status": 200,
+         "bytes": 100, "cache": "MISS", "s3": {"GET": 1}, "ua": agent},
+        {"site": "default", "client": "127.0.0.1", "method": "GET", "path": "/docs/a.html", "status": 200,
+         "bytes": 100, "cache": "HIT", "s3": {}, "ua": agent},
+        {"site": "default", "client": "127.0.0.1", "method": "HEAD", "path": "/docs/a.html", "status": 200,
+         "bytes": 0, "cache": "REVALIDATED", "s3": {"HEAD": 1}, "ua": agent},
+        {"site": "-", "client": "127.0.0.1", "method": "GET", "path": "/_admin/stats", "status": 200,
+         "bytes": lines[3]["bytes"], "cache": "-", "s3": {"LIST": 1}, "ua": agent},
     ]
+    assert [list(line) for line in lines] == [["time", "site", "client", "method", "path", "status", "bytes",
+                                               "cache", "ms", "s3", "ua", "id"]] * 4
     assert all(isinstance(line["ms"], float) for line in lines)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]) for line in lines)
+    assert [line["id"] for line in lines] == sent_ids and len(set(sent_ids)) == 4
     assert not any(TOKEN in raw or "secret" in raw for raw in records.lines)
 
 
