@@ -192,11 +192,13 @@ async def _dashboard(request: web.Request) -> web.Response:
 
 async def _stats(request: web.Request) -> web.Response:
     ops = _ops(request)
-    reachable = await ops.s3_reachable()  # first, so the snapshot counts the LISTs it may make
+    checks = await ops.s3_checks()  # first, so the snapshot counts the LISTs it may make
     figures = (await ops.snapshot()).as_json()
-    figures["s3"] = "ok" if all(reachable.values()) else "unreachable"
-    for name, ok in reachable.items():
-        figures["sites"][name]["s3"] = "ok" if ok else "unreachable"
+    # "ok", or what is wrong: "unreachable", "denied", "no such bucket" (s3state.S3State).
+    states = [check.state.value for check in checks.values()]
+    figures["s3"] = next((state for state in states if state != "ok"), "ok")
+    for name, check in checks.items():
+        figures["sites"][name]["s3"] = check.state.value
     return web.json_response(figures, headers=NO_STORE)
 
 

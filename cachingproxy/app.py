@@ -37,9 +37,19 @@ from .metrics import slots as metric_slots
 from .models import Clock, ObjectMeta
 from .monitoring import OPS, Ops, add_monitoring_routes
 from .namespace import NamespacedStore, namespace_for
-from .origin import ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin, client_settings, open_client
+from .origin import (
+    BucketMissing,
+    ObjectMissing,
+    OriginDenied,
+    OriginError,
+    OriginTimeout,
+    S3Origin,
+    client_settings,
+    open_client,
+)
 from .policy import Breaker, ttl_left, windows_for
 from .requestforms import quiet_parse_errors, request_forms
+from .s3state import EveryMinute, endpoint
 from .service import CachingProxy, FromCache, FromFill, FromHead, Resolved
 from .sites import Listing, Site, Sites
 from .store import CacheStore
@@ -51,7 +61,9 @@ __all__ = ["create_app", "server_kwargs"]
 log = logging.getLogger(__name__)
 
 LEADER = web.AppKey("leader", bool)
+CHECK_BUCKET = web.AppKey("check_bucket", bool)
 SERVER = "cachingproxy"
+_BUCKET_MISSING_LOG = EveryMinute()
 # Every response's Server header, aiohttp's own 400s for malformed requests included (no app hook sees those):
 # aiohttp names itself and Python with their versions, which tells a scanner what to try. web_response reads
 # this module global for each response (aiohttp 3.14; pinned below 3.15), tests/test_readme.py checks it.
@@ -71,6 +83,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException:
         raise
     except ObjectMissing:
+        raise web.HTTPNotFound(text="Not Found\n") from None
+    except BucketMissing:
+        # Not a missing key (nothing is negative-cached), but every request would say so: once a minute.
+        site = request.get(SITE)
+        if site is not None and _BUCKET_MISSING_LOG.due(time.monotonic()):
+            s3 = site.config.s3
+            log.error('404: bucket "%s" does not exist at %s (logged once a minute)', s3.bucket, endpoint(s3))
         raise web.HTTPNotFound(text="Not Found\n") from None
     except OriginTimeout:
         raise web.HTTPGatewayTimeout(text="Gateway Timeout: the object store did not answer in time\n") from None
@@ -383,6 +402,8 @@ async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
     ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[SITES], app[COUNTERS], app[TALLY])
     leader = app[LEADER]
     runner: web.AppRunner | None = None
+    # One check of the bucket per proxy, in the background: a problem is logged, and starting goes on.
+    report = asyncio.create_task(ops.report_buckets()) if app[CHECK_BUCKET] else None
     try:
         runner = await start_admin_listener(config, ops, leader=leader)
         for site in config.sites if leader else ():
@@ -390,6 +411,8 @@ async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
                 ops.warmers[site.name].start_mirror(site.warm_prefixes, config.admin.warm_interval)
         yield
     finally:
+        if report is not None:
+            report.cancel()
         await ops.close()
         if runner is not None:
             await runner.cleanup()
@@ -431,11 +454,12 @@ def server_kwargs(config: Config) -> dict[str, Any]:
 
 
 def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = None, row: int = 0,
-               leader: bool = True) -> web.Application:
+               leader: bool = True, check_bucket: bool = False) -> web.Application:
     """Build the app; no I/O here, everything that opens something lives in a cleanup context.
 
     `slab` and `row`: the workers' shared counters and this worker's row in them (workers.py, tally.py).
     `leader`: this process runs the once-per-proxy duties (the admin listener, mirror mode; workers.py).
+    `check_bucket`: check the bucket once at start and log what is wrong (`cachingproxy serve`'s leader).
     """
     quiet_parse_errors()  # aiohttp's own 400s never echo request bytes (requestforms.py)
     app = web.Application(middlewares=[request_forms, error_middleware])
@@ -445,6 +469,7 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     app[TALLY] = Tally((*cell_names(names), *metric_slots(names)), slab, row)
     app[COUNTERS] = Counters(app[TALLY], names)
     app[LEADER] = leader
+    app[CHECK_BUCKET] = check_bucket
     app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _ops_ctx])  # unwound in reverse
     app.on_response_prepare.append(_on_prepare)
     app.on_response_prepare.append(request_id)

@@ -9,6 +9,7 @@ admin API is, behind its token (`{admin path}/metrics`), and on the public port 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from aiohttp import web
@@ -17,7 +18,8 @@ from .config import Config
 from .counters import SITE, Counters
 from .metrics import CONTENT_TYPE, Metrics, Snapshot
 from .models import Clock
-from .origin import OriginDenied, OriginError
+from .origin import BucketMissing, OriginDenied, OriginError, OriginTimeout
+from .s3state import S3Check, S3State, problem, readiness
 from .sites import Site, Sites
 from .store import CacheStore
 from .tally import Tally
@@ -25,18 +27,10 @@ from .warm import JobBoard, Warmer
 
 __all__ = ["NO_STORE", "OPS", "READY_PROBE_TIMEOUT", "Ops", "add_monitoring_routes", "metrics", "readiness"]
 
+log = logging.getLogger(__name__)
+
 READY_PROBE_TIMEOUT = 2.0  # /readyz answers within this even when S3 accepts connections and never replies
 NO_STORE = {"Cache-Control": "no-store"}
-
-
-def readiness(cache_ok: bool, s3_ok: bool, some_s3_ok: bool | None = None) -> tuple[int, str]:
-    """/readyz: "ready" when the cache and every site's bucket work; "degraded" but still 200 when something
-    still serves (the cache, or some bucket); else 503. `some_s3_ok` defaults to `s3_ok` (one site)."""
-    if cache_ok and s3_ok:
-        return 200, "ready"
-    if cache_ok or (s3_ok if some_s3_ok is None else some_s3_ok):
-        return 200, "degraded"
-    return 503, "unavailable"
 
 
 class Ops:
@@ -58,16 +52,19 @@ class Ops:
                               slots=slots, board=board)
             for site in sites}
         self.started = clock()
-        self._s3_state: dict[str, tuple[float, bool]] = {}  # site -> (checked at, reachable)
-        self._probes: dict[str, asyncio.Task[bool]] = {}
+        self._s3_state: dict[str, tuple[float, S3Check]] = {}  # site -> (checked at, what was found)
+        self._probes: dict[str, asyncio.Task[S3Check]] = {}
 
     async def s3_reachable(self) -> dict[str, bool]:
+        return {name: check.state is S3State.OK for name, check in (await self.s3_checks()).items()}
+
+    async def s3_checks(self) -> dict[str, S3Check]:
         """Each site's bucket: one 1-key ListObjectsV2 per `readiness_ttl`, shared by concurrent callers."""
         names = self.sites.names
-        answers = await asyncio.gather(*(self._reachable(self.sites[name]) for name in names))
+        answers = await asyncio.gather(*(self._s3_check(self.sites[name]) for name in names))
         return dict(zip(names, answers, strict=True))
 
-    async def _reachable(self, site: Site) -> bool:
+    async def _s3_check(self, site: Site) -> S3Check:
         state = self._s3_state.get(site.name)
         if state is not None and self.clock() - state[0] < self.config.admin.readiness_ttl:
             return state[1]
@@ -100,20 +97,34 @@ class Ops:
             probe.cancel()
         await asyncio.gather(*(warmer.close() for warmer in self.warmers.values()))
 
-    async def _check_s3(self, site: Site) -> bool:
+    async def _check_s3(self, site: Site) -> S3Check:
         SITE.set(site.name)  # this task's own context: its LIST is the site's
         try:
             async with asyncio.timeout(READY_PROBE_TIMEOUT):
                 await site.origin.list_page(site.config.s3.prefix, max_keys=1)
-            ok = True
+            check = S3Check(S3State.OK)
+        except BucketMissing:
+            check = S3Check(S3State.NO_SUCH_BUCKET, "NoSuchBucket")
         except OriginDenied as exc:
             # AccessDenied on a list is a read-only role without s3:ListBucket: S3 answered, and GETs may well
-            # work. An expired token or a bad signature is an outage for the proxy too.
-            ok = exc.proves_absence
-        except (OriginError, TimeoutError):
-            ok = False
-        self._s3_state[site.name] = (self.clock(), ok)
-        return ok
+            # work. An expired token, a bad signature or no credentials at all stop every request.
+            check = S3Check(S3State.OK if exc.proves_absence else S3State.DENIED, exc.code)
+        except (OriginTimeout, TimeoutError):
+            check = S3Check(S3State.UNREACHABLE, "timeout")
+        except OriginError as exc:
+            check = S3Check(S3State.UNREACHABLE, str(exc).strip() or exc.__class__.__name__)
+        self._s3_state[site.name] = (self.clock(), check)
+        return check
+
+    async def report_buckets(self) -> None:
+        """At start: check each site's bucket once and log one line per problem (s3state.problem)."""
+        checks = await self.s3_checks()
+        for site in self.sites:
+            check = checks[site.name]
+            line = problem(check, site.config.s3)
+            if line is not None:
+                label = f'site "{site.name}": ' if len(self.sites) > 1 else ""
+                (log.warning if check.state is S3State.OK else log.error)("%s%s", label, line)
 
 
 OPS = web.AppKey("ops", Ops)
@@ -134,13 +145,31 @@ async def _readyz(request: web.Request) -> web.Response:
     ops = request.app[OPS]
     cache = await ops.store.check()  # "full" still serves (bodies pass through): ready, and says so
     cache_ok = cache != "failed"
-    reachable = await ops.s3_reachable()
-    status, word = readiness(cache_ok, all(reachable.values()), any(reachable.values()))
+    checks = await ops.s3_checks()
+    rows, _ = await ops.store.stats() if cache_ok else (0, 0)
+    answers = {name: readiness(cache_ok, rows > 0, check.state) for name, check in checks.items()}
+    status, word, reason = _overall(answers)
+    states = [check.state for check in checks.values()]
+    s3 = next((state for state in states if state is not S3State.OK), S3State.OK)
     body: dict[str, object] = {"status": word, "cache": cache if cache_ok else "unavailable",
-                               "s3": "ok" if all(reachable.values()) else "unreachable"}
-    if len(reachable) > 1:
-        body["sites"] = {name: "ok" if ok else "unreachable" for name, ok in reachable.items()}
+                               "s3": s3.value}
+    if len(checks) > 1:
+        body["sites"] = {name: check.state.value for name, check in checks.items()}
+    if reason:
+        body["reason"] = reason
     return web.json_response(body, status=status, headers=NO_STORE)
+
+
+def _overall(answers: dict[str, tuple[int, str, str]]) -> tuple[int, str, str]:
+    """One site: its answer. Several: ready when all are; 200 degraded while any can serve; else 503."""
+    if len(answers) == 1:
+        return next(iter(answers.values()))
+    reasons = "; ".join(f"{name}: {reason}" for name, (_, _, reason) in answers.items() if reason)
+    if all(word == "ready" for _, word, _ in answers.values()):
+        return 200, "ready", ""
+    if any(status == 200 for status, _, _ in answers.values()):
+        return 200, "degraded", reasons
+    return 503, "unavailable", reasons
 
 
 async def metrics(request: web.Request) -> web.Response:

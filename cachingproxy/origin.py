@@ -21,6 +21,7 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     EndpointConnectionError,
     FlexibleChecksumError,
+    NoCredentialsError,
     ReadTimeoutError,
 )
 
@@ -31,6 +32,7 @@ from .models import ObjectMeta
 __all__ = [
     "FORWARDED_HEADERS",
     "BodyCorrupt",
+    "BucketMissing",
     "Folder",
     "ListedObject",
     "ObjectBody",
@@ -70,6 +72,10 @@ class OriginError(Exception):
 
 class ObjectMissing(OriginError):
     """S3 says the key does not exist."""
+
+
+class BucketMissing(OriginError):
+    """S3 says the bucket does not exist (NoSuchBucket): no key in it is missing, so nothing is negative-cached."""
 
 
 class OriginDenied(OriginError):
@@ -154,6 +160,8 @@ def _translated(op: str, key: str) -> Iterator[None]:
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code == "NoSuchBucket":
+            raise BucketMissing(code) from None
         if code in _MISSING_CODES or status == 404:
             raise ObjectMissing(key) from None
         if code in _DENIED_CODES or status == 403:
@@ -161,6 +169,9 @@ def _translated(op: str, key: str) -> Iterator[None]:
             raise OriginDenied(code or str(status)) from None
         log.warning("s3 %s failed: %s %s", op, status, code)
         raise OriginUnavailable(f"{status} {code}") from None
+    except NoCredentialsError:
+        # Raised before anything is sent: the credential chain found nothing. A denial, not an outage.
+        raise OriginDenied("NoCredentialsError") from None
     except FlexibleChecksumError:
         log.error("s3 %s body failed its checksum", op)
         raise BodyCorrupt(op) from None
@@ -208,9 +219,18 @@ class S3Origin:
         self._deadline = config.request_timeout
         self._read_timeout = config.read_timeout + 1.0
         self._counters = counters
+        # What the last GET or LIST said about the bucket: a HEAD's 404 has no body to tell a missing bucket
+        # from a missing key, so while the bucket is known to be missing its 404s are read as that.
+        self.bucket_missing = False
 
     async def head(self, key: str) -> ObjectMeta:
-        resp = await self._send("HeadObject", key, lambda: self._client.head_object(Bucket=self._bucket, Key=key))
+        try:
+            resp = await self._send("HeadObject", key,
+                                    lambda: self._client.head_object(Bucket=self._bucket, Key=key))
+        except ObjectMissing:
+            if self.bucket_missing:
+                raise BucketMissing("NoSuchBucket") from None
+            raise
         return meta_from_headers(resp["ResponseMetadata"]["HTTPHeaders"])
 
     async def get(self, key: str, *, span: tuple[int, int] | None = None, etag: str | None = None) -> ObjectBody:
@@ -271,7 +291,12 @@ class S3Origin:
         try:
             with _translated(op, key):
                 async with asyncio.timeout(self._deadline):
-                    return await call()
+                    answer = await call()
+            self.bucket_missing = False
+            return answer
+        except BucketMissing:
+            self.bucket_missing = True
+            raise
         finally:
             _IN_FLIGHT.reset(token)
             if self._counters is not None:

@@ -25,7 +25,7 @@ from typing import Any
 from .counters import SITE
 from .models import Clock
 from .namespace import NamespacedStore
-from .origin import ListedObject, ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin
+from .origin import BucketMissing, ListedObject, ObjectMissing, OriginDenied, OriginError, OriginTimeout, S3Origin
 from .service import CachingProxy
 
 __all__ = ["KEEP_FAILURES", "KEEP_JOBS", "NOT_STORED", "JobBoard", "WarmJob", "Warmer", "failure_reason"]
@@ -46,6 +46,8 @@ def failure_reason(exc: OriginError) -> str:
     """A short fixed reason; S3's own text (bucket, request ids) never reaches a client (docs/reliability.md §4)."""
     if isinstance(exc, ObjectMissing):
         return "missing: deleted since it was listed"
+    if isinstance(exc, BucketMissing):
+        return "the bucket does not exist"
     if isinstance(exc, OriginDenied):
         return "denied by S3"
     if isinstance(exc, OriginTimeout):

@@ -159,7 +159,8 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # in case a caller left them blocked
     # Held for the process's lifetime: the kernel releases it when the worker dies, and its successor takes it.
     leadership = claim_leadership(config.cache.directory)
-    app = create_app(config, slab=_slab, row=_row, leader=leadership is not None)
+    app = create_app(config, slab=_slab, row=_row, leader=leadership is not None,
+                     check_bucket=leadership is not None)
     app.on_startup.append(freeze_heap)
     with logging_off_the_loop():
         web.run_app(app, sock=sock,

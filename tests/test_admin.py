@@ -25,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from cachingproxy.app import create_app, server_kwargs
 from cachingproxy.config import ADMIN_TOKEN_ENV as TOKEN_ENV
 from cachingproxy.config import ConfigError, parse_config, with_env_token
-from cachingproxy.monitoring import OPS, Ops, readiness
+from cachingproxy.monitoring import OPS, Ops
+from cachingproxy.s3state import S3State, readiness
 from cachingproxy.warm import NOT_STORED
 from cachingproxy.workers import claim_leadership
 
@@ -176,7 +177,8 @@ async def test_warmed_objects_are_all_served_stale_while_s3_is_down(
     assert figures["s3"] == "unreachable"
     # The outage is visible, not masked: still 200 (the mirror serves), but "degraded", and counted.
     resp = await proxy.get("/readyz")
-    assert (resp.status, await resp.json()) == (200, {"status": "degraded", "cache": "ok", "s3": "unreachable"})
+    assert (resp.status, await resp.json()) == (200, {"status": "degraded", "cache": "ok", "s3": "unreachable",
+                                                      "reason": "S3 unreachable: serving from the cache"})
     metrics = scrape(await (await proxy.get("/_admin/metrics", headers=AUTH)).text())
     assert metrics[("cachingproxy_stale_served_total", (SITE,))] == len(warmed)
     assert metrics[("cachingproxy_request_duration_seconds_count", (("cache", "STALE"), SITE))] == len(warmed)
@@ -522,42 +524,64 @@ async def test_workers_on_one_cache_share_one_admin_listener_and_one_mirror(
 # -- health -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("cache_ok", "s3_ok", "expected"), [
-    (True, True, (200, "ready")),
-    (True, False, (200, "degraded")),  # S3 down, the mirror serves what it has: visible, not fatal
-    (False, True, (200, "degraded")),  # cache unusable, passing through to S3
-    (False, False, (503, "unavailable")),
+U, D, N, OK = S3State.UNREACHABLE, S3State.DENIED, S3State.NO_SUCH_BUCKET, S3State.OK
+
+
+@pytest.mark.parametrize(("cache_ok", "cached", "s3", "expected"), [
+    (True, True, OK, (200, "ready")),
+    (True, False, OK, (200, "ready")),
+    (False, False, OK, (200, "degraded")),  # cache unusable, passing through to S3
+    (True, True, U, (200, "degraded")),  # S3 down, the mirror serves what it has: visible, not fatal
+    (True, False, U, (503, "unavailable")),  # nothing to serve
+    (False, False, U, (503, "unavailable")),
+    (True, True, D, (503, "unavailable")),  # configuration: waiting will not fix it, whatever is cached
+    (True, True, N, (503, "unavailable")),
+    (False, False, N, (503, "unavailable")),
 ])
-def test_readiness_table(cache_ok: bool, s3_ok: bool, expected: tuple[int, str]) -> None:
-    assert readiness(cache_ok, s3_ok) == expected
+def test_readiness_table(cache_ok: bool, cached: bool, s3: S3State, expected: tuple[int, str]) -> None:
+    status, word, reason = readiness(cache_ok, cached, s3)
+    assert (status, word) == expected
+    assert bool(reason) is (word != "ready")
 
 
 async def test_readyz_is_ready_then_degraded_when_s3_goes_away(
-        make_proxy: MakeProxy, shim: Shim, clock: FakeClock) -> None:
+        make_proxy: MakeProxy, shim: Shim, bucket: Bucket, clock: FakeClock) -> None:
+    bucket.put("a.html", b"a")
     proxy = await make_proxy()
+    assert (await proxy.get("/docs/a.html")).status == 200
+    await proxy.app[SERVICE].settle()
     resp = await proxy.get("/readyz")
     assert (resp.status, await resp.json()) == (200, {"status": "ready", "cache": "ok", "s3": "ok"})
     await asyncio.gather(*(proxy.get("/readyz") for _ in range(10)))
-    assert shim.counts == {"LIST": 1}  # remembered for readiness_ttl
+    assert shim.counts == {"GET": 1, "LIST": 1}  # remembered for readiness_ttl
     await shim.refuse()
     clock.advance(5)
     resp = await proxy.get("/readyz")
-    assert (resp.status, await resp.json()) == (200, {"status": "degraded", "cache": "ok", "s3": "unreachable"})
+    assert (resp.status, await resp.json()) == (200, {"status": "degraded", "cache": "ok", "s3": "unreachable",
+                                                      "reason": "S3 unreachable: serving from the cache"})
     assert await (await proxy.get("/healthz")).json() == {"status": "ok"}
 
 
-async def test_readyz_is_503_only_when_neither_cache_nor_s3_works(
+async def test_readyz_is_503_when_there_is_nothing_to_serve(
         make_proxy: MakeProxy, shim: Shim, clock: FakeClock, tmp_path: Path) -> None:
+    empty = await make_proxy()
+    await shim.refuse()
+    resp = await empty.get("/readyz")
+    assert (resp.status, await resp.json()) == (503, {"status": "unavailable", "cache": "ok", "s3": "unreachable",
+                                                      "reason": "S3 unreachable and nothing cached to serve"})
+    await shim.listen()
     blocker = tmp_path / "a-file"
     blocker.write_text("the cache directory cannot be created below a file")
     proxy = await make_proxy(cache={"directory": str(blocker / "cache")})
     resp = await proxy.get("/readyz")
-    assert (resp.status, (await resp.json())["status"]) == (200, "degraded")
+    assert (resp.status, await resp.json()) == (200, {"status": "degraded", "cache": "unavailable", "s3": "ok",
+                                                      "reason": "cache unavailable: serving from S3"})
     await shim.refuse()
     clock.advance(5)
     resp = await proxy.get("/readyz")
     assert (resp.status, await resp.json()) == (503, {"status": "unavailable", "cache": "unavailable",
-                                                      "s3": "unreachable"})
+                                                      "s3": "unreachable",
+                                                      "reason": "S3 unreachable and nothing cached to serve"})
 
 
 # -- dashboard ----------------------------------------------------------------------------------------------

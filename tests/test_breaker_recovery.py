@@ -80,7 +80,7 @@ async def test_proxy_counts_equal_what_s3_received_through_an_outage_and_recover
     received = {op: shim.counts.get(op, 0) for op in ("GET", "HEAD", "LIST")}
     assert stats["s3_requests"] == received
     assert received["GET"] >= 4 + 2 and received["HEAD"] >= 1 and received["LIST"] >= 1  # the sequence ran
-    metrics = await (await proxy.get("/metrics")).text()
+    metrics = await (await proxy.get("/_admin/metrics", headers=AUTH)).text()
     samples: dict[str, float] = collections.Counter()
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples if family.name == "cachingproxy_s3_requests" else ():
