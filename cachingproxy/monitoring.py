@@ -55,9 +55,6 @@ class Ops:
         self._s3_state: dict[str, tuple[float, S3Check]] = {}  # site -> (checked at, what was found)
         self._probes: dict[str, asyncio.Task[S3Check]] = {}
 
-    async def s3_reachable(self) -> dict[str, bool]:
-        return {name: check.state is S3State.OK for name, check in (await self.s3_checks()).items()}
-
     async def s3_checks(self) -> dict[str, S3Check]:
         """Each site's bucket: one 1-key ListObjectsV2 per `readiness_ttl`, shared by concurrent callers."""
         names = self.sites.names

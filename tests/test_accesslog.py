@@ -26,21 +26,23 @@ WHEN = 1_764_750_012.3456  # 2025-12-03T08:20:12.345Z
 
 
 def test_a_json_line_has_every_field_in_order() -> None:
-    line = json_line(when=WHEN, client="10.0.0.7", method="GET", path="/docs/a%20b.html", status=200, size=1234,
-                     cache="HIT", ms=0.42, s3={"GET": 1}, user_agent='curl/8 "quoted"', request_id="ab-1")
-    assert line == ('{"time":"2025-12-03T08:20:12.345Z","client":"10.0.0.7","method":"GET","path":"/docs/a%20b.html",'
-                    '"status":200,"bytes":1234,"cache":"HIT","ms":0.4,"s3":{"GET":1},"ua":"curl/8 \\"quoted\\"",'
+    line = json_line(when=WHEN, site="handbook", client="10.0.0.7", method="GET", path="/docs/a%20b.html",
+                     status=200, size=1234, cache="HIT", ms=0.42, s3={"GET": 1}, user_agent='curl/8 "quoted"',
+                     request_id="ab-1")
+    assert line == ('{"time":"2025-12-03T08:20:12.345Z","site":"handbook","client":"10.0.0.7","method":"GET",'
+                    '"path":"/docs/a%20b.html","status":200,"bytes":1234,"cache":"HIT","ms":0.4,"s3":{"GET":1},'
+                    '"ua":"curl/8 \\"quoted\\"",'
                     '"id":"ab-1"}')
     assert json.loads(line)["ua"] == 'curl/8 "quoted"'
 
 
 def test_a_line_never_reaches_pipe_buf_and_says_when_it_was_cut() -> None:
-    long = json_line(when=WHEN, client="::1", method="GET", path="/docs/" + "\x01é" * 4000, status=404, size=0,
-                     cache="-", ms=1.0, s3={}, user_agent="\n" * 5000, request_id=new_request_id())
+    long = json_line(when=WHEN, site="-", client="::1", method="GET", path="/docs/" + "\x01é" * 4000, status=404,
+                     size=0, cache="-", ms=1.0, s3={}, user_agent="\n" * 5000, request_id=new_request_id())
     assert len(long.encode()) <= LINE_LIMIT and "\n" not in long
     parsed = json.loads(long)
     assert parsed["cut"] is True and parsed["path"].startswith("/docs/\x01é") and parsed["status"] == 404
-    short = json.loads(json_line(when=WHEN, client="::1", method="GET", path="/docs/a", status=200, size=1,
+    short = json.loads(json_line(when=WHEN, site="-", client="::1", method="GET", path="/docs/a", status=200, size=1,
                                  cache="HIT", ms=1.0, s3={}, user_agent="x", request_id="i"))
     assert "cut" not in short
 

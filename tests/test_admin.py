@@ -549,7 +549,7 @@ async def test_readyz_is_ready_then_degraded_when_s3_goes_away(
     bucket.put("a.html", b"a")
     proxy = await make_proxy()
     assert (await proxy.get("/docs/a.html")).status == 200
-    await proxy.app[SERVICE].settle()
+    await service_of(proxy).settle()
     resp = await proxy.get("/readyz")
     assert (resp.status, await resp.json()) == (200, {"status": "ready", "cache": "ok", "s3": "ok"})
     await asyncio.gather(*(proxy.get("/readyz") for _ in range(10)))

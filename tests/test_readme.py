@@ -89,6 +89,7 @@ def test_the_configuration_table_is_the_configs_keys() -> None:
     if "`[[cache.rules]]` `match`, `ttl`" in README:
         listed.add("cache.rules")
     actual = {f"{section.name}.{key.name}" for section in dataclasses.fields(Config)
+              if section.name in ("server", "s3", "cache", "admin")  # [[sites]] has its own table
               for key in dataclasses.fields(section.default_factory())}  # type: ignore[misc]
     assert listed == actual
 
