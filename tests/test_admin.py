@@ -449,7 +449,7 @@ async def test_public_metrics_is_a_choice(make_proxy: MakeProxy, bucket: Bucket,
     assert (await proxy.get("/docs/a.html")).status == 200
     resp = await proxy.get("/metrics")
     assert resp.status == 200
-    assert scrape(await resp.text())[("cachingproxy_cache_misses_total", ())] == 1
+    assert scrape(await resp.text())[("cachingproxy_cache_misses_total", (SITE,))] == 1
 
 
 async def test_admin_refuses_foreign_hosts_oversize_bodies_and_forms(

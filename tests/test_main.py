@@ -139,7 +139,7 @@ def test_demo_serves_the_sample_site_and_prints_what_to_try(tmp_path: Path) -> N
         stats, metrics = (subprocess.run(curl + " --fail --silent", shell=True, capture_output=True, text=True,
                                          timeout=60, check=True).stdout for curl in curls)
         assert json.loads(stats)["responses"]["MISS"] == 2
-        assert "cachingproxy_cache_misses_total 2.0" in metrics.splitlines()
+        assert 'cachingproxy_cache_misses_total{site="default"} 2.0' in metrics.splitlines()
         warm = output.wait_for(" warm --url ").strip()
         assert warm.startswith(f"CACHINGPROXY_ADMIN_TOKEN={token} ")
         warmed = subprocess.run(warm, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)

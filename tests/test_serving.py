@@ -152,7 +152,7 @@ async def test_other_methods_are_405_with_allow(proxy: ProxyClient, bucket: Buck
     for method in ("POST", "PUT", "DELETE", "PATCH"):
         resp = await proxy.request(method, "/docs/x.html")
         assert resp.status == 405, method
-        assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}
+        assert resp.headers["Allow"] == "GET, HEAD"
     assert shim.counts == {}
 
 

@@ -206,7 +206,8 @@ async def test_a_site_whose_s3_is_down_is_served_stale_while_another_is_served_f
     assert (status, body, headers["X-Cache"]) == (200, b"near, updated", "MISS")
     resp = await proxy.get("/readyz")
     assert (resp.status, await resp.json()) == (200, {"status": "degraded", "cache": "ok", "s3": "unreachable",
-                                                      "sites": {"near": "ok", "far": "unreachable"}})
+                                                      "sites": {"near": "ok", "far": "unreachable"},
+                                                      "reason": "far: S3 unreachable: serving from the cache"})
     await far_shim.listen()
 
 
@@ -306,7 +307,7 @@ async def test_stats_and_metrics_report_each_site(make_sites: MakeSites,
     assert (stats["sites"]["two"]["hits"], stats["sites"]["two"]["misses"]) == (0, 1)
     assert stats["sites"]["one"]["responses"] == {"HIT": 1, "MISS": 1, "REVALIDATED": 0, "STALE": 0}
     assert stats["hits"] == 1 and stats["misses"] == 2
-    metrics = await (await proxy.get("/metrics")).text()
+    metrics = await (await proxy.get("/_admin/metrics", headers=AUTH)).text()
     hits: dict[str, float] = collections.Counter()
     for family in text_string_to_metric_families(metrics):
         for sample in family.samples:
