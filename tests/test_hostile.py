@@ -384,7 +384,7 @@ async def test_other_methods_get_405_and_reach_nothing(make_proxy: MakeProxy, bu
         resp = await proxy.request(method, "/docs/a.txt", data=b"payload" if method in ("POST", "PUT") else None,
                                    headers={"Cookie": "a=b"})
         assert resp.status == 405, method
-        assert set(resp.headers["Allow"].split(",")) == {"GET", "HEAD"}, method
+        assert resp.headers["Allow"] == "GET, HEAD", method
         assert "Cookie" not in await resp.text()  # TRACE must not echo the request (XST)
     assert shim.counts == {}
 
@@ -524,7 +524,8 @@ async def test_smuggling_probes(cli_proxy: int, bucket: Bucket, shim: Shim) -> N
         assert b"<<OPEN>>" not in raw, name
         assert b"Traceback" not in raw
     assert ("GET", PREFIX + "smuggled.txt") not in shim.log, outcomes
-    assert not shim.log  # not even the first request reached S3
+    # Not even the first request reached S3 (the process's one start-up bucket check lists the prefix).
+    assert [entry for entry in shim.log if entry != ("LIST", PREFIX)] == []
     # The process is up and still answers correctly.
     raw = await exchange(cli_proxy, b"GET /docs/a.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert statuses(raw) == [200] and raw.endswith(b"hello")
