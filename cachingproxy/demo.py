@@ -35,6 +35,9 @@ __all__ = ["banner", "main", "seed_bucket", "set_toml_value"]
 
 BUCKET = "docs-demo"
 PREFIX = "site/"
+# The second site: the same pages from another bucket, under /handbook, with folder listings on (its
+# downloads/ folder has no index page), to show several sites in one proxy.
+HANDBOOK_BUCKET = "handbook-demo"
 REGION = "us-east-1"
 DOWNLOAD_KEY = "downloads/handbook.zip"
 DOWNLOAD_SIZE = 8 * 1024 * 1024
@@ -166,11 +169,9 @@ def _config_text(*, port: int, endpoint_url: str, cache_dir: Path) -> str:
 [server]
 host = "127.0.0.1"
 port = {port}
-mount = "/docs"
 
+# Defaults for every site below.
 [s3]
-bucket = "{BUCKET}"
-prefix = "{PREFIX}"
 region = "{REGION}"
 endpoint_url = "{endpoint_url}"
 addressing_style = "path"
@@ -179,6 +180,20 @@ addressing_style = "path"
 directory = "{cache_dir.as_posix()}"
 ttl = 60
 error_document = "404.html"
+
+[[sites]]
+name = "docs"
+mount = "/docs"
+[sites.s3]
+bucket = "{BUCKET}"
+prefix = "{PREFIX}"
+
+[[sites]]
+name = "handbook"
+mount = "/handbook"
+listing = true
+[sites.s3]
+bucket = "{HANDBOOK_BUCKET}"
 """
 
 
@@ -186,14 +201,14 @@ def set_toml_value(text: str, section: str, key: str, literal: str) -> str:
     """`text` with `key = literal` in `[section]`: the existing line replaced (its comment and every other line
     kept), or one added at the top of the section. Enough TOML for the file this module writes; not a parser."""
     lines = text.splitlines(keepends=True)
-    header = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$")
+    header = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")  # [table] or [[array of tables]]
     assignment = re.compile(rf"^(\s*){re.escape(key)}\s*=")
     current = ""
     section_at: int | None = None
     for i, line in enumerate(lines):
         found = header.match(line)
         if found:
-            current = found[1]
+            current = found[2] if found[1] == "[" else f"[{found[2]}]"  # never equal to a plain table's name
             if current == section:
                 section_at = i
             continue
@@ -238,9 +253,11 @@ def banner(config: Config, token: str, *, endpoint_url: str, objects: int, confi
     proxy = f"http://{server.host}:{server.port}"
     admin_base = f"http://{admin.host}:{admin.port}{admin.path}" if admin.port else proxy + admin.path
     auth = f'-H "Authorization: Bearer {token}"'
+    sites = "".join(f"  {site.name.capitalize() + ':':<11} {proxy}{site.mount}/\n" for site in config.sites)
+    buckets = ", ".join(sorted({f"{site.s3.bucket!r}" for site in config.sites}))
+    site = f" --site {config.sites[0].name}" if len(config.sites) > 1 else ""  # required with several
     return f"""
-  Docs:       {proxy}{server.mount}/
-  Dashboard:  {admin_base}/   (paste the token into its login form)
+{sites}  Dashboard:  {admin_base}/   (paste the token into its login form)
   Stats:      {admin_base}/stats
   Metrics:    {admin_base}/metrics
   Token:      {token}   (new every run: it is only in this process's CACHINGPROXY_ADMIN_TOKEN)
@@ -248,9 +265,9 @@ def banner(config: Config, token: str, *, endpoint_url: str, objects: int, confi
   Try:
     curl {auth} {admin_base}/stats
     curl {auth} {admin_base}/metrics
-    CACHINGPROXY_ADMIN_TOKEN={token} {_command("cachingproxy")} warm --url {admin_base}
+    CACHINGPROXY_ADMIN_TOKEN={token} {_command("cachingproxy")} warm --url {admin_base}{site}
 
-  S3:         {endpoint_url}  (moto, bucket {BUCKET!r}, {objects} objects under {PREFIX!r})
+  S3:         {endpoint_url}  (moto: buckets {buckets}, {objects} objects each)
   Config:     {config_path}  (yours to edit and kept across runs; the demo rewrites only [s3] endpoint_url,
               and [server] port when --port is given; delete the file to start over)
 
@@ -279,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     server, endpoint_url = _start_moto(args.s3_port)
     try:
         objects = seed_bucket(endpoint_url, BUCKET, PREFIX)
+        seed_bucket(endpoint_url, HANDBOOK_BUCKET, "")
         config_path = _write_config(Path("demo-cache"), port=args.port, endpoint_url=endpoint_url)
         token = secrets.token_urlsafe(18)
         os.environ[ADMIN_TOKEN_ENV] = token  # wins over [admin] token in the file (config.with_env_token)

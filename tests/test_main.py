@@ -125,6 +125,12 @@ def test_demo_serves_the_sample_site_and_prints_what_to_try(tmp_path: Path) -> N
         assert b"_static/site.css" in body
         css_status, css_headers, _ = get(f"http://127.0.0.1:{port}/docs/_static/site.css")
         assert css_status == 200 and css_headers["Content-Type"].startswith("text/css")
+        # The second site: the same pages from another bucket, with a listing for the folder without an index.
+        assert output.wait_for("Handbook:").split()[1] == f"http://127.0.0.1:{port}/handbook/"
+        status, _, body = get(f"http://127.0.0.1:{port}/handbook/")
+        assert status == 200 and b"_static/site.css" in body
+        status, headers, body = get(f"http://127.0.0.1:{port}/handbook/downloads/")
+        assert status == 200 and headers["Content-Type"].startswith("text/html") and b"handbook.zip" in body
 
         token = output.wait_for("Token:").split()[1]
         assert len(token) >= 20
@@ -138,10 +144,10 @@ def test_demo_serves_the_sample_site_and_prints_what_to_try(tmp_path: Path) -> N
                          f'curl -H "Authorization: Bearer {token}" {admin}/metrics']
         stats, metrics = (subprocess.run(curl + " --fail --silent", shell=True, capture_output=True, text=True,
                                          timeout=60, check=True).stdout for curl in curls)
-        assert json.loads(stats)["responses"]["MISS"] == 2
-        assert 'cachingproxy_cache_misses_total{site="default"} 2.0' in metrics.splitlines()
+        assert json.loads(stats)["sites"]["docs"]["responses"]["MISS"] == 2
+        assert 'cachingproxy_cache_misses_total{site="docs"} 2.0' in metrics.splitlines()
         warm = output.wait_for(" warm --url ").strip()
-        assert warm.startswith(f"CACHINGPROXY_ADMIN_TOKEN={token} ")
+        assert warm.startswith(f"CACHINGPROXY_ADMIN_TOKEN={token} ") and warm.endswith(" --site docs")
         warmed = subprocess.run(warm, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert warmed.returncode == 0, warmed.stdout + warmed.stderr
         assert re.search(r"^ +listed +18 .*^ +failed +0$", warmed.stdout, flags=re.MULTILINE | re.DOTALL), warmed.stdout
@@ -164,18 +170,18 @@ def test_demo_keeps_the_operators_config_edits_across_restarts(tmp_path: Path) -
         proc.wait()
     config = tmp_path / "demo-cache" / "config.toml"
     assert "yours to edit" in output.text()
-    edited = config.read_text().replace('mount = "/docs"', 'mount = "/handbook"  # my edit')
+    edited = config.read_text().replace('mount = "/docs"', 'mount = "/manual"  # my edit')
     config.write_text(edited)
 
     proc, output = start_demo(tmp_path)  # no --port: the file's port stays
     try:
-        output.wait_for(f"serving http://127.0.0.1:{port}/handbook/")
-        assert output.wait_for("Docs:").split()[1] == f"http://127.0.0.1:{port}/handbook/"
+        output.wait_for(f"serving http://127.0.0.1:{port}/")
+        assert output.wait_for("Docs:").split()[1] == f"http://127.0.0.1:{port}/manual/"
         assert output.wait_for("Token:").split()[1] != token  # a fresh one every run
-        status, _, body = get(f"http://127.0.0.1:{port}/handbook/")  # so the new S3 endpoint went in too
+        status, _, body = get(f"http://127.0.0.1:{port}/manual/")  # so the new S3 endpoint went in too
         assert status == 200 and b"_static/site.css" in body
         kept = config.read_text()
-        assert 'mount = "/handbook"  # my edit' in kept
+        assert 'mount = "/manual"  # my edit' in kept
         assert kept.replace(_endpoint(kept), "") == edited.replace(_endpoint(edited), "")
         stop(proc)
     finally:
@@ -193,6 +199,9 @@ def _endpoint(config_text: str) -> str:
     ("[server]\nport = 1\n[admin]\nport = 2\n", "server", "port", "3", "[server]\nport = 3\n[admin]\nport = 2\n"),
     ("[server]\nhost = 'h'\n", "server", "port", "3", "[server]\nport = 3\nhost = 'h'\n"),
     ("[cache]\nttl = 1", "s3", "endpoint_url", '"b"', '[cache]\nttl = 1\n\n[s3]\nendpoint_url = "b"\n'),
-], ids=["replace-dropping-comment", "right-section-only", "first-section", "missing-key", "missing-section"])
+    ('[s3]\nx = 1\n[[sites]]\nendpoint_url = "a"\n[sites.s3]\nendpoint_url = "a"\n', "s3", "endpoint_url", '"b"',
+     '[s3]\nendpoint_url = "b"\nx = 1\n[[sites]]\nendpoint_url = "a"\n[sites.s3]\nendpoint_url = "a"\n'),
+], ids=["replace-dropping-comment", "right-section-only", "first-section", "missing-key", "missing-section",
+     "not-in-arrays-of-tables"])
 def test_set_toml_value(text: str, section: str, key: str, literal: str, expected: str) -> None:
     assert set_toml_value(text, section, key, literal) == expected
