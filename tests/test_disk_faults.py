@@ -183,6 +183,7 @@ async def test_a_cache_directory_that_cannot_be_recreated_is_reported_failed(
     cache = tmp_path / "cache"
     shutil.rmtree(cache)
     cache.write_text("a file where the cache directory was")
-    assert await _readyz(proxy) == (200, {"status": "degraded", "cache": "unavailable", "s3": "ok"})
+    assert await _readyz(proxy) == (200, {"status": "degraded", "cache": "unavailable", "s3": "ok",
+                                          "reason": "cache unavailable: serving from S3"})
     resp = await proxy.get("/docs/a.bin")
     assert (resp.status, resp.headers["X-Cache"], await resp.read()) == (200, "MISS", body)
