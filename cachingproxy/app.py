@@ -1,4 +1,5 @@
-"""The aiohttp application: routes, lifetimes, the GET/HEAD handler and the two body writers."""
+"""The composition root: the aiohttp application, its routes and lifetimes, and the GET/HEAD handler that
+routes a request to its site and asks the site's service for an answer (respond.py writes it)."""
 
 from __future__ import annotations
 
@@ -15,26 +16,21 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .accesslog import StructuredAccessLogger, request_id, track_s3_calls
 from .admin import mount_admin, start_admin_listener
-from .appkeys import BODY_SENT, CLOCK, CONFIG, COUNTERS, SITE, SITES, STARTED, STORE, TALLY
-from .conditional import Plan, evaluate
+from .appkeys import CLOCK, CONFIG, COUNTERS, SITE, SITES, STARTED, STORE, TALLY
 from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
-from .fill import FileSpan
 from .freshness import (
-    REDIRECT_CACHE_CONTROL,
     UNVALIDATED_CACHE_CONTROL,
-    ClientFreshness,
-    age,
     client_freshness,
     not_found_headers,
     redirect_cache_control,
 )
-from .headers import CACHE_STATUS, NOT_MODIFIED_HEADERS
-from .hitpath import memo_headers, memo_request_key, reset, send_file
+from .headers import CACHE_STATUS
+from .hitpath import memo_request_key
 from .keys import Key, Redirect, Reject, index_key, redirect_location
 from .metrics import slots as metric_slots
-from .models import Clock, ObjectMeta
+from .models import Clock
 from .monitoring import OPS, Ops, add_monitoring_routes
 from .namespace import NamespacedStore, namespace_for
 from .origin import (
@@ -47,14 +43,15 @@ from .origin import (
     client_settings,
     open_client,
 )
-from .policy import Breaker, ttl_left, windows_for
+from .policy import Breaker, windows_for
 from .requestforms import quiet_parse_errors, request_forms
+from .respond import from_memory, respond
 from .s3state import EveryMinute, endpoint
-from .service import CachingProxy, FromCache, FromFill, FromHead, Resolved
+from .service import CachingProxy, FromCache
 from .sites import Listing, Site, Sites
 from .store import CacheStore
 from .tally import Slab, Tally
-from .website import listing_page, redirect_target
+from .website import listing_page
 
 __all__ = ["create_app", "server_kwargs"]
 
@@ -68,7 +65,6 @@ _BUCKET_MISSING_LOG = EveryMinute()
 # aiohttp names itself and Python with their versions, which tells a scanner what to try. web_response reads
 # this module global for each response (aiohttp 3.14; pinned below 3.15), tests/test_readme.py checks it.
 setattr(web_response, "SERVER_SOFTWARE", SERVER)  # noqa: B010 (not exported: mypy)
-_OUTCOME_HEADERS = ("X-Cache", "Age", "Cache-Status")  # on every response that comes from an object
 
 
 @web.middleware
@@ -133,7 +129,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         hit = service.hit_in_memory(key.s3_key, ttl=ttl)
         if hit is not None and not hit.entry.meta.redirect:
             # Most requests end here: nothing awaited, no S3 request possible, one write.
-            return _from_memory(request, hit, ttl, client, conditional=True, status=200)
+            return from_memory(request, hit, ttl, client, conditional=True, status=200)
     track_s3_calls(request)
     try:
         resolved = await service.resolve(key.s3_key, windows=windows, want_body=want_body)
@@ -145,7 +141,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         return await _not_found(request, site, key)
     except ObjectMissing:
         return await _not_found(request, site, key)
-    return await _respond(request, resolved, ttl, client, conditional=True)
+    return await respond(request, resolved, ttl, client, conditional=True)
 
 
 async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamResponse:
@@ -174,7 +170,7 @@ async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamRe
             # validators, so If-None-Match, If-Modified-Since and Range never apply to it.
             meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
             headers = CIMultiDictProxy(CIMultiDict(not_found_headers(meta.headers, negative_ttl, CACHE_STATUS)))
-            return await _respond(request, resolved, windows.ttl, None, conditional=False, status=404,
+            return await respond(request, resolved, windows.ttl, None, conditional=False, status=404,
                                   headers=headers)
     raise web.HTTPNotFound(text="Not Found\n", headers=not_found_headers((), negative_ttl, CACHE_STATUS))
 
@@ -200,150 +196,6 @@ async def _listing(request: web.Request, site: Site, folder: str) -> web.Respons
             site.listings.pop(next(iter(site.listings)))
     return web.Response(body=kept.body if request.method == "GET" else None, content_type="text/html",
                         charset="utf-8", headers={"Cache-Control": UNVALIDATED_CACHE_CONTROL, "X-Cache": outcome})
-
-
-def _plan(request: web.Request, meta: ObjectMeta, *, conditional: bool, status: int) -> Plan:
-    if conditional:
-        return evaluate(request.method, request.headers, etag=meta.etag, last_modified=meta.last_modified,
-                        size=meta.size)
-    return Plan(status=status, start=0, end=meta.size)
-
-
-def _with(headers: CIMultiDictProxy[str], plan: Plan) -> CIMultiDictProxy[str] | CIMultiDict[str]:
-    if not plan.content_range:
-        return headers
-    ranged = CIMultiDict(headers)
-    ranged["Content-Range"] = plan.content_range
-    return ranged
-
-
-def _from_memory(request: web.Request, resolved: FromCache, ttl: float, client: ClientFreshness | None, *,
-                 conditional: bool, status: int, headers: CIMultiDictProxy[str] | None = None) -> web.Response:
-    """A GET of a small body held in memory: a Response sends head and body in one write (one syscall, one
-    segment); a StreamResponse sends its head alone at prepare(), which doubled a hit's send cost."""
-    body = resolved.body
-    assert isinstance(body, bytes)
-    meta = resolved.entry.meta
-    if headers is None:
-        assert client is not None
-        headers = response_headers(resolved, ttl, client, request.app[CLOCK]())
-    plan = _plan(request, meta, conditional=conditional, status=status)
-    if plan.status in (304, 412, 416):
-        return _bodiless(plan, headers)
-    if plan.end - plan.start != len(body):
-        body = body[plan.start : plan.end]
-    request[BODY_SENT] = len(body)
-    return web.Response(status=plan.status, headers=_with(headers, plan), body=body)
-
-
-async def _respond(request: web.Request, resolved: Resolved, ttl: float, client: ClientFreshness | None, *,
-                   conditional: bool, status: int = 200,
-                   headers: CIMultiDictProxy[str] | None = None) -> web.StreamResponse:
-    """`headers`: sent instead of the object's own (a 404 with the error document); else `client` is needed."""
-    meta = resolved.entry.meta if isinstance(resolved, FromCache) else resolved.meta
-    location = _website_redirect(request, meta.redirect) if meta.redirect else None
-    if location is not None:
-        await _release(request, resolved)
-        control = client.redirect if client is not None else REDIRECT_CACHE_CONTROL
-        raise web.HTTPMovedPermanently(location=location, headers={"Cache-Control": control})
-    if isinstance(resolved, FromCache) and isinstance(resolved.body, bytes) and request.method == "GET":
-        return _from_memory(request, resolved, ttl, client, conditional=conditional, status=status, headers=headers)
-    body = resolved.body if isinstance(resolved, FromCache) else None
-    try:
-        if headers is None:
-            assert client is not None
-            headers = response_headers(resolved, ttl, client, request.app[CLOCK]())
-        plan = _plan(request, meta, conditional=conditional, status=status)
-        if plan.status in (304, 412, 416):
-            return _bodiless(plan, headers)
-        resp = web.StreamResponse(status=plan.status, headers=_with(headers, plan))
-        resp.content_length = plan.end - plan.start
-        await resp.prepare(request)
-        stall = request.app[CONFIG].server.send_timeout
-        try:
-            if request.method == "HEAD":
-                pass
-            elif isinstance(resolved, FromCache):
-                assert body is not None and not isinstance(body, bytes)  # a GET of a bytes body returned above
-                if plan.end > plan.start:
-                    await send_file(request, body, plan.start, plan.end - plan.start, stall)
-            elif isinstance(resolved, FromFill):
-                async for piece in resolved.fill.read(plan.start, plan.end):
-                    if isinstance(piece, FileSpan):
-                        await send_file(request, piece.fd, piece.offset, piece.count, stall)
-                        continue
-                    async with asyncio.timeout(stall):
-                        await resp.write(piece)
-            else:
-                assert isinstance(resolved, FromHead)
-            async with asyncio.timeout(stall):
-                await _write_eof_flushed(request, resp)
-        except OriginError:
-            # Headers and part of the body are out: the only honest signal left is to cut the
-            # connection, so the client sees a short body instead of a complete-looking wrong one.
-            reset(request)
-            return resp
-        except TimeoutError:
-            # nginx's send_timeout: a client that takes nothing for this long (a zero TCP window holds a
-            # connection open for ever) gives up its connection, its open file and its place in a fill.
-            log.info("client took no bytes for %.0f s: connection dropped", stall)
-            reset(request)
-            return resp
-        if request.method == "GET":
-            request[BODY_SENT] = plan.end - plan.start
-        return resp
-    finally:
-        await _release(request, resolved)
-
-
-async def _release(request: web.Request, resolved: Resolved) -> None:
-    """Give back what a resolved answer holds: an open cached file, or a place in a fill."""
-    if isinstance(resolved, FromCache) and resolved.body is not None:
-        await request.app[STORE].close_body(resolved.body)
-    elif isinstance(resolved, FromFill):
-        resolved.fill.leave()
-
-
-def _website_redirect(request: web.Request, value: str) -> str | None:
-    """Where an object stored with x-amz-website-redirect-location sends the reader (301, as S3 website
-    hosting does); None, with a log line, for a value that is neither a path nor an http(s) URL."""
-    site = request[SITE]
-    location = redirect_target(site.config.mount, value)
-    if location is None:
-        log.warning("site %s: ignoring a website redirect that is neither a path nor an http(s) URL", site.name)
-    return location
-
-
-def _bodiless(plan: Plan, headers: CIMultiDictProxy[str]) -> web.Response:
-    if plan.status == 304:
-        kept: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k in NOT_MODIFIED_HEADERS)
-        return web.Response(status=304, headers=kept)
-    # The object was looked up, so the outcome applies here too.
-    extra = {name: headers[name] for name in _OUTCOME_HEADERS}
-    if plan.content_range:
-        extra["Content-Range"] = plan.content_range
-    text = "Range Not Satisfiable\n" if plan.status == 416 else "Precondition Failed\n"
-    return web.Response(status=plan.status, text=text, headers=extra)
-
-
-async def _write_eof_flushed(request: web.Request, resp: web.StreamResponse) -> None:
-    """End the response once its last bytes have left the transport's buffer for the kernel.
-
-    Otherwise the handler can return with a body tail still buffered in the loop, and a graceful shutdown
-    (SIGTERM) closes the connection under it: the client gets a short body (tests/test_crash.py, row 37).
-    With a zero high-water mark the transport pauses until its buffer is empty, and write_eof's drain waits
-    for that. Only a response with bytes still buffered pays for it; small hits leave in one write.
-    """
-    transport = request.transport
-    if transport is None or transport.get_write_buffer_size() == 0:
-        await resp.write_eof()
-        return
-    transport.set_write_buffer_limits(high=0)
-    try:
-        await resp.write_eof()
-    finally:
-        if not transport.is_closing():
-            transport.set_write_buffer_limits()  # the loop's defaults again, for the next request
 
 
 # -- lifetimes ----------------------------------------------------------------------------------------
@@ -382,17 +234,6 @@ async def _sites_ctx(app: web.Application) -> AsyncIterator[None]:
         finally:
             grace = config.server.shutdown_timeout
             await asyncio.gather(*(site.service.close(grace=grace) for site in sites.values()))
-
-
-def response_headers(resolved: Resolved, ttl: float, client: ClientFreshness, now: float) -> CIMultiDictProxy[str]:
-    """The object's headers plus X-Cache, the stored Date with Age (RFC 9111 §4.2.3, freshness.py) and
-    Cache-Status (RFC 9211); read-only, since they are shared: a Response copies them, anyone adding a
-    header copies first. A miss gets Age 0 and aiohttp's Date (now)."""
-    if isinstance(resolved, FromCache):
-        entry = resolved.entry
-        return memo_headers(entry.meta, resolved.outcome, age(entry.checked_at, now), int(ttl_left(entry, ttl, now)),
-                            int(entry.checked_at), client)
-    return memo_headers(resolved.meta, resolved.outcome, 0, None, None, client)
 
 
 async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
