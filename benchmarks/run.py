@@ -1,7 +1,7 @@
 """The proxy beside nginx proxy_cache and a direct fetch, on one machine, in one run (issue 6).
 
     make bench                                      # = .venv/bin/python benchmarks/run.py
-    .venv/bin/python benchmarks/run.py --targets nginx,serve,workers,hello --workers 2
+    .venv/bin/python benchmarks/run.py --targets nginx,serve,workers,sites10,hello --workers 2
     .venv/bin/python benchmarks/run.py --profile workers   # py-spy on a hot small-object run instead
 
 Starts, on 127.0.0.1 only: moto's server (its own process) holding a generated docs corpus, a shim adding
@@ -410,7 +410,7 @@ def running(procs: list[Proc]) -> Iterator[None]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--targets", default="nginx,serve,workers,hello",
+    parser.add_argument("--targets", default="nginx,serve,workers,sites10,hello",
                         help="comma list of nginx, serve (one worker), workers, sites10 (workers with a "
                              "ten-site config), hello")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
