@@ -15,11 +15,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .accesslog import StructuredAccessLogger, request_id, track_s3_calls
 from .admin import mount_admin, start_admin_listener
-from .appkeys import BODY_SENT, CLOCK, CONFIG, COUNTERS, SITE, SITES, STARTED, STORE, TALLY
+from .appkeys import BODY_SENT, CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITE, SITES, STARTED, STORE, TALLY
 from .conditional import Plan, evaluate
 from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
+from .events import HEALTH_CELL, EventConsumer, EventHealth
 from .fill import FileSpan
 from .freshness import (
     REDIRECT_CACHE_CONTROL,
@@ -48,6 +49,7 @@ from .origin import (
     open_client,
 )
 from .policy import Breaker, ttl_left, windows_for
+from .queue import open_queue
 from .requestforms import quiet_parse_errors, request_forms
 from .s3state import EveryMinute, endpoint
 from .service import CachingProxy, FromCache, FromFill, FromHead, Resolved
@@ -69,6 +71,7 @@ _BUCKET_MISSING_LOG = EveryMinute()
 # this module global for each response (aiohttp 3.14; pinned below 3.15), tests/test_readme.py checks it.
 setattr(web_response, "SERVER_SOFTWARE", SERVER)  # noqa: B010 (not exported: mypy)
 _OUTCOME_HEADERS = ("X-Cache", "Age", "Cache-Status")  # on every response that comes from an object
+EVENTS = web.AppKey("events", EventConsumer)  # the leader's, with [events] queue_url
 
 
 @web.middleware
@@ -125,7 +128,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         raise (web.HTTPBadRequest if key.status == 400 else web.HTTPNotFound)(text=key.reason + "\n")
     service = site.service
     relative = key.s3_key[len(config.s3.prefix):]
-    windows = windows_for(relative, config.cache)
+    windows = windows_for(relative, config.cache, _ttl_cap(request.app))
     ttl = windows.ttl
     client = client_freshness(relative, config.cache.rules, config.cache.client_cache_control)
     want_body = request.method == "GET"
@@ -148,6 +151,12 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
     return await _respond(request, resolved, ttl, client, conditional=True)
 
 
+def _ttl_cap(app: web.Application) -> float | None:
+    """[events] fallback_ttl while the events consumer is not reading its queue (any worker can tell)."""
+    health = app.get(EVENTS_HEALTH)
+    return None if health is None or health.ok else app[CONFIG].events.fallback_ttl
+
+
 async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamResponse:
     config = site.config
     service = site.service
@@ -164,7 +173,7 @@ async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamRe
     negative_ttl = config.cache.negative_ttl
     if error_document:
         error_key = config.s3.prefix + error_document
-        windows = windows_for(error_document, config.cache)
+        windows = windows_for(error_document, config.cache, _ttl_cap(request.app))
         try:
             resolved = await service.resolve(error_key, windows=windows, want_body=request.method == "GET")
         except OriginError:
@@ -395,6 +404,24 @@ def response_headers(resolved: Resolved, ttl: float, client: ClientFreshness, no
     return memo_headers(resolved.meta, resolved.outcome, 0, None, None, client)
 
 
+async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The S3 events consumer, in the leader only (one per proxy): a sweep at start, then the queue loop."""
+    config = app[CONFIG]
+    health = app.get(EVENTS_HEALTH)
+    if not app[LEADER] or health is None:
+        yield
+        return
+    async with open_queue(config.events, config.sites[0].s3.region) as queue:
+        consumer = app[EVENTS] = EventConsumer(queue, app[SITES], config.events, app[CLOCK], app[COUNTERS],
+                                               app[TALLY], health)
+        await consumer.start()
+        try:
+            yield
+        finally:
+            await consumer.close()
+            health.lost()
+
+
 async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
     """Monitoring and the admin API; with several workers only the leader (`leader=True`, see workers.py)
     opens the admin listener and runs mirror mode."""
@@ -466,11 +493,14 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     app[CONFIG] = config
     app[CLOCK] = clock
     names = tuple(site.name for site in config.sites)
-    app[TALLY] = Tally((*cell_names(names), *metric_slots(names)), slab, row)
+    app[TALLY] = Tally((*cell_names(names), *metric_slots(names), HEALTH_CELL), slab, row)
     app[COUNTERS] = Counters(app[TALLY], names)
     app[LEADER] = leader
     app[CHECK_BUCKET] = check_bucket
-    app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _ops_ctx])  # unwound in reverse
+    if config.events.enabled:
+        # The lease outlives one long poll and its timeout (queue.py), so a healthy consumer never lapses.
+        app[EVENTS_HEALTH] = EventHealth(app[TALLY], lease=config.events.wait_seconds + 45.0)
+    app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _events_ctx, _ops_ctx])  # unwound in reverse
     app.on_response_prepare.append(_on_prepare)
     app.on_response_prepare.append(request_id)
     # Registered first, so they win over a site mounted at "/".

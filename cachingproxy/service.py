@@ -200,6 +200,26 @@ class CachingProxy:
         await self._store.mark_checked(entry.checked(entry.meta, self._clock()))
         return True
 
+    async def mark_stale(self, key: str, ttl: float) -> bool:
+        """An event says `key` changed: its entry becomes stale for every worker, as if `ttl` ran out just now,
+        so the next request revalidates (and stale-if-error still counts from now). False when not cached.
+
+        Through the store, not this worker's memory: mark_checked also changes the shared stamp, which makes
+        every worker drop its in-memory copy of the entry."""
+        self._negative.pop(key, None)
+        entry = await self._store.lookup(key)
+        if entry is None:
+            return False
+        now = self._clock()
+        await self._store.mark_checked(entry.checked(entry.meta, min(entry.checked_at, now - ttl)))
+        return True
+
+    async def drop(self, key: str) -> None:
+        """An event says `key` was deleted: forget the entry (every worker) and answer 404 without asking S3
+        for negative_ttl (this worker; the others learn it from S3 on their next request)."""
+        await self._store.forget(key)
+        self._remember_missing(key)
+
     async def exists(self, key: str) -> bool:
         """Whether `key` is cached or in S3; used for the `dir` -> `dir/` redirect."""
         if await self._store.lookup(key) is not None:

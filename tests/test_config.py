@@ -27,7 +27,7 @@ def test_repo_config_toml_is_valid_and_documents_the_defaults() -> None:
 def test_every_key_in_the_dataclasses_is_documented_in_config_toml() -> None:
     text = (ROOT / "config.toml").read_text()
     config = parse_config(MINIMAL)
-    for section in ("server", "s3", "cache", "admin"):
+    for section in ("server", "s3", "cache", "admin", "events"):
         for name in type(getattr(config, section)).__dataclass_fields__:
             assert f"{name} =" in text or f"# {name} =" in text or name == "rules", f"{section}.{name}"
 
