@@ -89,6 +89,7 @@ class EventConsumer:
         self._refreshing: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(config.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.swept = asyncio.Event()  # set after each sweep (tests, and the benchmark)
         # Sites that share a namespace (same endpoint and bucket) share entries: the store is written once.
         groups: dict[str, list[Site]] = {}
         for site in sites:
@@ -162,6 +163,7 @@ class EventConsumer:
                     await asyncio.create_task(self._sweep_site(site, group), context=context)
                 except OriginError:
                     log.warning("events: sweep of site %s failed; the next sweep tries again", site.name)
+        self.swept.set()
 
     async def settle(self) -> None:
         """Until no refresh is running or wanted (tests, and the benchmark)."""
