@@ -249,9 +249,11 @@ class EventConsumer:
 
     async def _sweep_site(self, site: Site, group: list[Site]) -> None:
         prefix = site.config.s3.prefix
+        cached = set(await site.store.keys(prefix))  # before listing: a key cached meanwhile is not dropped
         token: str | None = None
         while True:
             page, token = await site.origin.list_page(prefix, token)
+            cached.difference_update(item.key for item in page)
 
             async def one(key: str, etag: str) -> None:
                 async with self._slots:
@@ -261,7 +263,12 @@ class EventConsumer:
 
             await asyncio.gather(*(one(item.key, item.etag) for item in page if not item.key.endswith("/")))
             if token is None:
-                return
+                break
+        # Cached, yet no longer listed: deleted while no event reached us. Dropped like an ObjectRemoved.
+        for key in cached:
+            for other in group:
+                if key.startswith(other.config.s3.prefix):
+                    await other.service.drop(key)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

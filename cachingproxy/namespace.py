@@ -96,5 +96,8 @@ class NamespacedStore:
     async def forget(self, key: str) -> int:
         return await self._store.forget(self._ns + key)
 
+    async def keys(self, prefix: str) -> list[str]:
+        return [key[len(self._ns):] for key in await self._store.keys(self._ns + prefix)]
+
     async def purge_prefix(self, prefix: str) -> int:
         return await self._store.purge_prefix(self._ns + prefix)

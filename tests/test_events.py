@@ -22,7 +22,7 @@ from cachingproxy.appkeys import COUNTERS
 from cachingproxy.events import EventHealth
 from cachingproxy.tally import Slab, Tally
 
-from .conftest import Bucket, FakeClock, MakeProxy
+from .conftest import Bucket, FakeClock, MakeProxy, store_of
 from .shim import Shim
 
 Client = Any
@@ -305,19 +305,23 @@ async def test_sweep_at_start_catches_changes_no_event_announced(
     q = Queue(sqs, f"sweep-{uuid.uuid4().hex[:12]}")  # the bucket sends it nothing: every event is "lost"
     bucket.put("same.html", b"same")
     bucket.put("changed.html", b"old")
+    bucket.put("deleted.html", b"here")
     sections = {"cache": LONG, "events": events_section(moto_url, q.url)}
     first = await make_proxy(**sections)
     await started(first)
-    await body_of(first, "/docs/same.html")
-    await body_of(first, "/docs/changed.html")
+    for name in ("same", "changed", "deleted"):
+        await body_of(first, f"/docs/{name}.html")
     await first.close()
     bucket.put("changed.html", b"new")
+    bucket.delete("deleted.html")
     second = await make_proxy(**sections)
     await started(second)
     shim.reset_counts()
     assert await body_of(second, "/docs/same.html") == (200, b"same", "HIT")
     assert await body_of(second, "/docs/changed.html") == (200, b"new", "MISS")
     assert shim.counts == {"HEAD": 1, "GET": 1}
+    assert (await body_of(second, "/docs/deleted.html"))[0] == 404
+    assert await store_of(second).lookup("deleted.html") is None
 
 
 async def test_only_the_leader_consumes(make_proxy: MakeProxy, sqs: Any, moto_url: str) -> None:
