@@ -16,13 +16,14 @@ from urllib.parse import quote
 
 import boto3
 import pytest
+from aiohttp.test_utils import TestServer
 
-from cachingproxy.app import EVENTS
+from cachingproxy.app import EVENTS, create_app, server_kwargs
 from cachingproxy.appkeys import COUNTERS
 from cachingproxy.events import EventHealth
 from cachingproxy.tally import Slab, Tally
 
-from .conftest import Bucket, FakeClock, MakeProxy, store_of
+from .conftest import Bucket, FakeClock, MakeProxy, config_for, store_of
 from .shim import Shim
 
 Client = Any
@@ -344,3 +345,29 @@ def test_health_is_shared_between_workers_and_lapses() -> None:
     assert not other.ok
     EventHealth(Tally(["events.healthy_until_ms"], slab, 0), lease=-1).renew()  # a lease already over
     assert not other.ok
+
+
+async def test_another_worker_sees_the_change_and_the_health(
+        aiohttp_client: Any, tmp_path: Path, bucket: Bucket, queue: Queue, shim: Shim, clock: FakeClock,
+        moto_url: str) -> None:
+    """Two workers on one cache and one shared tally, as workers.py runs them: only the leader consumes, and the
+    follower both serves what the leader applied and knows the consumer's health."""
+    bucket.put("a.html", b"old")
+    config = config_for(tmp_path, shim.url, bucket.name, cache=LONG, events=events_section(moto_url, queue.url))
+    slab = Slab(rows=2)
+    workers = []
+    for row in (0, 1):
+        server = TestServer(create_app(config, clock=clock, slab=slab, row=row, leader=row == 0))
+        await server.start_server(**server_kwargs(config))
+        workers.append(await aiohttp_client(server))
+    leader, follower = workers
+    await started(leader)
+    await until(lambda: leader.app[EVENTS]._health.ok, "the first receive")
+    assert (await (await follower.get("/readyz")).json())["events"] == "ok"
+    assert (await body_of(follower, "/docs/a.html"))[1] == b"old"
+    assert await body_of(follower, "/docs/a.html") == (200, b"old", "HIT")  # now held in its memory
+    await until(lambda: queue.waiting() == 0, "the queue to drain")
+    before = count(leader, "events_applied")
+    bucket.put("a.html", b"new")
+    await applied(leader, before)
+    assert await body_of(follower, "/docs/a.html") == (200, b"new", "HIT")
