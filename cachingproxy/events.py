@@ -239,6 +239,8 @@ class EventConsumer:
         while (wanted := self._wanted.pop(key, None)) is not None:
             site, event = wanted
             async with self._slots:  # bounded: a 5,000-object publish is never 5,000 GETs at once
+                if event.etag and await site.service.confirm_listed(event.key, event.etag):
+                    continue  # a request's revalidation fetched this version while the refresh waited
                 try:
                     meta = await site.service.prefetch(event.key)
                 except OriginError:
