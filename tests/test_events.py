@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from cachingproxy.app import EVENTS, create_app, server_kwargs
 from cachingproxy.appkeys import COUNTERS
+from cachingproxy.config import parse_config
 from cachingproxy.events import EventHealth
 from cachingproxy.tally import Slab, Tally
 
@@ -371,3 +372,41 @@ async def test_another_worker_sees_the_change_and_the_health(
     bucket.put("a.html", b"new")
     await applied(leader, before)
     assert await body_of(follower, "/docs/a.html") == (200, b"new", "HIT")
+
+
+async def test_an_event_reaches_each_site_whose_bucket_and_prefix_hold_the_key(
+        aiohttp_client: Any, tmp_path: Path, bucket: Bucket, sqs: Any, shim: Shim, clock: FakeClock,
+        moto_url: str) -> None:
+    q = Queue(sqs, f"sites-{uuid.uuid4().hex[:12]}")
+    s3 = {"bucket": bucket.name, "endpoint_url": shim.url, "addressing_style": "path", "max_attempts": 1}
+    config = parse_config({
+        "s3": s3, "cache": {"directory": str(tmp_path / "cache"), **LONG},
+        "events": events_section(moto_url, q.url),
+        "sites": [{"name": "guide", "mount": "/guide", "s3": {"prefix": "guide/"}},
+                  {"name": "api", "mount": "/api", "s3": {"prefix": "api/"}}],
+    }, "test")
+    server = TestServer(create_app(config, clock=clock))
+    await server.start_server(**server_kwargs(config))
+    proxy = await aiohttp_client(server)
+    await started(proxy)
+    for key in ("guide/a.html", "api/a.html"):
+        bucket.put(key, b"old")
+    assert (await body_of(proxy, "/guide/a.html"))[1] == b"old"
+    assert (await body_of(proxy, "/api/a.html"))[1] == b"old"
+
+    def created(key: str, etag: str, sequencer: str) -> str:
+        return json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "awsRegion": "us-east-1",
+                                        "eventTime": "2026-12-03T09:00:00.000Z",
+                                        "s3": {"bucket": {"name": bucket.name},
+                                               "object": {"key": key, "eTag": etag.strip('"'),
+                                                          "sequencer": sequencer}}}]})
+
+    etag = bucket.put("api/a.html", b"new")
+    bucket.put("guide/a.html", b"changed without an event")
+    applied_before, ignored_before = count(proxy, "events_applied"), count(proxy, "events_ignored")
+    q.send(created("api/a.html", etag, "01"))
+    q.send(created("elsewhere/a.html", etag, "02"))  # no site's prefix
+    await until(lambda: count(proxy, "events_ignored") > ignored_before, "the event for no site")
+    await applied(proxy, applied_before)
+    assert await body_of(proxy, "/api/a.html") == (200, b"new", "HIT")
+    assert await body_of(proxy, "/guide/a.html") == (200, b"old", "HIT")  # not this site's event
