@@ -287,6 +287,13 @@ class EntryIndex:
             return 1
         return self._guard(drop, 0)
 
+    def keys(self, prefix: str) -> list[str]:
+        """Every cached key starting with `prefix`: a scan of the whole index, for the events sweep."""
+        def scan(cache: diskcache.Cache) -> list[str]:
+            return [k[1] for k in cache.iterkeys()
+                    if isinstance(k, tuple) and k[0] == "meta" and k[1].startswith(prefix)]
+        return self._guard(scan, [])
+
     def purge_prefix(self, prefix: str) -> int:
         """Remove every entry whose key starts with `prefix` ("" for all); returns how many objects."""
         def drop(cache: diskcache.Cache) -> int:

@@ -341,15 +341,9 @@ class CacheStore:
         self._hot.forget()  # this worker's bodies too: a purge is also how an operator frees memory
         return purged
 
-    def _keys_sync(self, prefix: str) -> list[str]:
-        def scan(cache: diskcache.Cache) -> list[str]:
-            return [k[1] for k in cache.iterkeys()
-                    if isinstance(k, tuple) and k[0] == "meta" and k[1].startswith(prefix)]
-        return self._guard(scan, [])
-
     async def keys(self, prefix: str) -> list[str]:
         """Every cached key starting with `prefix` (events.py's sweep: entries whose object was deleted)."""
-        return await self._run(self._keys_sync, prefix)
+        return await self._run(self._index.keys, prefix)
 
     def _stats_sync(self) -> tuple[int, int]:
         self._check_sync()  # never count the entries of a deleted index

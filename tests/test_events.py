@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,10 +23,9 @@ from cachingproxy.config import parse_config
 from cachingproxy.events import EventHealth
 from cachingproxy.tally import Slab, Tally
 
-from .conftest import Bucket, FakeClock, MakeProxy, config_for, store_of
+from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient, config_for, store_of, until
 from .shim import Shim
 
-Client = Any
 DEADLINE = 15.0  # seconds; moto's long poll answers within wait_seconds (1 s here)
 
 
@@ -74,30 +72,21 @@ def events_section(moto_url: str, queue_url: str, **extra: Any) -> dict[str, Any
     return {"queue_url": queue_url, "endpoint_url": moto_url, "wait_seconds": 1, **extra}
 
 
-async def until(condition: Callable[[], bool], what: str, within: float = DEADLINE) -> None:
-    """Poll an observable condition with a deadline (the consumer runs on its own; nothing to await)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def count(proxy: Client, name: str) -> int:
+def count(proxy: ProxyClient, name: str) -> int:
     return int(proxy.app[COUNTERS].get(name))
 
 
-async def started(proxy: Client) -> None:
+async def started(proxy: ProxyClient) -> None:
     """The consumer's sweep at start is done (it LISTs through the shim), so counts after it are the test's."""
     await asyncio.wait_for(proxy.app[EVENTS].swept.wait(), DEADLINE)
 
 
-async def body_of(proxy: Client, path: str) -> tuple[int, bytes, str]:
+async def body_of(proxy: ProxyClient, path: str) -> tuple[int, bytes, str]:
     resp = await proxy.get(path)
     return resp.status, await resp.read(), resp.headers.get("X-Cache", "")
 
 
-async def applied(proxy: Client, before: int, n: int = 1) -> None:
+async def applied(proxy: ProxyClient, before: int, n: int = 1) -> None:
     await until(lambda: count(proxy, "events_applied") >= before + n, "the event to be applied")
     await proxy.app[EVENTS].settle()
 
