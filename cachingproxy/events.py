@@ -98,6 +98,11 @@ class EventConsumer:
 
     # -- public ---------------------------------------------------------------------------------------
 
+    @property
+    def healthy(self) -> bool:
+        """The last receive worked (as every worker sees it: EventHealth)."""
+        return self._health.ok
+
     async def run(self) -> None:
         """Receive, apply, delete, for ever; a queue failure marks the consumer unhealthy and backs off."""
         self._health.lost()  # until the first receive works: a restarted leader may have missed events

@@ -253,7 +253,7 @@ async def test_queue_deleted_while_running(
     bucket.put("a.html", b"a")
     proxy = await make_proxy(cache=LONG, events=events_section(moto_url, queue.url, fallback_ttl=30.0))
     await started(proxy)
-    await until(lambda: proxy.app[EVENTS]._health.ok, "the first receive")
+    await until(lambda: proxy.app[EVENTS].healthy, "the first receive")
     ready = await proxy.get("/readyz")
     assert (ready.status, (await ready.json())["events"]) == (200, "ok")
     await body_of(proxy, "/docs/a.html")
@@ -352,7 +352,7 @@ async def test_another_worker_sees_the_change_and_the_health(
         workers.append(await aiohttp_client(server))
     leader, follower = workers
     await started(leader)
-    await until(lambda: leader.app[EVENTS]._health.ok, "the first receive")
+    await until(lambda: leader.app[EVENTS].healthy, "the first receive")
     assert (await (await follower.get("/readyz")).json())["events"] == "ok"
     assert (await body_of(follower, "/docs/a.html"))[1] == b"old"
     assert await body_of(follower, "/docs/a.html") == (200, b"old", "HIT")  # now held in its memory
