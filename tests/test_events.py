@@ -265,7 +265,8 @@ async def test_queue_deleted_while_running(
     await until(lambda: count(proxy, "events_queue_errors") > errors, "a queue error")
     ready = await proxy.get("/readyz")
     assert ready.status == 200
-    assert await ready.json() == {"status": "degraded", "cache": "ok", "s3": "ok", "events": "unreachable"}
+    assert await ready.json() == {"status": "degraded", "cache": "ok", "s3": "ok", "events": "unreachable",
+                                  "reason": "events: the queue cannot be read, every TTL is capped at fallback_ttl"}
     shim.reset_counts()  # /readyz's own LIST
     # fallback_ttl takes over: the entry was checked 31 s ago, more than 30.
     assert await body_of(proxy, "/docs/a.html") == (200, b"a", "REVALIDATED")
