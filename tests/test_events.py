@@ -1,6 +1,8 @@
 """S3 event notifications through SQS, end to end against moto's server: moto 5.2.5 delivers real notifications
-from S3 to SQS and from S3 to SNS to SQS (put_bucket_notification_configuration), which the proxy's leader
-consumes; EventBridge and hand-made out-of-order messages are sent with SendMessage."""
+from S3 to SQS, from S3 to SNS to SQS and from S3 to EventBridge to an SQS rule target
+(put_bucket_notification_configuration), which the proxy's leader consumes; out-of-order sequencers,
+duplicates and poison messages are sent with SendMessage (moto's notifications carry no sequencer, or a
+constant one on EventBridge)."""
 
 from __future__ import annotations
 
@@ -400,3 +402,33 @@ async def test_an_event_reaches_each_site_whose_bucket_and_prefix_hold_the_key(
     await applied(proxy, applied_before)
     assert await body_of(proxy, "/api/a.html") == (200, b"new", "HIT")
     assert await body_of(proxy, "/guide/a.html") == (200, b"old", "HIT")  # not this site's event
+
+
+async def test_eventbridge_delivered_by_moto(
+        make_proxy: MakeProxy, bucket: Bucket, sqs: Any, moto_url: str, shim: Shim) -> None:
+    """moto also routes S3 -> EventBridge -> an SQS rule target. Its sequencer is one constant for every event,
+    so only one update per key can be shown this way (a second would rightly count as a duplicate)."""
+    events = boto3.client("events", endpoint_url=moto_url, region_name="us-east-1")
+    q = Queue(sqs, f"ebr-{uuid.uuid4().hex[:12]}")
+    rule = f"docs-{uuid.uuid4().hex[:8]}"
+    events.put_rule(Name=rule, EventPattern=json.dumps({"source": ["aws.s3"],
+                                                        "detail": {"bucket": {"name": [bucket.name]}}}))
+    events.put_targets(Rule=rule, Targets=[{"Id": "office", "Arn": q.arn}])
+    bucket.put("a b.html", b"old")  # before notifications are on: the update below is the key's only event
+    bucket.client.put_bucket_notification_configuration(Bucket=bucket.name, NotificationConfiguration={
+        "EventBridgeConfiguration": {}})
+    try:
+        proxy = await make_proxy(cache=LONG, events=events_section(moto_url, q.url))
+        await started(proxy)
+        assert (await body_of(proxy, "/docs/a%20b.html"))[1] == b"old"
+        await until(lambda: q.waiting() == 0, "the queue to drain")
+        before = count(proxy, "events_applied")
+        bucket.put("a b.html", b"new")
+        await applied(proxy, before)
+        shim.reset_counts()
+        assert await body_of(proxy, "/docs/a%20b.html") == (200, b"new", "HIT")
+        assert shim.counts == {}
+    finally:
+        bucket.client.put_bucket_notification_configuration(Bucket=bucket.name, NotificationConfiguration={})
+        events.remove_targets(Rule=rule, Ids=["office"])
+        events.delete_rule(Name=rule)
