@@ -21,8 +21,9 @@ from aiohttp.test_utils import TestServer
 
 from cachingproxy.app import EVENTS, create_app, server_kwargs
 from cachingproxy.appkeys import COUNTERS
-from cachingproxy.config import parse_config
+from cachingproxy.config import EventsConfig, parse_config
 from cachingproxy.events import EventHealth
+from cachingproxy.origin import profile_problems
 from cachingproxy.tally import Slab, Tally
 
 from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient, config_for, store_of, until
@@ -432,3 +433,8 @@ async def test_eventbridge_delivered_by_moto(
         bucket.client.put_bucket_notification_configuration(Bucket=bucket.name, NotificationConfiguration={})
         events.remove_targets(Rule=rule, Ids=["office"])
         events.delete_rule(Name=rule)
+
+
+def test_an_events_profile_that_does_not_exist_is_named() -> None:
+    assert profile_problems([EventsConfig(queue_url="https://q", profile="office")], key="events.profile") == [
+        "events.profile: 'office' is not a profile in the AWS config files"]
