@@ -29,6 +29,7 @@ from .namespace import namespace_for
 from .origin import OriginError
 from .policy import windows_for
 from .queue import Message, QueueError, SqsQueue
+from .service import NotRecorded
 from .sites import Site, Sites
 from .tally import Tally
 
@@ -145,6 +146,10 @@ class EventConsumer:
             for event in events:
                 self._counters.add("events_received")
                 await self._apply(event)
+        except NotRecorded:
+            # The entry would stay fresh for the whole (long) TTL: SQS delivers the message again instead.
+            log.warning("events: the cache could not record message %s; it will be delivered again", message.id)
+            return False
         except Exception:
             # The store or the loop failed under us: leave the message for redelivery (applying twice is safe).
             log.exception("events: applying message %s failed; it will be delivered again", message.id)
@@ -166,7 +171,7 @@ class EventConsumer:
                 context.run(SITE.set, site.name)
                 try:
                     await asyncio.create_task(self._sweep_site(site, group), context=context)
-                except OriginError:
+                except (OriginError, NotRecorded):
                     log.warning("events: sweep of site %s failed; the next sweep tries again", site.name)
         self.swept.set()
 
@@ -252,7 +257,10 @@ class EventConsumer:
                     continue  # the entry stays stale: the next request revalidates it
                 if event.etag and meta.etag != event.etag:
                     # The fill joined was older than the event (it began before the upload): stale again.
-                    await site.service.mark_stale(event.key, _ttl(site, event.key))
+                    try:
+                        await site.service.mark_stale(event.key, _ttl(site, event.key))
+                    except NotRecorded:
+                        log.warning("events: the cache could not mark a refreshed key stale; the sweep will")
 
     async def _sweep_site(self, site: Site, group: list[Site]) -> None:
         prefix = site.config.s3.prefix

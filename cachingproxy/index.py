@@ -230,9 +230,9 @@ class EntryIndex:
         if old is not None and old.meta.etag != entry.meta.etag:
             cache.delete(_body_key(entry.key, old.meta.etag))
 
-    def put(self, entry: Entry) -> None:
-        """Replace an entry's metadata (a revalidation); its body is unchanged."""
-        self._guard(lambda c: c.set(_meta_key(entry.key), _encode(entry)), None)
+    def put(self, entry: Entry) -> bool:
+        """Replace an entry's metadata (a revalidation); its body is unchanged. False when it could not."""
+        return self._guard(lambda c: bool(c.set(_meta_key(entry.key), _encode(entry))), False)
 
     def touch(self, read: Iterable[tuple[str, str]]) -> None:
         """Record that these (key, ETag) bodies were read, for eviction.

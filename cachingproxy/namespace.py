@@ -90,8 +90,8 @@ class NamespacedStore:
     async def discard(self, staging: Staging) -> None:
         await self._store.discard(staging)
 
-    async def mark_checked(self, entry: Entry) -> None:
-        await self._store.mark_checked(self._in(entry))
+    async def mark_checked(self, entry: Entry) -> bool:
+        return await self._store.mark_checked(self._in(entry))
 
     async def forget(self, key: str) -> int:
         return await self._store.forget(self._ns + key)

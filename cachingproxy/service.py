@@ -36,13 +36,17 @@ from .policy import (
     is_fresh,
 )
 
-__all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "Resolved"]
+__all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "NotRecorded", "Resolved"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ANY = Windows(ttl=0.0)  # a listing's row of the decision table does not depend on the TTL
 NEGATIVE_CACHE_MAX = 10_000  # bounded and kept apart from bodies: random 404s never evict real entries
+
+
+class NotRecorded(Exception):
+    """The cache could not record a change to an entry (its index locked or failing): try again later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +215,8 @@ class CachingProxy:
         if entry is None:
             return False
         now = self._clock()
-        await self._store.mark_checked(entry.checked(entry.meta, min(entry.checked_at, now - ttl)))
+        if not await self._store.mark_checked(entry.checked(entry.meta, min(entry.checked_at, now - ttl))):
+            raise NotRecorded(key)
         return True
 
     async def drop(self, key: str) -> None:

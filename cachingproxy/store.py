@@ -311,12 +311,14 @@ class CacheStore:
     async def discard(self, staging: Staging) -> None:
         await self._run(self._writer.discard, staging)
 
-    def _mark_checked_sync(self, entry: Entry) -> None:
-        self._index.put(entry)
+    def _mark_checked_sync(self, entry: Entry) -> bool:
+        written = self._index.put(entry)
         self._changed()
+        return written
 
-    async def mark_checked(self, entry: Entry) -> None:
-        await self._run(self._mark_checked_sync, entry)
+    async def mark_checked(self, entry: Entry) -> bool:
+        """Record a new checked_at (and headers); False when the index could not take it (locked, failing)."""
+        return await self._run(self._mark_checked_sync, entry)
 
     # -- removal --------------------------------------------------------------------------------------
 

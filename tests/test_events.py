@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -438,3 +439,31 @@ async def test_eventbridge_delivered_by_moto(
 def test_an_events_profile_that_does_not_exist_is_named() -> None:
     assert profile_problems([EventsConfig(queue_url="https://q", profile="office")], key="events.profile") == [
         "events.profile: 'office' is not a profile in the AWS config files"]
+
+
+async def test_a_locked_cache_leaves_the_message_for_redelivery(
+        make_proxy: MakeProxy, bucket: Bucket, queue: Queue, tmp_path: Path, moto_url: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds the index's write lock (RELIABILITY row 19): the entry cannot be marked stale, so the
+    message is not deleted; SQS delivers it again after the visibility timeout, and then it applies."""
+    queue.sqs.set_queue_attributes(QueueUrl=queue.url, Attributes={"VisibilityTimeout": "1"})
+    bucket.put("a.html", b"old")
+    proxy = await make_proxy(cache=LONG, events=events_section(moto_url, queue.url, refresh=False))
+    await started(proxy)
+    await body_of(proxy, "/docs/a.html")
+    await until(lambda: queue.waiting() == 0, "the queue to drain")
+    applied_before = count(proxy, "events_applied")
+    locker = sqlite3.connect(tmp_path / "cache" / "db" / "cache.db", timeout=0.1, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        with caplog.at_level(logging.WARNING, logger="cachingproxy.events"):
+            bucket.put("a.html", b"new")
+            await until(lambda: any("could not record" in r.getMessage() for r in caplog.records),
+                        "the apply to fail")
+        assert count(proxy, "events_applied") == applied_before
+        assert queue.waiting() == 1  # not deleted
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    await applied(proxy, applied_before)
+    assert await body_of(proxy, "/docs/a.html") == (200, b"new", "MISS")
