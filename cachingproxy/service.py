@@ -224,6 +224,8 @@ class CachingProxy:
         for negative_ttl (this worker; the others learn it from S3 on their next request)."""
         await self._store.forget(key)
         self._remember_missing(key)
+        if await self._store.lookup(key) is not None:
+            raise NotRecorded(key)  # the index refused the delete (locked, failing): the entry is still served
 
     async def exists(self, key: str) -> bool:
         """Whether `key` is cached or in S3; used for the `dir` -> `dir/` redirect."""

@@ -467,3 +467,19 @@ async def test_a_locked_cache_leaves_the_message_for_redelivery(
         locker.close()
     await applied(proxy, applied_before)
     assert await body_of(proxy, "/docs/a.html") == (200, b"new", "MISS")
+    # The same for a delete.
+    caplog.clear()
+    applied_before = count(proxy, "events_applied")
+    locker = sqlite3.connect(tmp_path / "cache" / "db" / "cache.db", timeout=0.1, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        with caplog.at_level(logging.WARNING, logger="cachingproxy.events"):
+            bucket.delete("a.html")
+            await until(lambda: any("could not record" in r.getMessage() for r in caplog.records),
+                        "the delete to fail")
+        assert count(proxy, "events_applied") == applied_before
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    await applied(proxy, applied_before)
+    assert (await body_of(proxy, "/docs/a.html"))[0] == 404
