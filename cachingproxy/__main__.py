@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .workers import run_workers
 
     problems = profile_problems([site.s3 for site in config.sites])
+    problems += profile_problems([config.events], key="events.profile")
     for problem in problems:
         print(f"cachingproxy: {args.config}: {problem}", file=sys.stderr)
     if problems:

@@ -16,10 +16,11 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .accesslog import StructuredAccessLogger, request_id, track_s3_calls
 from .admin import mount_admin, start_admin_listener
-from .appkeys import CLOCK, CONFIG, COUNTERS, SITE, SITES, STARTED, STORE, TALLY
+from .appkeys import CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITE, SITES, STARTED, STORE, TALLY
 from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
+from .events import HEALTH_CELL, EventConsumer, EventHealth
 from .freshness import (
     UNVALIDATED_CACHE_CONTROL,
     client_freshness,
@@ -44,6 +45,7 @@ from .origin import (
     open_client,
 )
 from .policy import Breaker, windows_for
+from .queue import open_queue
 from .requestforms import quiet_parse_errors, request_forms
 from .respond import from_memory, respond
 from .s3state import EveryMinute, endpoint
@@ -65,6 +67,7 @@ _BUCKET_MISSING_LOG = EveryMinute()
 # aiohttp names itself and Python with their versions, which tells a scanner what to try. web_response reads
 # this module global for each response (aiohttp 3.14; pinned below 3.15), tests/test_readme.py checks it.
 setattr(web_response, "SERVER_SOFTWARE", SERVER)  # noqa: B010 (not exported: mypy)
+EVENTS = web.AppKey("events", EventConsumer)  # the leader's, with [events] queue_url
 
 
 @web.middleware
@@ -121,7 +124,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         raise (web.HTTPBadRequest if key.status == 400 else web.HTTPNotFound)(text=key.reason + "\n")
     service = site.service
     relative = key.s3_key[len(config.s3.prefix):]
-    windows = windows_for(relative, config.cache)
+    windows = windows_for(relative, config.cache, _ttl_cap(request.app))
     ttl = windows.ttl
     client = client_freshness(relative, config.cache.rules, config.cache.client_cache_control)
     want_body = request.method == "GET"
@@ -144,6 +147,12 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
     return await respond(request, resolved, ttl, client, conditional=True)
 
 
+def _ttl_cap(app: web.Application) -> float | None:
+    """[events] fallback_ttl while the events consumer is not reading its queue (any worker can tell)."""
+    health = app.get(EVENTS_HEALTH)
+    return None if health is None or health.ok else app[CONFIG].events.fallback_ttl
+
+
 async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamResponse:
     config = site.config
     service = site.service
@@ -160,7 +169,7 @@ async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamRe
     negative_ttl = config.cache.negative_ttl
     if error_document:
         error_key = config.s3.prefix + error_document
-        windows = windows_for(error_document, config.cache)
+        windows = windows_for(error_document, config.cache, _ttl_cap(request.app))
         try:
             resolved = await service.resolve(error_key, windows=windows, want_body=request.method == "GET")
         except OriginError:
@@ -236,6 +245,24 @@ async def _sites_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*(site.service.close(grace=grace) for site in sites.values()))
 
 
+async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The S3 events consumer, in the leader only (one per proxy): a sweep at start, then the queue loop."""
+    config = app[CONFIG]
+    health = app.get(EVENTS_HEALTH)
+    if not app[LEADER] or health is None:
+        yield
+        return
+    async with open_queue(config.events, config.sites[0].s3.region) as queue:
+        consumer = app[EVENTS] = EventConsumer(queue, app[SITES], config.events, app[CLOCK], app[COUNTERS],
+                                               app[TALLY], health)
+        await consumer.start()
+        try:
+            yield
+        finally:
+            await consumer.close()
+            health.lost()
+
+
 async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
     """Monitoring and the admin API; with several workers only the leader (`leader=True`, see workers.py)
     opens the admin listener and runs mirror mode."""
@@ -307,11 +334,14 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     app[CONFIG] = config
     app[CLOCK] = clock
     names = tuple(site.name for site in config.sites)
-    app[TALLY] = Tally((*cell_names(names), *metric_slots(names)), slab, row)
+    app[TALLY] = Tally((*cell_names(names), *metric_slots(names), HEALTH_CELL), slab, row)
     app[COUNTERS] = Counters(app[TALLY], names)
     app[LEADER] = leader
     app[CHECK_BUCKET] = check_bucket
-    app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _ops_ctx])  # unwound in reverse
+    if config.events.enabled:
+        # The lease outlives one long poll and its timeout (queue.py), so a healthy consumer never lapses.
+        app[EVENTS_HEALTH] = EventHealth(app[TALLY], lease=config.events.wait_seconds + 45.0)
+    app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _events_ctx, _ops_ctx])  # unwound in reverse
     app.on_response_prepare.append(_on_prepare)
     app.on_response_prepare.append(request_id)
     # Registered first, so they win over a site mounted at "/".

@@ -9,12 +9,14 @@ from aiohttp import web
 
 from .config import Config
 from .counters import Counters
+from .events import EventHealth
 from .models import Clock
 from .sites import Site, Sites
 from .store import CacheStore
 from .tally import Tally
 
-__all__ = ["BODY_SENT", "CLOCK", "CONFIG", "COUNTERS", "S3_CALLS", "SITE", "SITES", "STARTED", "STORE", "TALLY"]
+__all__ = ["BODY_SENT", "CLOCK", "CONFIG", "COUNTERS", "EVENTS_HEALTH", "S3_CALLS", "SITE", "SITES", "STARTED", "STORE",
+           "TALLY"]
 
 CONFIG = web.AppKey("config", Config)
 CLOCK = web.AppKey("clock", Clock)
@@ -22,6 +24,7 @@ STORE = web.AppKey("store", CacheStore)
 SITES = web.AppKey("sites", Sites)
 TALLY = web.AppKey("tally", Tally)
 COUNTERS = web.AppKey("counters", Counters)
+EVENTS_HEALTH = web.AppKey("events_health", EventHealth)  # set only with [events] queue_url
 
 SITE = web.RequestKey("site", Site)  # the site the request was routed to
 S3_CALLS = web.RequestKey("s3_calls", collections.Counter)  # S3 requests made for this request, by operation

@@ -17,6 +17,7 @@ __all__ = [
     "CacheRule",
     "Config",
     "ConfigError",
+    "EventsConfig",
     "S3Config",
     "ServerConfig",
     "SiteConfig",
@@ -107,6 +108,25 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """S3 event notifications read from an SQS queue (events.py); an empty queue_url turns them off."""
+
+    queue_url: str = ""
+    region: str = ""  # "" = [s3] region
+    endpoint_url: str = ""  # moto, ElasticMQ, LocalStack
+    profile: str = ""  # "" = the standard credential chain
+    wait_seconds: int = 20  # SQS long poll, 0-20
+    refresh: bool = True  # after ObjectCreated for a cached key, fetch the new version at once
+    fallback_ttl: float = 300.0  # while the queue cannot be read, the longest any entry goes unrevalidated
+    sweep_interval: float = 0.0  # seconds between LIST sweeps of every cached prefix; 0 = only at start
+    concurrency: int = 8  # refreshes in flight at once, so a 5,000-object publish never floods S3
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.queue_url)
+
+
+@dataclass(frozen=True, slots=True)
 class SiteConfig:
     """One docs site: which requests it answers (hosts, mount) and where its objects come from."""
 
@@ -126,6 +146,7 @@ class Config:
     s3: S3Config = field(default_factory=S3Config)
     cache: CacheConfig = field(default_factory=CacheConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     # Filled by parse_config: without [[sites]], one site named "default" made of [server] mount, [s3], [cache].
     sites: tuple[SiteConfig, ...] = ()
 
@@ -215,7 +236,7 @@ def _cache_control_ok(value: Any) -> bool:
 
 def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     """Build a Config from parsed TOML, checking every key; raise ConfigError naming the first problem."""
-    unknown = set(data) - {"server", "s3", "cache", "admin", "sites"}
+    unknown = set(data) - {"server", "s3", "cache", "admin", "sites", "events"}
     _check(not unknown, src, ", ".join(sorted(unknown)), "unknown section")
     server = _section(ServerConfig, data.get("server", {}), "server", src)
     server = ServerConfig(**{**{f.name: getattr(server, f.name) for f in fields(server)},
@@ -248,6 +269,15 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     _check(admin.readiness_ttl >= 0, src, "admin.readiness_ttl", "must be >= 0")
     _check(not any(p.startswith("/") for p in admin.warm_prefixes), src, "admin.warm_prefixes",
            "must be key prefixes below [s3] prefix, without a leading '/'")
+    events = _section(EventsConfig, data.get("events", {}), "events", src)
+    _check(0 <= events.wait_seconds <= 20, src, "events.wait_seconds", "must be 0-20 (the SQS long-poll limit)")
+    _check(events.fallback_ttl >= 0, src, "events.fallback_ttl", "must be >= 0")
+    _check(events.sweep_interval >= 0, src, "events.sweep_interval", "must be >= 0 (0 = only at start)")
+    _check(1 <= events.concurrency <= 256, src, "events.concurrency", "must be 1-256")
+    _check(events.queue_url == "" or events.queue_url.startswith(("http://", "https://")), src,
+           "events.queue_url", "must be empty or the queue's https URL")
+    _check(events.endpoint_url == "" or events.endpoint_url.startswith(("http://", "https://")), src,
+           "events.endpoint_url", "must be empty or an http(s) URL")
     if "sites" in data:
         sites = _sites(data["sites"], s3, cache, src)
     else:
@@ -255,7 +285,7 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
         _check_cache(cache, "cache", src)
         sites = (SiteConfig(name="default", mount=server.mount, s3=s3, cache=cache,
                             warm_prefixes=admin.warm_prefixes),)
-    return Config(server=server, s3=s3, cache=cache, admin=admin, sites=sites)
+    return Config(server=server, s3=s3, cache=cache, admin=admin, events=events, sites=sites)
 
 
 def _check_s3(s3: S3Config, where: str, src: str) -> None:

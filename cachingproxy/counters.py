@@ -62,11 +62,22 @@ COUNTERS: tuple[Counter, ...] = (
             "integrity_failures", "Cache"),
     Counter("cache_write_errors", "Bodies that could not be written to the cache.", ("cache_write_errors",),
             "cache_write_errors", "Cache"),
+    Counter("events_received", "Object events read from the SQS queue.", ("events", "received"), "events",
+            "Events", (("result", "received"),)),
+    Counter("events_applied", "Object events applied to the cache (marked stale, refreshed or dropped).",
+            ("events", "applied"), "events", "Events", (("result", "applied"),)),
+    Counter("events_ignored", "Events or messages ignored: older or duplicate, for no site, test events.",
+            ("events", "ignored"), "events", "Events", (("result", "ignored"),)),
+    Counter("events_malformed", "Queue messages that could not be parsed (logged once, deleted).",
+            ("events", "malformed"), "events", "Events", (("result", "malformed"),)),
+    Counter("events_queue_errors", "Failed SQS receives and deletes (the consumer backs off and retries).",
+            ("events", "queue_errors"), "event_queue_errors", "Events"),
 )
 # HELP for the Prometheus families that several labelled counters share.
 FAMILIES = {
     "s3_requests": "Requests sent to S3, by operation.",
     "revalidations": "HeadObject revalidations, by result.",
+    "events": "S3 event notifications from the SQS queue, by what became of them.",
 }
 NAMES = tuple(counter.name for counter in COUNTERS)
 _S3_OPERATION = {c.name: dict(c.labels)["operation"] for c in COUNTERS if c.metric == "s3_requests"}

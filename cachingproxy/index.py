@@ -230,9 +230,9 @@ class EntryIndex:
         if old is not None and old.meta.etag != entry.meta.etag:
             cache.delete(_body_key(entry.key, old.meta.etag))
 
-    def put(self, entry: Entry) -> None:
-        """Replace an entry's metadata (a revalidation); its body is unchanged."""
-        self._guard(lambda c: c.set(_meta_key(entry.key), _encode(entry)), None)
+    def put(self, entry: Entry) -> bool:
+        """Replace an entry's metadata (a revalidation); its body is unchanged. False when it could not."""
+        return self._guard(lambda c: bool(c.set(_meta_key(entry.key), _encode(entry))), False)
 
     def touch(self, read: Iterable[tuple[str, str]]) -> None:
         """Record that these (key, ETag) bodies were read, for eviction.
@@ -286,6 +286,13 @@ class EntryIndex:
             cache.delete(_body_key(key, entry.meta.etag))
             return 1
         return self._guard(drop, 0)
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every cached key starting with `prefix`: a scan of the whole index, for the events sweep."""
+        def scan(cache: diskcache.Cache) -> list[str]:
+            return [k[1] for k in cache.iterkeys()
+                    if isinstance(k, tuple) and k[0] == "meta" and k[1].startswith(prefix)]
+        return self._guard(scan, [])
 
     def purge_prefix(self, prefix: str) -> int:
         """Remove every entry whose key starts with `prefix` ("" for all); returns how many objects."""

@@ -19,7 +19,8 @@ from prometheus_client.registry import Collector
 from .counters import COUNTERS, FAMILIES, NO_SITE, nest
 from .tally import Tally
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "NO_SITE", "OUTCOMES", "Metrics", "Snapshot", "slots"]
+__all__ = ["CONTENT_TYPE", "EVENT_LAG_BUCKETS", "LATENCY_BUCKETS", "NO_SITE", "OUTCOMES", "Metrics", "Snapshot",
+           "observe_event_lag", "slots"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 OUTCOMES = ("HIT", "MISS", "REVALIDATED", "STALE")  # X-Cache values; other responses are labelled "none"
@@ -27,6 +28,20 @@ FROM_CACHE = frozenset({"HIT", "REVALIDATED", "STALE"})
 # Seconds. Hits from disk take about a millisecond, misses S3's latency plus the body.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _LABELS = (*OUTCOMES, "none")
+# Seconds from S3's event time to the moment the consumer applied it: SQS delivery plus the long poll.
+EVENT_LAG_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+_LAG_SUM = "events.lag.sum_ms"
+
+
+def _lag_bucket(index: int) -> str:
+    return f"events.lag.{index}"  # index len(EVENT_LAG_BUCKETS) is +Inf
+
+
+def observe_event_lag(tally: Tally, seconds: float) -> None:
+    """One applied event's lag (events.py); kept in the shared tally like the request latency."""
+    seconds = max(0.0, seconds)  # S3's clock and ours differ by a little
+    tally.add(_lag_bucket(bisect.bisect_left(EVENT_LAG_BUCKETS, seconds)))
+    tally.add(_LAG_SUM, round(seconds * 1e3))
 
 
 
@@ -50,6 +65,8 @@ def slots(sites: Sequence[str]) -> tuple[str, ...]:
         out += [_responses(site, label) for label in OUTCOMES]
         out += [_bucket(site, label, i) for label in _LABELS for i in range(len(LATENCY_BUCKETS) + 1)]
         out += [_sum_us(site, label) for label in _LABELS]
+    out += [_lag_bucket(i) for i in range(len(EVENT_LAG_BUCKETS) + 1)]
+    out.append(_LAG_SUM)
     return tuple(out)
 
 
@@ -136,6 +153,7 @@ class _SnapshotCollector(Collector):
         yield gauge("warm_jobs_running", "Warm jobs in progress.", s.warm_jobs_running)
         yield gauge("uptime_seconds", "Seconds since the proxy started.", s.uptime)
         yield self._owner.latency()
+        yield self._owner.event_lag()
 
 
 class Metrics:
@@ -180,6 +198,17 @@ class Metrics:
                     running += totals[_bucket(site, label, i)]
                     buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
                 family.add_metric([site, label], buckets, totals[_sum_us(site, label)] / 1e6)
+        return family
+
+    def event_lag(self) -> HistogramMetricFamily:
+        totals = self._tally.totals()
+        family = HistogramMetricFamily("cachingproxy_event_lag_seconds",
+                                       "From an S3 event's time to the moment the proxy applied it.")
+        running, buckets = 0, []
+        for i, bound in enumerate((*EVENT_LAG_BUCKETS, float("inf"))):
+            running += totals[_lag_bucket(i)]
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", running))
+        family.add_metric([], buckets, totals[_LAG_SUM] / 1e3)
         return family
 
     def render(self, snapshot: Snapshot) -> bytes:

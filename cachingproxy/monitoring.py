@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .appkeys import EVENTS_HEALTH
 from .config import Config
 from .counters import SITE, Counters
 from .metrics import CONTENT_TYPE, Metrics, Snapshot
@@ -154,6 +155,14 @@ async def _readyz(request: web.Request) -> web.Response:
         body["sites"] = {name: check.state.value for name, check in checks.items()}
     if reason:
         body["reason"] = reason
+    events = request.app.get(EVENTS_HEALTH)
+    if events is not None:
+        # Serving goes on without events ([events] fallback_ttl bounds every TTL meanwhile): degraded, not down.
+        body["events"] = "ok" if events.ok else "unreachable"
+        if not events.ok:
+            body["status"] = "degraded" if word == "ready" else word
+            why = "events: the queue cannot be read, every TTL is capped at fallback_ttl"
+            body["reason"] = f"{reason}; {why}" if reason else why
     return web.json_response(body, status=status, headers=NO_STORE)
 
 

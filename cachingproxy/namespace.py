@@ -90,11 +90,14 @@ class NamespacedStore:
     async def discard(self, staging: Staging) -> None:
         await self._store.discard(staging)
 
-    async def mark_checked(self, entry: Entry) -> None:
-        await self._store.mark_checked(self._in(entry))
+    async def mark_checked(self, entry: Entry) -> bool:
+        return await self._store.mark_checked(self._in(entry))
 
     async def forget(self, key: str) -> int:
         return await self._store.forget(self._ns + key)
+
+    async def keys(self, prefix: str) -> list[str]:
+        return [key[len(self._ns):] for key in await self._store.keys(self._ns + prefix)]
 
     async def purge_prefix(self, prefix: str) -> int:
         return await self._store.purge_prefix(self._ns + prefix)

@@ -25,7 +25,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from .config import S3Config
+from .config import EventsConfig, S3Config
 from .counters import Counters
 from .models import ObjectMeta
 
@@ -372,10 +372,10 @@ _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
 _COUNTED = {"GetObject": "s3_get", "HeadObject": "s3_head", "ListObjectsV2": "s3_list"}
 
 
-def profile_problems(configs: Sequence[S3Config]) -> list[str]:
+def profile_problems(configs: Sequence[S3Config | EventsConfig], key: str = "s3.profile") -> list[str]:
     """A named profile that the AWS config files do not define; checked before starting, like a config error."""
     wanted = sorted({c.profile for c in configs if c.profile})
     if not wanted:
         return []
     known = set(AioSession().available_profiles)
-    return [f"s3.profile: {name!r} is not a profile in the AWS config files" for name in wanted if name not in known]
+    return [f"{key}: {name!r} is not a profile in the AWS config files" for name in wanted if name not in known]

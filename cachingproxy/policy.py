@@ -148,9 +148,15 @@ def is_fresh(entry: Entry, ttl: float, now: float) -> bool:
     return entry.checked_at <= now and ttl_left(entry, ttl, now) > 0
 
 
-def windows_for(relative_key: str, cache: CacheConfig) -> Windows:
-    """The TTL rule for a key below `[s3] prefix`, with the stale windows of `[cache]`."""
-    return Windows(ttl_for(relative_key, cache.rules, cache.ttl), cache.stale_while_revalidate, cache.stale_if_error)
+def windows_for(relative_key: str, cache: CacheConfig, cap: float | None = None) -> Windows:
+    """The TTL rule for a key below `[s3] prefix`, with the stale windows of `[cache]`.
+
+    `cap`: a TTL no entry may exceed just now ([events] fallback_ttl while the events consumer cannot read its
+    queue: the long TTL that events allow is only safe while changes are being heard of)."""
+    ttl = ttl_for(relative_key, cache.rules, cache.ttl)
+    if cap is not None:
+        ttl = min(ttl, cap)
+    return Windows(ttl, cache.stale_while_revalidate, cache.stale_if_error)
 
 
 def decide(entry: Entry | None, now: float, windows: Windows, health: Health = Health.UP, *,

@@ -36,13 +36,17 @@ from .policy import (
     is_fresh,
 )
 
-__all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "Resolved"]
+__all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "NotRecorded", "Resolved"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ANY = Windows(ttl=0.0)  # a listing's row of the decision table does not depend on the TTL
 NEGATIVE_CACHE_MAX = 10_000  # bounded and kept apart from bodies: random 404s never evict real entries
+
+
+class NotRecorded(Exception):
+    """The cache could not record a change to an entry (its index locked or failing): try again later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +203,29 @@ class CachingProxy:
         await self._store.close_body(body)
         await self._store.mark_checked(entry.checked(entry.meta, self._clock()))
         return True
+
+    async def mark_stale(self, key: str, ttl: float) -> bool:
+        """An event says `key` changed: its entry becomes stale for every worker, as if `ttl` ran out just now,
+        so the next request revalidates (and stale-if-error still counts from now). False when not cached.
+
+        Through the store, not this worker's memory: mark_checked also changes the shared stamp, which makes
+        every worker drop its in-memory copy of the entry."""
+        self._negative.pop(key, None)
+        entry = await self._store.lookup(key)
+        if entry is None:
+            return False
+        now = self._clock()
+        if not await self._store.mark_checked(entry.checked(entry.meta, min(entry.checked_at, now - ttl))):
+            raise NotRecorded(key)
+        return True
+
+    async def drop(self, key: str) -> None:
+        """An event says `key` was deleted: forget the entry (every worker) and answer 404 without asking S3
+        for negative_ttl (this worker; the others learn it from S3 on their next request)."""
+        await self._store.forget(key)
+        self._remember_missing(key)
+        if await self._store.lookup(key) is not None:
+            raise NotRecorded(key)  # the index refused the delete (locked, failing): the entry is still served
 
     async def exists(self, key: str) -> bool:
         """Whether `key` is cached or in S3; used for the `dir` -> `dir/` redirect."""

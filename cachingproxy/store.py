@@ -311,12 +311,14 @@ class CacheStore:
     async def discard(self, staging: Staging) -> None:
         await self._run(self._writer.discard, staging)
 
-    def _mark_checked_sync(self, entry: Entry) -> None:
-        self._index.put(entry)
+    def _mark_checked_sync(self, entry: Entry) -> bool:
+        written = self._index.put(entry)
         self._changed()
+        return written
 
-    async def mark_checked(self, entry: Entry) -> None:
-        await self._run(self._mark_checked_sync, entry)
+    async def mark_checked(self, entry: Entry) -> bool:
+        """Record a new checked_at (and headers); False when the index could not take it (locked, failing)."""
+        return await self._run(self._mark_checked_sync, entry)
 
     # -- removal --------------------------------------------------------------------------------------
 
@@ -340,6 +342,10 @@ class CacheStore:
         purged = await self._run(self._purge_prefix_sync, prefix)
         self._hot.forget()  # this worker's bodies too: a purge is also how an operator frees memory
         return purged
+
+    async def keys(self, prefix: str) -> list[str]:
+        """Every cached key starting with `prefix` (events.py's sweep: entries whose object was deleted)."""
+        return await self._run(self._index.keys, prefix)
 
     def _stats_sync(self) -> tuple[int, int]:
         self._check_sync()  # never count the entries of a deleted index

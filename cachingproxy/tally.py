@@ -54,6 +54,16 @@ class Tally:
         with self._lock:
             self._cells[cell] += amount
 
+    def set(self, name: str, value: int) -> None:
+        """A gauge in this worker's row (events.py: the consumer's health lease)."""
+        with self._lock:
+            self._cells[self._base + self._index[name]] = value
+
+    def highest(self, name: str) -> int:
+        """The largest value of one cell over all workers' rows: cheap enough for every request."""
+        cells, width, i = self._cells, self._slab.width, self._index[name]
+        return max(cells[row * width + i] for row in range(self._slab.rows))
+
     def get(self, name: str) -> int:
         """This worker's own count."""
         return int(self._cells[self._base + self._index[name]])

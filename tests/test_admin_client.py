@@ -150,7 +150,8 @@ async def test_stats_prints_tables_that_match_the_api(make_proxy: MakeProxy, buc
     # Every declared counter has its row: adding one to counters.COUNTERS is all it takes.
     assert {c.help.rstrip(".") for c in COUNTERS} <= set(rows)
     assert (rows["reachable"], rows["state"]) == ("yes", "ok")
-    assert [line for line in out.splitlines() if line and not line.startswith(" ")] == ["Responses", "S3", "Cache"]
+    titles = [line for line in out.splitlines() if line and not line.startswith(" ")]
+    assert titles == ["Responses", "S3", "Cache", "Events"]
     assert shim.counts == {"GET": 1, "LIST": 1}
 
 

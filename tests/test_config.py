@@ -27,7 +27,7 @@ def test_repo_config_toml_is_valid_and_documents_the_defaults() -> None:
 def test_every_key_in_the_dataclasses_is_documented_in_config_toml() -> None:
     text = (ROOT / "config.toml").read_text()
     config = parse_config(MINIMAL)
-    for section in ("server", "s3", "cache", "admin"):
+    for section in ("server", "s3", "cache", "admin", "events"):
         for name in type(getattr(config, section)).__dataclass_fields__:
             assert f"{name} =" in text or f"# {name} =" in text or name == "rules", f"{section}.{name}"
 
@@ -76,6 +76,16 @@ def test_mount_is_normalised() -> None:
     pytest.param({"s3": {"bucket": "b"}, "cache": {"client_cache_control": " "}}, "cache.client_cache_control",
                  id="client-cc-empty"),
     pytest.param({"s3": {"bucket": "b"}, "extra": {}}, "extra: unknown section", id="section"),
+    pytest.param({"s3": {"bucket": "b"}, "events": {"wait_seconds": 21}}, "events.wait_seconds: must be 0-20",
+                 id="events-long-poll-limit"),
+    pytest.param({"s3": {"bucket": "b"}, "events": {"fallback_ttl": -1}}, "events.fallback_ttl: must be >= 0",
+                 id="events-fallback-ttl"),
+    pytest.param({"s3": {"bucket": "b"}, "events": {"queue_url": "docs-office"}}, "events.queue_url",
+                 id="events-queue-url-is-a-url"),
+    pytest.param({"s3": {"bucket": "b"}, "events": {"refresh": "yes"}}, "events.refresh: must be bool",
+                 id="events-refresh-bool"),
+    pytest.param({"s3": {"bucket": "b"}, "events": {"queue": "x"}}, "events.queue: unknown key",
+                 id="events-unknown-key"),
 ])
 def test_invalid_config_names_the_key(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
