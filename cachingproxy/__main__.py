@@ -19,6 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cachingproxy: {exc}", file=sys.stderr)
         return 2
     # Imported here so that `--help` and config errors stay instant.
+    from .access import load_all
     from .logsetup import configure_logging
     from .origin import profile_problems
     from .workers import run_workers
@@ -27,7 +28,11 @@ def _serve(args: argparse.Namespace) -> int:
     problems += profile_problems([config.events], key="events.profile")
     for problem in problems:
         print(f"cachingproxy: {args.config}: {problem}", file=sys.stderr)
-    if problems:
+    # Fail closed: a site whose password file cannot be read or holds a weak hash is not served at all.
+    access_problems = load_all(config)
+    for problem in access_problems:
+        print(f"cachingproxy: {problem}", file=sys.stderr)
+    if problems or access_problems:
         return 2
 
     configure_logging(secrets=(config.admin.token,))

@@ -14,9 +14,11 @@ from aiohttp import web, web_response
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .access import SiteAccess, load_access
+from .access_rules import private_cache_control
 from .accesslog import StructuredAccessLogger, request_id, track_s3_calls
 from .admin import mount_admin, start_admin_listener
-from .appkeys import CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITE, SITES, STARTED, STORE, TALLY
+from .appkeys import CLIENT, CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITE, SITES, STARTED, STORE, TALLY
 from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
@@ -76,6 +78,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except web.HTTPMethodNotAllowed as exc:
+        # A protected site answers 401/403 to every method before it says which methods exist.
+        site = request.app[SITES].route(request.host, request.raw_path) if SITES in request.app else None
+        if site is not None and site.access is not None:
+            request[SITE] = site
+            await _guard(request, site.access)
         # aiohttp writes "GET,HEAD"; RFC 9110 §10.2.1's list style (and the README) has a space.
         exc.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
         raise
@@ -114,6 +121,8 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         request.app[COUNTERS].add("unrouted")
         raise web.HTTPNotFound(text="Not Found: no site is served here\n")
     request[SITE] = site
+    if site.access is not None:  # before the cache, redirects and 404s: they would tell what exists
+        await _guard(request, site.access)
     SITE_NAME.set(site.name)  # counts made for this request (and the fills it starts) are the site's
     config = site.config
     key = memo_request_key(request.raw_path, config.mount, config.s3.prefix, config.cache.index_document)
@@ -151,6 +160,18 @@ def _ttl_cap(app: web.Application) -> float | None:
     """[events] fallback_ttl while the events consumer is not reading its queue (any worker can tell)."""
     health = app.get(EVENTS_HEALTH)
     return None if health is None or health.ok else app[CONFIG].events.fallback_ttl
+
+
+async def _guard(request: web.Request, access: SiteAccess) -> None:
+    """[sites.access]: 403 for an address outside `allow`, 401 asking for Basic credentials (RFC 7617)."""
+    client = request.get(CLIENT) or request.remote or ""
+    refusal = await access.refusal(client, request.headers.get("Authorization"))
+    if refusal is None:
+        return
+    if refusal.status == 403:
+        raise web.HTTPForbidden(text="Forbidden\n")
+    raise web.HTTPUnauthorized(text="Unauthorized\n", headers={
+        "WWW-Authenticate": f'Basic realm="{refusal.realm}", charset="UTF-8"'})
 
 
 async def _not_found(request: web.Request, site: Site, key: Key) -> web.StreamResponse:
@@ -236,7 +257,7 @@ async def _sites_ctx(app: web.Application) -> AsyncIterator[None]:
             origin = S3Origin(client, site.s3, counters)
             store = NamespacedStore(app[STORE], namespace_for(site.s3))
             service = CachingProxy(site.cache, store, origin, app[CLOCK], counters, breaker)
-            sites[site.name] = Site(site, service, origin, store)
+            sites[site.name] = Site(site, service, origin, store, access=load_access(site))
         app[SITES] = Sites(sites)
         try:
             yield
@@ -291,6 +312,9 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     site = request.get(SITE)
     if site is not None and site.config.headers:
         response.headers.update(site.config.headers)  # [sites.headers] replace what S3 said
+    if site is not None and site.access is not None:
+        # Behind a password or an address list: no shared cache between us and the reader may keep it.
+        response.headers["Cache-Control"] = private_cache_control(response.headers.get("Cache-Control"))
     # We never switch protocols (RFC 9110 §7.8 lets a server ignore Upgrade), but a front proxy that does not
     # check for 101 may now treat the connection as a raw tunnel: close it, so nothing sent after this request
     # is ever read as a new one (websocket/h2c smuggling).

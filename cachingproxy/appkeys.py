@@ -15,8 +15,8 @@ from .sites import Site, Sites
 from .store import CacheStore
 from .tally import Tally
 
-__all__ = ["BODY_SENT", "CLOCK", "CONFIG", "COUNTERS", "EVENTS_HEALTH", "S3_CALLS", "SITE", "SITES", "STARTED", "STORE",
-           "TALLY"]
+__all__ = ["BODY_SENT", "CLIENT", "CLOCK", "CONFIG", "COUNTERS", "EVENTS_HEALTH", "S3_CALLS", "SITE", "SITES",
+           "STARTED", "STORE", "TALLY"]
 
 CONFIG = web.AppKey("config", Config)
 CLOCK = web.AppKey("clock", Clock)
@@ -27,6 +27,8 @@ COUNTERS = web.AppKey("counters", Counters)
 EVENTS_HEALTH = web.AppKey("events_health", EventHealth)  # set only with [events] queue_url
 
 SITE = web.RequestKey("site", Site)  # the site the request was routed to
+# The client's address when a trusted proxy said it (forwarded.py); unset: the peer's, request.remote.
+CLIENT = web.RequestKey("client", str)
 S3_CALLS = web.RequestKey("s3_calls", collections.Counter)  # S3 requests made for this request, by operation
 BODY_SENT = web.RequestKey("body_sent", int)  # object body bytes an object response delivered in full
 # time.perf_counter() when the object handler began. aiohttp's own request time comes from loop.time(),

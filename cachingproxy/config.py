@@ -10,8 +10,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .access_rules import parse_networks
+
 __all__ = [
     "ADMIN_TOKEN_ENV",
+    "AccessConfig",
     "AdminConfig",
     "CacheConfig",
     "CacheRule",
@@ -127,6 +130,18 @@ class EventsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """`[sites.access]`: who may read a site; both set means both are required (access.py)."""
+
+    allow: tuple[str, ...] = ()  # CIDRs of client addresses allowed; () = everyone
+    htpasswd: str = ""  # path of a bcrypt-only htpasswd file; "" = no password
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.allow or self.htpasswd)
+
+
+@dataclass(frozen=True, slots=True)
 class SiteConfig:
     """One docs site: which requests it answers (hosts, mount) and where its objects come from."""
 
@@ -138,6 +153,7 @@ class SiteConfig:
     listing: bool = False  # HTML listings for folders without an index document
     headers: tuple[tuple[str, str], ...] = ()  # added to every response of the site, replacing S3's
     warm_prefixes: tuple[str, ...] = ()  # mirror mode for this site
+    access: AccessConfig = field(default_factory=AccessConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +169,7 @@ class Config:
 
 _ADDRESSING = ("auto", "path", "virtual")
 _RETRY_MODES = ("standard", "adaptive", "legacy")
-_ACCESS_LOGS = ("json", "combined", "off")  # accessline.FORMATS; config imports nothing of ours
+_ACCESS_LOGS = ("json", "combined", "off")  # accessline.FORMATS; config imports only access_rules of ours
 
 
 def _values(cls: type[Any], raw: Any, where: str, src: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -312,7 +328,7 @@ def _check_cache(cache: CacheConfig, where: str, src: str) -> None:
            "must be a file name without '/'")
 
 
-_SITE_KEYS = frozenset({"name", "hosts", "mount", "listing", "s3", "cache", "headers", "warm_prefixes"})
+_SITE_KEYS = frozenset({"name", "hosts", "mount", "listing", "s3", "cache", "headers", "warm_prefixes", "access"})
 _GLOBAL_CACHE_KEYS = frozenset({"directory", "size_limit_mb"})
 _SITE_NAME = re.compile(r"[a-z0-9_-]+\Z")
 _HOST = re.compile(r"(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?\Z")
@@ -391,7 +407,23 @@ def _site(raw: Any, where: str, s3: S3Config, cache: CacheConfig, src: str) -> S
     _check_s3(site_s3, f"{where}.s3", src)
     _check_cache(site_cache, f"{where}.cache", src)
     return SiteConfig(name=name, mount=mount.rstrip("/"), s3=site_s3, cache=site_cache, hosts=hosts,
-                      listing=listing, headers=tuple(headers), warm_prefixes=warm_prefixes)
+                      listing=listing, headers=tuple(headers), warm_prefixes=warm_prefixes,
+                      access=_access(raw.get("access", {}), f"{where}.access", src))
+
+
+def _access(raw: Any, where: str, src: str) -> AccessConfig:
+    """[sites.access]; the htpasswd file itself is read and checked by access.py (config reads no other file)."""
+    allow = _strings(raw, where, "allow", src) or ()
+    access = _section(AccessConfig, raw, where, src, allow=allow)
+    _check_networks(allow, f"{where}.allow", src)
+    return AccessConfig(allow=allow, htpasswd=access.htpasswd)
+
+
+def _check_networks(values: tuple[str, ...], key: str, src: str) -> None:
+    try:
+        parse_networks(values)
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {key}: {exc}") from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

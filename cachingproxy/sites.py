@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .access import SiteAccess
 from .config import SiteConfig
 from .namespace import NamespacedStore
 from .origin import S3Origin
@@ -31,6 +32,7 @@ class Site:
     store: NamespacedStore
     # Folder listings (`listing = true`), per S3 prefix; kept for the site's TTL, bounded in number.
     listings: dict[str, Listing] = field(default_factory=dict)
+    access: SiteAccess | None = None  # None: an open site ([sites.access] unset)
 
     @property
     def name(self) -> str:
