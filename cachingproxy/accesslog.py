@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .accessline import combined_line, json_line, new_request_id, request_id_from
-from .appkeys import BODY_SENT, S3_CALLS, SITE, STARTED
+from .appkeys import BODY_SENT, CLIENT, S3_CALLS, SITE, STARTED
 from .counters import S3_CALLS as CURRENT_S3_CALLS
 from .counters import SITE as SITE_NAME
 from .monitoring import OPS
@@ -65,7 +65,7 @@ class StructuredAccessLogger(AbstractAccessLogger):
             delivered = (response.content_length or 0) if isinstance(response, web.Response) and \
                 request.method != "HEAD" else 0
         path = request.raw_path.partition("?")[0].partition("#")[0]
-        client = request.remote or ""
+        client = request.get(CLIENT) or request.remote or ""  # a trusted proxy's X-Forwarded-For (forwarded.py)
         agent = request.headers.get("User-Agent", "")
         if self.log_format == "combined":
             version = f"HTTP/{request.version.major}.{request.version.minor}"

@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .access import SiteAccess, load_access
-from .access_rules import private_cache_control
+from .access_rules import parse_networks, private_cache_control
 from .accesslog import StructuredAccessLogger, request_id, track_s3_calls
 from .admin import mount_admin, start_admin_listener
 from .appkeys import CLIENT, CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITE, SITES, STARTED, STORE, TALLY
@@ -23,6 +23,7 @@ from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
 from .events import HEALTH_CELL, EventConsumer, EventHealth
+from .forwarded import forwarded_middleware
 from .freshness import (
     UNVALIDATED_CACHE_CONTROL,
     client_freshness,
@@ -354,7 +355,10 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     `check_bucket`: check the bucket once at start and log what is wrong (`cachingproxy serve`'s leader).
     """
     quiet_parse_errors()  # aiohttp's own 400s never echo request bytes (requestforms.py)
-    app = web.Application(middlewares=[request_forms, error_middleware])
+    # The forwarded-header middleware only behind a trusted load balancer: others pay nothing for it.
+    front = [forwarded_middleware(parse_networks(config.server.trusted_proxies))] if config.server.trusted_proxies \
+        else []
+    app = web.Application(middlewares=[*front, request_forms, error_middleware])
     app[CONFIG] = config
     app[CLOCK] = clock
     names = tuple(site.name for site in config.sites)

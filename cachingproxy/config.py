@@ -51,6 +51,7 @@ class ServerConfig:
     max_headers: int = 64
     workers: int = 0  # processes on one port (SO_REUSEPORT); 0 = one per core, see workers.py
     access_log: str = "json"  # "json" (one object per line), "combined" (Apache/nginx) or "off"; accessline.py
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For/-Proto/-Host are believed (forwarded.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +255,10 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     """Build a Config from parsed TOML, checking every key; raise ConfigError naming the first problem."""
     unknown = set(data) - {"server", "s3", "cache", "admin", "sites", "events"}
     _check(not unknown, src, ", ".join(sorted(unknown)), "unknown section")
-    server = _section(ServerConfig, data.get("server", {}), "server", src)
+    server_raw = data.get("server", {})
+    server = _section(ServerConfig, server_raw, "server", src,
+                      trusted_proxies=_strings(server_raw, "server", "trusted_proxies", src))
+    _check_networks(server.trusted_proxies, "server.trusted_proxies", src)
     server = ServerConfig(**{**{f.name: getattr(server, f.name) for f in fields(server)},
                              "mount": _normalise_mount(server.mount, src)})
     s3 = _section(S3Config, data.get("s3", {}), "s3", src)

@@ -4,6 +4,8 @@ method and path, failing closed. The pure rules are tables; the rest runs over r
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from cachingproxy.access_rules import (
 from cachingproxy.app import create_app, server_kwargs
 from cachingproxy.config import ConfigError, parse_config
 
-from .conftest import Bucket, FakeClock
+from .conftest import Bucket, FakeClock, until
 from .shim import Shim
 
 S3 = {"addressing_style": "path", "max_attempts": 1, "connect_timeout": 5.0, "read_timeout": 10.0,
@@ -155,8 +157,9 @@ def test_cached_verification_costs_microseconds_not_a_bcrypt() -> None:
 # -- over sockets ---------------------------------------------------------------------------------------------
 
 
-def config(tmp_path: Path, shim: Shim, bucket: Bucket, access: dict[str, Any]) -> Any:
+def config(tmp_path: Path, shim: Shim, bucket: Bucket, access: dict[str, Any], **server: Any) -> Any:
     return parse_config({
+        "server": server,
         "s3": {"endpoint_url": shim.url, **S3}, "cache": {"directory": str(tmp_path / "cache"), "ttl": 60},
         "sites": [{"name": "handbook", "mount": "/hb", "s3": {"bucket": bucket.name}, "access": access},
                   {"name": "open", "mount": "/open", "s3": {"bucket": bucket.name}}],
@@ -267,3 +270,75 @@ def test_htpasswd_problems_refuse_to_start(tmp_path: Path, capsys: pytest.Captur
     assert f"{path}: " in err and expected in err
     assert load_all(parse_config({"sites": [{"name": "hb", "s3": {"bucket": "b"},
                                              "access": {"htpasswd": str(path)}}]}))
+
+
+# -- trusted proxies ------------------------------------------------------------------------------------------
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(record.getMessage()))
+
+
+async def start_logged(aiohttp_client: Any, cfg: Any, clock: FakeClock, lines: Lines) -> TestClient[Any, Any]:
+    logger = logging.getLogger(f"test.access.forwarded.{id(lines)}")
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    server = TestServer(create_app(cfg, clock=clock))
+    await server.start_server(**server_kwargs(cfg), access_log=logger)
+    client: TestClient[Any, Any] = await aiohttp_client(server)
+    return client
+
+
+async def get_logged(proxy: TestClient[Any, Any], lines: Lines, path: str, **headers: str) -> tuple[int, str]:
+    """Status, and the client address the access log wrote for it (one connection per request, so the
+    line is complete when the connection is)."""
+    before = len(lines.lines)
+    resp = await proxy.get(path, headers={"Connection": "close", **headers}, allow_redirects=False)
+    await resp.read()
+    await until(lambda: len(lines.lines) > before, "the access log line")
+    return resp.status, lines.lines[-1]["client"]
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(aiohttp_client: Any, tmp_path: Path, shim: Shim,
+                                                               seeded: Bucket, clock: FakeClock) -> None:
+    """Spoofing: the test's own address (127.0.0.1) is not a trusted proxy, so claiming to be inside the office
+    network in X-Forwarded-For opens nothing, and the log keeps the real peer."""
+    lines = Lines()
+    cfg = config(tmp_path, shim, seeded, {"allow": ["10.20.0.0/16"]}, trusted_proxies=["10.0.0.0/8"])
+    proxy = await start_logged(aiohttp_client, cfg, clock, lines)
+    for spoof in ("10.20.1.1", "10.0.0.1, 10.20.1.1"):
+        assert await get_logged(proxy, lines, "/hb/page.html", **{"X-Forwarded-For": spoof}) == (403, "127.0.0.1")
+
+
+async def test_forwarded_for_from_a_trusted_proxy_is_the_client(aiohttp_client: Any, tmp_path: Path, shim: Shim,
+                                                                seeded: Bucket, clock: FakeClock) -> None:
+    lines = Lines()
+    cfg = config(tmp_path, shim, seeded, {"allow": ["10.20.0.0/16"]}, trusted_proxies=["127.0.0.0/8"])
+    proxy = await start_logged(aiohttp_client, cfg, clock, lines)
+    xff = {"X-Forwarded-For": "10.20.1.1"}
+    assert await get_logged(proxy, lines, "/hb/page.html", **xff) == (200, "10.20.1.1")
+    # The right-most untrusted entry decides: whatever the client wrote left of it is not believed.
+    forged = {"X-Forwarded-For": "10.20.1.1, 203.0.113.9"}
+    assert await get_logged(proxy, lines, "/hb/page.html", **forged) == (403, "203.0.113.9")
+    assert await get_logged(proxy, lines, "/open/page.html") == (200, "127.0.0.1")
+
+
+async def test_forwarded_host_routes_only_from_a_trusted_proxy(aiohttp_client: Any, tmp_path: Path, shim: Shim,
+                                                               seeded: Bucket, clock: FakeClock) -> None:
+    def cfg(trusted: list[str], directory: Path) -> Any:
+        return parse_config({
+            "server": {"trusted_proxies": trusted},
+            "s3": {"endpoint_url": shim.url, **S3}, "cache": {"directory": str(directory), "ttl": 60},
+            "sites": [{"name": "hb", "hosts": ["handbook.corp"], "s3": {"bucket": seeded.name}}]}, "test")
+
+    forwarded = {"X-Forwarded-Host": "handbook.corp", "X-Forwarded-Proto": "https"}
+    trusting = await start(aiohttp_client, cfg(["127.0.0.1/32"], tmp_path / "a"), clock)
+    assert (await trusting.get("/page.html", headers=forwarded)).status == 200
+    wary = await start(aiohttp_client, cfg(["10.0.0.0/8"], tmp_path / "b"), clock)
+    assert (await wary.get("/page.html", headers=forwarded)).status == 404  # routed by the real Host
