@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .access import load_all
     from .logsetup import configure_logging
     from .origin import profile_problems
+    from .tls import check_tls
     from .workers import run_workers
 
     problems = profile_problems([site.s3 for site in config.sites])
@@ -29,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"cachingproxy: {args.config}: {problem}", file=sys.stderr)
     # Fail closed: a site whose password file cannot be read or holds a weak hash is not served at all.
-    access_problems = load_all(config)
+    access_problems = load_all(config) + check_tls(config)
     for problem in access_problems:
         print(f"cachingproxy: {problem}", file=sys.stderr)
     if problems or access_problems:

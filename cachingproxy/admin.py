@@ -28,6 +28,7 @@ from .keys import MAX_KEY_BYTES
 from .monitoring import NO_STORE, OPS, Ops, metrics
 from .requestforms import request_forms
 from .sites import Site
+from .tls import admin_context
 from .warm import KEEP_JOBS
 
 __all__ = ["ADMIN_MAX_BODY", "mount_admin", "start_admin_listener"]
@@ -68,12 +69,12 @@ async def start_admin_listener(config: Config, ops: Ops, *, leader: bool) -> web
         runner = web.AppRunner(root, handle_signals=False, access_log_class=StructuredAccessLogger)
         await runner.setup()
         try:
-            await web.TCPSite(runner, admin.host, admin.port).start()
+            await web.TCPSite(runner, admin.host, admin.port, ssl_context=admin_context(config)).start()
         except BaseException:
             await runner.cleanup()
             raise
-        log.info("admin API (with /metrics) on http://%s:%d%s/; admin token from %s", admin.host, admin.port,
-                 admin.path, source)
+        log.info("admin API (with /metrics) on %s://%s:%d%s/; admin token from %s",
+                 "https" if admin.tls_certificate else "http", admin.host, admin.port, admin.path, source)
         return runner
     log.info("admin API (with /metrics) on the proxy's port under %s/; admin token from %s", admin.path, source)
     if config.server.host not in LOOPBACK:

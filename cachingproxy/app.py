@@ -49,6 +49,7 @@ from .origin import (
 )
 from .policy import Breaker, windows_for
 from .queue import open_queue
+from .redirect import start_redirect_listener
 from .requestforms import quiet_parse_errors, request_forms
 from .respond import from_memory, respond
 from .s3state import EveryMinute, endpoint
@@ -292,10 +293,12 @@ async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
     ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[SITES], app[COUNTERS], app[TALLY])
     leader = app[LEADER]
     runner: web.AppRunner | None = None
+    redirect: web.AppRunner | None = None
     # One check of the bucket per proxy, in the background: a problem is logged, and starting goes on.
     report = asyncio.create_task(ops.report_buckets()) if app[CHECK_BUCKET] else None
     try:
         runner = await start_admin_listener(config, ops, leader=leader)
+        redirect = await start_redirect_listener(config) if leader else None
         for site in config.sites if leader else ():
             if site.warm_prefixes:
                 ops.warmers[site.name].start_mirror(site.warm_prefixes, config.admin.warm_interval)
@@ -306,6 +309,8 @@ async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
         await ops.close()
         if runner is not None:
             await runner.cleanup()
+        if redirect is not None:
+            await redirect.cleanup()
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:

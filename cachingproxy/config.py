@@ -52,6 +52,9 @@ class ServerConfig:
     workers: int = 0  # processes on one port (SO_REUSEPORT); 0 = one per core, see workers.py
     access_log: str = "json"  # "json" (one object per line), "combined" (Apache/nginx) or "off"; accessline.py
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For/-Proto/-Host are believed (forwarded.py)
+    tls_certificate: str = ""  # PEM certificate (and chain): the port speaks HTTPS only (tls.py); "" = plain HTTP
+    tls_key: str = ""  # its PEM private key
+    redirect_http_port: int = 0  # a plain listener answering 308 to https://; 0 = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,8 @@ class AdminConfig:
     warm_interval: float = 0.0  # seconds between mirror warms of `warm_prefixes`; 0 = only at start
     readiness_ttl: float = 5.0
     public_metrics: bool = False  # also serve /metrics on the proxy's port, without the token
+    tls_certificate: str = ""  # the admin listener's own certificate (with `port`); "" = plain, loopback only
+    tls_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +275,18 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
                      **{name: _strings(admin_raw, "admin", name, src) for name in ("allowed_hosts", "warm_prefixes")})
 
     _check(0 < server.port < 65536, src, "server.port", "must be 1-65535")
+    _check_tls(server.tls_certificate, server.tls_key, "server", src)
+    _check_tls(admin.tls_certificate, admin.tls_key, "admin", src)
+    _check(0 <= server.redirect_http_port < 65536 and server.redirect_http_port != server.port, src,
+           "server.redirect_http_port", "must be 0-65535 and not server.port")
+    _check(not server.redirect_http_port or bool(server.tls_certificate), src, "server.redirect_http_port",
+           "needs server.tls_certificate (it redirects to HTTPS)")
+    # Once the proxy speaks HTTPS, the admin token must not cross a network in the clear: off loopback, the
+    # admin listener needs its own certificate.
+    _check(not (server.tls_certificate and admin.port and admin.host not in _LOOPBACK and not admin.tls_certificate),
+           src, "admin.host", "an admin listener off loopback needs admin.tls_certificate and admin.tls_key")
+    _check(not admin.tls_certificate or bool(admin.port), src, "admin.tls_certificate",
+           "needs admin.port (on the proxy's port the admin API uses server.tls_certificate)")
     _check(server.shutdown_timeout >= 0, src, "server.shutdown_timeout", "must be >= 0")
     _check(0 <= server.workers <= 256, src, "server.workers", "must be 0-256 (0 = one per core)")
     _check(server.keepalive_timeout > 0, src, "server.keepalive_timeout", "must be > 0")
@@ -306,6 +323,15 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
         sites = (SiteConfig(name="default", mount=server.mount, s3=s3, cache=cache,
                             warm_prefixes=admin.warm_prefixes),)
     return Config(server=server, s3=s3, cache=cache, admin=admin, events=events, sites=sites)
+
+
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _check_tls(certificate: str, key: str, where: str, src: str) -> None:
+    """Both or neither; the files themselves are read and matched by tls.py before anything starts."""
+    _check(bool(certificate) == bool(key), src, f"{where}.tls_key" if certificate else f"{where}.tls_certificate",
+           "tls_certificate and tls_key go together")
 
 
 def _check_s3(s3: S3Config, where: str, src: str) -> None:

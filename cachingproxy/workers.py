@@ -126,6 +126,7 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
 
     from .app import create_app, server_kwargs
     from .hitpath import freeze_heap
+    from .tls import proxy_context
 
     loop = new_event_loop()
     stopping = False
@@ -163,7 +164,8 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
                      check_bucket=leadership is not None)
     app.on_startup.append(freeze_heap)
     with logging_off_the_loop():
-        web.run_app(app, sock=sock,
+        # Each worker builds its own SSLContext (after fork): OpenSSL state is not for sharing across processes.
+        web.run_app(app, sock=sock, ssl_context=proxy_context(config),
                     shutdown_timeout=config.server.shutdown_timeout,
                     print=lambda _: ready(), handle_signals=False, backlog=BACKLOG, loop=loop,
                     **server_kwargs(config))
@@ -238,7 +240,8 @@ def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket) -> int
                 for sock in socks:
                     sock.close()
                 raise
-        return _run(config, socks, serve, f"http://{host}:{port}")
+        scheme = "https" if server.tls_certificate else "http"
+        return _run(config, socks, serve, f"{scheme}://{host}:{port}")
     finally:
         if claim is not None:
             claim.release()
