@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .logsetup import logging_off_the_loop
 from .portlock import claim_port
+from .sdnotify import notify, watchdog_interval
 from .stopsignals import HANDLED_SIGNALS, STOP_SIGNALS, UNHANDLED_SIGNALS, exit_status, stop_reason
 from .tally import Slab
 
@@ -141,6 +142,7 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
             _stopped_by = signum
             if not supervised:  # a worker's SIGTERM comes from the supervisor, which logged why
                 (log.warning if signum in UNHANDLED_SIGNALS else log.info)("%s", stop_reason(signum))
+                notify("STOPPING=1")
             raise web.GracefulExit()
 
     def ignore(signum: int) -> None:
@@ -158,6 +160,14 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
         for signum in HANDLED_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # in case a caller left them blocked
+    ping = watchdog_interval() if not supervised else None
+    if ping is not None:
+        # From the serving loop itself, so a loop that hangs stops the pings and systemd restarts the proxy.
+        def watchdog() -> None:
+            notify("WATCHDOG=1")
+            loop.call_later(ping, watchdog)
+
+        loop.call_soon(watchdog)
     # Held for the process's lifetime: the kernel releases it when the worker dies, and its successor takes it.
     leadership = claim_leadership(config.cache.directory)
     app = create_app(config, slab=_slab, row=_row, leader=leadership is not None,
@@ -258,6 +268,7 @@ def _run(config: Config, socks: list[socket.socket], serve: ServeFn, url: str) -
     def announce() -> None:
         # Printed once every worker has opened its cache and accepts: scripts and tests wait for this line.
         print(banner, flush=True)
+        notify("READY=1\nSTATUS=" + banner.removeprefix("cachingproxy: "))  # systemd Type=notify: started
 
     if n == 1:
         # One worker needs no supervisor: serve in this process, with this process's signals.
@@ -316,14 +327,22 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, annou
             kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
             (log.warning if signum in UNHANDLED_SIGNALS else log.info)(
                 "%s: stopping %d workers", stop_reason(signum), len(workers))
+            notify("STOPPING=1")
             stop_all()
 
     previous = {signum: signal.signal(signum, on_signal) for signum in HANDLED_SIGNALS}
+    # systemd's watchdog (WATCHDOG_USEC): pinged from this loop, which also restarts dead workers.
+    ping = watchdog_interval()
+    next_ping = time.monotonic()
     try:
         for slot, sock in enumerate(socks):
             spawn(slot, sock)
         while workers:
-            multiprocessing.connection.wait([ready_r, *(p.sentinel for p in workers.values())], timeout=1.0)
+            wait = 1.0 if ping is None else max(0.0, min(1.0, next_ping - time.monotonic()))
+            multiprocessing.connection.wait([ready_r, *(p.sentinel for p in workers.values())], timeout=wait)
+            if ping is not None and time.monotonic() >= next_ping:
+                notify("WATCHDOG=1")
+                next_ping = time.monotonic() + ping
             while ready_r.poll():  # drained every time, or wait() would return at once forever
                 slot = ready_r.recv()
                 if waiting_for:
