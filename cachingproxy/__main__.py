@@ -46,6 +46,53 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _check(args: argparse.Namespace) -> int:
+    """`cachingproxy check --config FILE`, like `nginx -t`: everything `serve` checks before it starts (the
+    file, AWS profiles, htpasswd files, certificates), nothing started; 0 and the effective sites, or 1."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            print(f"cachingproxy: {line}", file=sys.stderr)
+        return 1
+    from .access import load_access
+    from .origin import profile_problems
+    from .tls import check_tls
+
+    problems = [f"{args.config}: {p}" for p in profile_problems([site.s3 for site in config.sites])]
+    users: dict[str, int] = {}
+    for site in config.sites:
+        try:
+            access = load_access(site)
+        except ConfigError as exc:
+            problems.extend(str(exc).splitlines())
+            continue
+        if access is not None and access.users is not None:
+            users[site.name] = len(access.users)
+    problems += check_tls(config)
+    for problem in problems:
+        print(f"cachingproxy: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    server = config.server
+    scheme = "https" if server.tls_certificate else "http"
+    redirect = f", plain :{server.redirect_http_port} redirects to it" if server.redirect_http_port else ""
+    print(f"cachingproxy: {args.config} is valid")
+    print(f"listen {scheme}://{server.host}:{server.port}{redirect}; workers {server.workers or 'one per core'}; "
+          f"cache {config.cache.directory} ({config.cache.size_limit_mb} MB)")
+    for site in config.sites:
+        s3 = site.s3
+        where = f"s3://{s3.bucket}/{s3.prefix}" + (f" at {s3.endpoint_url}" if s3.endpoint_url else "")
+        rules = []
+        if site.access.allow:
+            rules.append("allow " + " ".join(site.access.allow))
+        if site.access.htpasswd:
+            rules.append(f"htpasswd {site.access.htpasswd} ({users.get(site.name, 0)} users)")
+        print(f"site {site.name}: hosts {' '.join(site.hosts) or '(any)'}; mount {site.mount or '/'}; {where}; "
+              f"ttl {site.cache.ttl:g} s, {len(site.cache.rules)} rules; {'; '.join(rules) or 'open to all'}")
+    return 0
+
+
 def _admin_client(args: argparse.Namespace) -> int:
     from .admin_client import run  # imported here: the aiohttp client is not needed for `serve` or `--help`
 
@@ -83,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", default="config.toml", help="config file (default: ./config.toml)")
     serve.set_defaults(func=_serve)
+    check = commands.add_parser("check", help="validate a config file and print the effective sites (nginx -t)")
+    check.add_argument("--config", default="config.toml", help="config file (default: ./config.toml)")
+    check.set_defaults(func=_check)
     _add_admin_commands(commands)
     args = parser.parse_args(argv)
     result: int = args.func(args)

@@ -342,3 +342,49 @@ async def test_forwarded_host_routes_only_from_a_trusted_proxy(aiohttp_client: A
     assert (await trusting.get("/page.html", headers=forwarded)).status == 200
     wary = await start(aiohttp_client, cfg(["10.0.0.0/8"], tmp_path / "b"), clock)
     assert (await wary.get("/page.html", headers=forwarded)).status == 404  # routed by the real Host
+
+
+# -- cachingproxy check ---------------------------------------------------------------------------------------
+
+
+def test_check_prints_the_effective_sites(tmp_path: Path, htpasswd: str, capsys: pytest.CaptureFixture[str]) -> None:
+    toml = tmp_path / "config.toml"
+    toml.write_text(f"""
+[[sites]]
+name = "hb"
+hosts = ["handbook.corp"]
+[sites.s3]
+bucket = "corp-handbook"
+[sites.cache]
+ttl = 60
+[sites.access]
+allow = ["10.20.0.0/16"]
+htpasswd = "{htpasswd}"
+""")
+    assert main(["check", "--config", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert f"{toml} is valid" in out
+    assert (f"site hb: hosts handbook.corp; mount /; s3://corp-handbook/; ttl 60 s, 0 rules; allow 10.20.0.0/16; "
+            f"htpasswd {htpasswd} (1 users)") in out
+
+
+def test_check_lists_every_problem_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weak = tmp_path / "weak.htpasswd"
+    weak.write_text("ana:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+    toml = tmp_path / "config.toml"
+    toml.write_text(f"""
+[server]
+tls_certificate = "{tmp_path / 'gone.pem'}"
+tls_key = "{tmp_path / 'gone.key'}"
+[[sites]]
+name = "hb"
+[sites.s3]
+bucket = "b"
+[sites.access]
+htpasswd = "{weak}"
+""")
+    assert main(["check", "--config", str(toml)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert f"cachingproxy: {weak}: line 1: SHA1 ({{SHA}}): only bcrypt ($2y$/$2b$) is accepted; re-create it with " \
+           "`htpasswd -B`" in err
+    assert f"cachingproxy: {tmp_path / 'gone.pem'}: file not found (server.tls_certificate)" in err
