@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = config.server
     try:
         # [server] workers processes on one port; each exits 0 on SIGTERM/SIGINT after a graceful drain.
-        return run_workers(config, server.workers)
+        return run_workers(config, server.workers, path=args.config)
     except OSError as exc:
         print(f"cachingproxy: cannot listen on {server.host}:{server.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -69,7 +69,9 @@ async def start_admin_listener(config: Config, ops: Ops, *, leader: bool) -> web
         runner = web.AppRunner(root, handle_signals=False, access_log_class=StructuredAccessLogger)
         await runner.setup()
         try:
-            await web.TCPSite(runner, admin.host, admin.port, ssl_context=admin_context(config)).start()
+            # reuse_port: at a reload the new generation's leader binds while the draining one still listens.
+            await web.TCPSite(runner, admin.host, admin.port, ssl_context=admin_context(config),
+                              reuse_port=True).start()
         except BaseException:
             await runner.cleanup()
             raise

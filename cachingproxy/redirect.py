@@ -48,7 +48,8 @@ async def start_redirect_listener(config: Config) -> web.AppRunner | None:
                            access_log_format=server.access_log)
     await runner.setup()
     try:
-        await web.TCPSite(runner, server.host, server.redirect_http_port).start()
+        # reuse_port: at a reload the new generation's leader binds while the draining one still listens.
+        await web.TCPSite(runner, server.host, server.redirect_http_port, reuse_port=True).start()
     except BaseException:
         await runner.cleanup()
         raise

@@ -1,9 +1,9 @@
 """Which signals stop the proxy, and the log line that says why: pure, for workers.py.
 
 SIGTERM and SIGINT stop it gracefully by design. Every other signal whose default action would end the
-process (signal(7)) used to do just that, without a word in the log: SIGHUP from `systemctl reload` or a
-closed terminal, a stray SIGUSR1. Until reload exists (the deployment issue), each of them is logged with
-what arrived and why the proxy stops, and stops it as gracefully as SIGTERM; the exit status is 128 plus the
+process (signal(7)) used to do just that, without a word in the log: a stray SIGUSR1, SIGQUIT. Each of them
+is logged with what arrived and why the proxy stops, and stops it as gracefully as SIGTERM; SIGHUP reloads
+the configuration (RELOAD_SIGNAL, handled by the supervisor); the exit status is 128 plus the
 signal number, as a death by that signal would report, so a supervisor that restarts on failure still does.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["HANDLED_SIGNALS", "STOP_SIGNALS", "UNHANDLED_SIGNALS", "exit_status", "stop_reason"]
+__all__ = ["HANDLED_SIGNALS", "RELOAD_SIGNAL", "STOP_SIGNALS", "UNHANDLED_SIGNALS", "exit_status", "stop_reason"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+RELOAD_SIGNAL = signal.SIGHUP  # `systemctl reload`: read the configuration again (workers.py, reload.py)
 
 _UNHANDLED_NAMES = {
-    "SIGHUP": "configuration reload is not implemented yet",
     "SIGQUIT": "the proxy has no quit handling beyond a graceful stop",
     "SIGUSR1": "the proxy does not handle it",
     "SIGUSR2": "the proxy does not handle it",
@@ -31,7 +31,7 @@ _UNHANDLED_NAMES = {
 UNHANDLED_SIGNALS: dict[signal.Signals, str] = {
     getattr(signal, name): why for name, why in _UNHANDLED_NAMES.items() if hasattr(signal, name)
 }
-HANDLED_SIGNALS: tuple[signal.Signals, ...] = (*STOP_SIGNALS, *UNHANDLED_SIGNALS)
+HANDLED_SIGNALS: tuple[signal.Signals, ...] = (*STOP_SIGNALS, RELOAD_SIGNAL, *UNHANDLED_SIGNALS)
 
 
 def stop_reason(signum: int) -> str:

@@ -7,9 +7,15 @@ also let a second instance join the port: the supervisor first claims the port f
 (portlock.py), so a second instance fails with "Address already in use" as nginx does. Workers are forked
 (not spawned): the config is already parsed and nothing has opened a loop, a thread or a file yet; each
 worker then builds its own app, S3 client and diskcache connections. The supervisor forwards SIGTERM/SIGINT
-once to every worker (as SIGTERM, like the signals the proxy does not handle yet, which it logs first:
+once to every worker (as SIGTERM, like the signals the proxy does not handle, which it logs first:
 stopsignals.py), restarts a worker that dies on its own, and exits 0 when all workers stopped cleanly;
-workers die with it if it is killed.
+workers die with it if it is killed. There is always a supervisor, even for one worker: it is what reloads.
+
+Reload (SIGHUP to the supervisor), as nginx does it: the supervisor reads the file again and validates it
+completely (reload.py); a bad file changes nothing. A good one gets a new generation of workers on new
+SO_REUSEPORT sockets on the same port; once every one of them accepts, the old generation gets SIGTERM, stops
+accepting and finishes its in-flight responses under the configuration they started with (within
+[server] shutdown_timeout), while new connections already go to the new workers.
 
 Misses stay single-flight across workers through filllocks.FillLocks (one lock file per key being filled).
 """
@@ -36,7 +42,7 @@ from .config import Config
 from .logsetup import logging_off_the_loop
 from .portlock import claim_port
 from .sdnotify import notify, watchdog_interval
-from .stopsignals import HANDLED_SIGNALS, STOP_SIGNALS, UNHANDLED_SIGNALS, exit_status, stop_reason
+from .stopsignals import HANDLED_SIGNALS, RELOAD_SIGNAL, STOP_SIGNALS, UNHANDLED_SIGNALS, exit_status, stop_reason
 from .tally import Slab
 
 if TYPE_CHECKING:
@@ -58,6 +64,7 @@ BACKLOG = 1024  # per worker socket; aiohttp's default of 128 drops SYNs under a
 RESTART_WINDOW = 60.0  # a worker that died this many times within this many seconds is a crash loop: give up
 RESTART_LIMIT = 5
 LEADER_LOCK = "admin.lock"  # in [cache] directory; see claim_leadership
+LEADER_LOCK_ODD = "admin.1.lock"  # the generations started by an odd number of reloads
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # serve(config, socket, supervised, ready): blocks until stopped; calls ready() once it accepts connections.
@@ -67,7 +74,9 @@ ServeFn = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
 # and this process's row in it, set in each worker. Module state because fork is how they travel.
 _slab: Slab | None = None
 _row = 0
-_stopped_by: int | None = None  # the signal that stopped serve_socket, for the exit status of a single worker
+_generation = 0  # which configuration this worker serves: 0 at start, +1 per reload (leadership alternates)
+_closed: Callable[[], None] | None = None  # tells the supervisor this worker stopped accepting (a reload waits)
+_stopped_by: int | None = None  # the signal that stopped an unsupervised serve_socket
 
 
 def default_workers() -> int:
@@ -142,7 +151,6 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
             _stopped_by = signum
             if not supervised:  # a worker's SIGTERM comes from the supervisor, which logged why
                 (log.warning if signum in UNHANDLED_SIGNALS else log.info)("%s", stop_reason(signum))
-                notify("STOPPING=1")
             raise web.GracefulExit()
 
     def ignore(signum: int) -> None:
@@ -154,25 +162,19 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
         # SIGTERM its supervisor forwards instead.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
-        for signum in UNHANDLED_SIGNALS:
+        for signum in (RELOAD_SIGNAL, *UNHANDLED_SIGNALS):
             loop.add_signal_handler(signum, ignore, signum)
     else:
         for signum in HANDLED_SIGNALS:
             loop.add_signal_handler(signum, stop, signum)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # in case a caller left them blocked
-    ping = watchdog_interval() if not supervised else None
-    if ping is not None:
-        # From the serving loop itself, so a loop that hangs stops the pings and systemd restarts the proxy.
-        def watchdog() -> None:
-            notify("WATCHDOG=1")
-            loop.call_later(ping, watchdog)
-
-        loop.call_soon(watchdog)
     # Held for the process's lifetime: the kernel releases it when the worker dies, and its successor takes it.
-    leadership = claim_leadership(config.cache.directory)
+    leadership = claim_leadership(config.cache.directory, _generation)
     app = create_app(config, slab=_slab, row=_row, leader=leadership is not None,
                      check_bucket=leadership is not None)
     app.on_startup.append(freeze_heap)
+    if _closed is not None:
+        app.on_shutdown.append(_say_closed)  # aiohttp runs it once the listening socket is closed
     with logging_off_the_loop():
         # Each worker builds its own SSLContext (after fork): OpenSSL state is not for sharing across processes.
         web.run_app(app, sock=sock, ssl_context=proxy_context(config),
@@ -181,7 +183,12 @@ def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: C
                     **server_kwargs(config))
 
 
-def claim_leadership(directory: str) -> int | None:
+async def _say_closed(app: object) -> None:
+    if _closed is not None:
+        _closed()
+
+
+def claim_leadership(directory: str, generation: int = 0) -> int | None:
     """Claim the duties that must run once per cache, not once per worker: the admin listener and mirror mode.
 
     With [server] workers > 1 every worker builds this app on the same cache directory. The first to flock
@@ -191,7 +198,10 @@ def claim_leadership(directory: str) -> int | None:
     """
     try:
         os.makedirs(directory, exist_ok=True)  # before the store opens it: workers elect before building the app
-        fd = os.open(os.path.join(directory, LEADER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # At a reload the draining generation keeps its leader while the new one elects its own, on the
+        # other of two lock files (workers.py runs one reload at a time).
+        name = LEADER_LOCK if generation % 2 == 0 else LEADER_LOCK_ODD
+        fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
         return -1
     try:
@@ -216,23 +226,26 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: int, slot: int,
-                 ready: multiprocessing.connection.Connection) -> None:
+def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: int, slot: int, row: int,
+                 generation: int, ready: multiprocessing.connection.Connection) -> None:
     for signum in STOP_SIGNALS:  # still blocked: the supervisor's handlers must not run in a worker
         signal.signal(signum, signal.SIG_DFL)
-    for signum in UNHANDLED_SIGNALS:  # until `serve` logs them: a SIGHUP to the process group is the supervisor's
+    for signum in (RELOAD_SIGNAL, *UNHANDLED_SIGNALS):  # until `serve` logs them: they are the supervisor's
         signal.signal(signum, signal.SIG_IGN)
     # A stop signal before `serve` installs its handlers just ends the worker (nothing to drain yet).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     _die_with_parent(parent)
-    global _row
-    _row = slot
-    serve(config, sock, True, lambda: ready.send(slot))
+    global _row, _generation, _closed
+    _row = row
+    _generation = generation
+    _closed = lambda: ready.send((generation, slot, False))  # noqa: E731
+    serve(config, sock, True, lambda: ready.send((generation, slot, True)))
 
 
-def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket) -> int:
+def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket, path: str | None = None) -> int:
     """Serve `config` with `n` processes (0: one per core); returns the exit status for the CLI.
 
+    `path`: the configuration file, read again on SIGHUP (reload.py); None: SIGHUP is logged and ignored.
     Raises OSError when the address cannot be bound (before any worker starts).
     """
     n = resolve_workers(n)
@@ -251,108 +264,217 @@ def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket) -> int
                     sock.close()
                 raise
         scheme = "https" if server.tls_certificate else "http"
-        return _run(config, socks, serve, f"{scheme}://{host}:{port}")
+        return _supervise(config, socks, serve, f"{scheme}://{host}:{port}", path)
     finally:
         if claim is not None:
             claim.release()
 
 
-def _run(config: Config, socks: list[socket.socket], serve: ServeFn, url: str) -> int:
-    n = len(socks)
+def _banner(config: Config, url: str, n: int) -> str:
     sites = config.sites
     where = f"{sites[0].mount}/" if len(sites) == 1 else "/ (" + ", ".join(
         f"{site.name}: {' '.join(site.hosts) or 'any host'} {site.mount or '/'}" for site in sites) + ")"
-    banner = (f"cachingproxy: serving {url}{where} with {n} worker"
-              f"{'s' if n > 1 else ''} (pid {os.getpid()})")
-
-    def announce() -> None:
-        # Printed once every worker has opened its cache and accepts: scripts and tests wait for this line.
-        print(banner, flush=True)
-        notify("READY=1\nSTATUS=" + banner.removeprefix("cachingproxy: "))  # systemd Type=notify: started
-
-    if n == 1:
-        # One worker needs no supervisor: serve in this process, with this process's signals.
-        for sock in socks[1:]:
-            sock.close()
-        serve(config, socks[0], False, announce)
-        return exit_status(_stopped_by)
-    return _supervise(config, socks, serve, announce)
+    return f"cachingproxy: serving {url}{where} with {n} worker{'s' if n > 1 else ''} (pid {os.getpid()})"
 
 
-def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, announce: Callable[[], None]) -> int:
-    global _slab
-    # A restarted worker gets its slot back, and with it its row. Each site adds about a hundred cells
-    # (counters.cell_names, metrics.slots); Tally refuses to start if they ever outgrow this.
-    _slab = Slab(rows=len(socks), width=1024 + 256 * len(config.sites))
-    ctx = multiprocessing.get_context("fork")
-    ready_r, ready_w = ctx.Pipe(duplex=False)  # each worker sends its slot once it serves
-    waiting_for = set(range(len(socks)))
-    parent = os.getpid()
-    address = socks[0].getsockname()
-    workers: dict[int, multiprocessing.process.BaseProcess] = {}
-    restarts: list[float] = []
-    stopping = False
-    failed = False
-    stopped_by: int | None = None
-    kill_at = float("inf")
+def _new_slab(config: Config, n: int) -> Slab:
+    # Two rows per slot: the generation starting at a reload writes the rows the draining one does not.
+    # Each site adds about a hundred cells (counters.cell_names, metrics.slots); Tally refuses to start if
+    # they ever outgrow this.
+    return Slab(rows=2 * n, width=1024 + 256 * len(config.sites))
 
-    def spawn(slot: int, sock: socket.socket | None) -> None:
-        if sock is None:
-            sock = bind_sockets(address[0], address[1], 1)[0]
-        # Blocked across fork so a signal can never find a worker the loop below does not know yet, nor
-        # run the supervisor's handler inside a worker; the worker resets them, then unblocks.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            proc = ctx.Process(target=_worker_main, args=(serve, config, sock, parent, slot, ready_w),
-                               name=f"cachingproxy-worker-{slot}")
-            proc.start()
-            workers[slot] = proc
-        finally:
-            # The worker owns its socket now; keeping a copy here would leave a listening socket that
-            # nobody accepts on (its share of new connections would hang) if that worker died.
-            sock.close()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
-    def stop_all(signum: int = signal.SIGTERM) -> None:
-        for proc in workers.values():
+class _Generation:
+    """The workers started on one configuration: slot -> process, and the slots not yet serving."""
+
+    def __init__(self, number: int, config: Config, slab: Slab) -> None:
+        self.number = number
+        self.config = config
+        self.slab = slab
+        self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.starting: set[int] = set()
+        self.listening: set[int] = set()  # slots accepting connections (said ready, not yet closed)
+
+    def quiet(self) -> bool:
+        """No worker of this generation accepts new connections any more."""
+        return not (self.listening & {slot for slot, p in self.procs.items() if p.exitcode is None})
+
+    def signal(self, signum: int) -> None:
+        for proc in self.procs.values():
             if proc.pid is not None and proc.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signum)
 
+
+def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: str, path: str | None) -> int:
+    """Start one worker per socket, restart those that die, stop them all on SIGTERM/SIGINT, and on SIGHUP
+    reload: a new generation of workers on the new configuration, then the old one stopped gracefully."""
+    global _slab
+    n = len(socks)
+    ctx = multiprocessing.get_context("fork")
+    # Each worker sends (generation, slot, True) once it accepts and (..., False) once it stopped accepting.
+    ready_r, ready_w = ctx.Pipe(duplex=False)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a signal handler's nudge to the loop below
+    parent = os.getpid()
+    current = _Generation(0, config, _new_slab(config, n))
+    starting: _Generation | None = None  # a reload's generation until every worker of it serves
+    retiring: list[_Generation] = []  # replaced, draining their in-flight responses
+    retire_kill_at = float("inf")
+    restarts: list[float] = []
+    stopping = False
+    failed = False
+    stopped_by: int | None = None
+    reload_asked = False
+    kill_at = float("inf")
+    first_ready = True
+    reloaded = False  # a new generation took over; READY=1 once the old one stopped accepting
+
+    def spawn(gen: _Generation, slot: int) -> None:
+        # Each slot's listening socket stays open here for the proxy's lifetime and every generation's
+        # worker for that slot accepts from it, as nginx's workers share the master's: at a reload old and
+        # new workers both hold it, so when the old one closes its copy, connections waiting in the queue
+        # are still there for the new one (closing the last copy of a socket resets its queue).
+        global _slab
+        sock = socks[slot]
+        _slab = gen.slab  # travels by fork
+        row = (gen.number % 2) * n + slot
+        # Blocked across fork so a signal can never find a worker the loop below does not know yet, nor
+        # run the supervisor's handler inside a worker; the worker resets them, then unblocks.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            proc = ctx.Process(target=_worker_main,
+                               args=(serve, gen.config, sock, parent, slot, row, gen.number, ready_w),
+                               name=f"cachingproxy-worker-{slot}")
+            proc.start()
+            gen.procs[slot] = proc
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def every() -> list[_Generation]:
+        return [current, *([starting] if starting is not None else []), *retiring]
+
+    def stop_all(signum: int = signal.SIGTERM) -> None:
+        for gen in every():
+            gen.signal(signum)
+
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping, kill_at, stopped_by
+        nonlocal stopping, kill_at, stopped_by, reload_asked
+        with contextlib.suppress(BlockingIOError):
+            os.write(wake_w, b"x")
+        if signum == RELOAD_SIGNAL:
+            reload_asked = True  # acted on in the loop below, outside the handler
+            return
         if not stopping:
             stopping = True
             stopped_by = signum
             kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
             (log.warning if signum in UNHANDLED_SIGNALS else log.info)(
-                "%s: stopping %d workers", stop_reason(signum), len(workers))
+                "%s: stopping %d workers", stop_reason(signum), len(current.procs))
             notify("STOPPING=1")
             stop_all()
+
+    def begin_reload() -> _Generation | None:
+        """Validate the file; start the next generation on it, or log why not and keep the running one."""
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        if path is None:
+            log.warning("SIGHUP received: no configuration file to read again; nothing changed")
+            notify("READY=1")
+            return None
+        from .reload import load_for_reload  # here: only a reload needs it (and it imports the origin)
+
+        result = load_for_reload(path, current.config)
+        if isinstance(result, list):
+            for problem in result:
+                log.error("reload: %s", problem)
+            log.error("reload refused: %d problem%s; still serving the previous configuration", len(result),
+                      "s" if len(result) > 1 else "")
+            notify("READY=1")
+            return None
+        for kept in result.kept:
+            log.warning("reload: %s is kept as it is; changing it needs a restart", kept)
+        same_layout = tuple(s.name for s in result.config.sites) == tuple(s.name for s in current.config.sites)
+        # The same sites lay the same counter cells over the slab: totals go on. Otherwise a new slab, and the
+        # counters start again from zero, as at a restart.
+        slab = current.slab if same_layout else _new_slab(result.config, n)
+        gen = _Generation(current.number + 1, result.config, slab)
+        log.info("reload: configuration %s is valid; starting %d new workers", result.digest, n)
+        for slot in range(n):
+            spawn(gen, slot)
+        gen.starting = set(range(n))
+        return gen
 
     previous = {signum: signal.signal(signum, on_signal) for signum in HANDLED_SIGNALS}
     # systemd's watchdog (WATCHDOG_USEC): pinged from this loop, which also restarts dead workers.
     ping = watchdog_interval()
     next_ping = time.monotonic()
     try:
-        for slot, sock in enumerate(socks):
-            spawn(slot, sock)
-        while workers:
+        for slot in range(n):
+            spawn(current, slot)
+        current.starting = set(range(n))
+        while current.procs or starting is not None or retiring:
             wait = 1.0 if ping is None else max(0.0, min(1.0, next_ping - time.monotonic()))
-            multiprocessing.connection.wait([ready_r, *(p.sentinel for p in workers.values())], timeout=wait)
+            sentinels = [p.sentinel for gen in every() for p in gen.procs.values()]
+            multiprocessing.connection.wait([ready_r, wake_r, *sentinels], timeout=wait)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 64)
             if ping is not None and time.monotonic() >= next_ping:
                 notify("WATCHDOG=1")
                 next_ping = time.monotonic() + ping
             while ready_r.poll():  # drained every time, or wait() would return at once forever
-                slot = ready_r.recv()
-                if waiting_for:
-                    waiting_for.discard(slot)
-                    if not waiting_for:
-                        announce()
-            for slot, proc in list(workers.items()):
+                number, slot, accepting = ready_r.recv()
+                for gen in every():
+                    if gen.number == number:
+                        gen.starting.discard(slot)
+                        (gen.listening.add if accepting else gen.listening.discard)(slot)
+            if first_ready and not current.starting:
+                first_ready = False
+                # Printed once every worker has opened its cache and accepts: scripts and tests wait for it.
+                banner = _banner(current.config, url, n)
+                print(banner, flush=True)
+                notify("READY=1\nSTATUS=" + banner.removeprefix("cachingproxy: "))  # systemd Type=notify
+            if starting is not None and not starting.starting and not stopping:
+                # Every new worker accepts: the old ones stop accepting and finish what they are sending.
+                current.signal(signal.SIGTERM)
+                retiring.append(current)
+                retire_kill_at = time.monotonic() + current.config.server.shutdown_timeout + 5.0
+                current, starting = starting, None
+                reloaded = True
+            if reloaded and not stopping and all(gen.quiet() for gen in retiring):
+                # Only now does every new connection reach the new configuration.
+                reloaded = False
+                log.info("reload: done; %d workers on the new configuration, the previous ones finish their "
+                         "responses", n)
+                notify("READY=1\nSTATUS=" + _banner(current.config, url, n).removeprefix("cachingproxy: "))
+            for gen in retiring[:]:
+                for slot, proc in list(gen.procs.items()):
+                    if proc.exitcode is not None:
+                        del gen.procs[slot]
+                        failed |= stopping and proc.exitcode not in (0, -signal.SIGTERM)
+                if not gen.procs:
+                    retiring.remove(gen)
+            if retiring and time.monotonic() > retire_kill_at:
+                log.error("previous workers still running %.0f s after a reload: killing them",
+                          retiring[0].config.server.shutdown_timeout + 5.0)
+                for gen in retiring:
+                    gen.signal(signal.SIGKILL)
+                retire_kill_at = float("inf")
+            if starting is not None:
+                died = [(slot, p.exitcode) for slot, p in starting.procs.items() if p.exitcode is not None]
+                if died and not stopping:
+                    log.error("reload failed: a new worker exited with %s while starting; still serving the "
+                              "previous configuration", died[0][1])
+                    starting.signal(signal.SIGTERM)
+                    retiring.append(starting)
+                    retire_kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
+                    starting = None
+                    notify("READY=1")
+                elif stopping:
+                    retiring.append(starting)
+                    starting = None
+            for slot, proc in list(current.procs.items()):
                 if proc.exitcode is None:
                     continue
-                del workers[slot]
+                del current.procs[slot]
                 if stopping:
                     # -SIGTERM: the stop arrived before the worker had its handlers, i.e. while starting.
                     failed |= proc.exitcode not in (0, -signal.SIGTERM)
@@ -364,12 +486,19 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, annou
                               proc.exitcode, RESTART_LIMIT, RESTART_WINDOW)
                     failed = stopping = True
                     kill_at = now + config.server.shutdown_timeout + 5.0
+                    notify("STOPPING=1")
                     stop_all()
                 else:
                     log.error("worker %d (pid %s) exited with %s: restarting it", slot, proc.pid, proc.exitcode)
-                    spawn(slot, None)
-            if workers and time.monotonic() > kill_at:
-                log.error("%d workers still running after the shutdown timeout: killing them", len(workers))
+                    current.listening.discard(slot)
+                    spawn(current, slot)
+            if reload_asked and not stopping and starting is None and not retiring:
+                # One reload at a time: the next waits until the previous generation has drained (the
+                # leadership lock alternates between two files, one per live generation).
+                reload_asked = False
+                starting = begin_reload()
+            if (current.procs or starting is not None or retiring) and time.monotonic() > kill_at:
+                log.error("workers still running after the shutdown timeout: killing them")
                 failed = True
                 stop_all(signal.SIGKILL)
                 kill_at = float("inf")
@@ -377,4 +506,8 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, annou
         stop_all(signal.SIGKILL)  # only reached with workers left on an exception in this loop
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+        for sock in socks:
+            sock.close()
     return 1 if failed else exit_status(stopped_by)
