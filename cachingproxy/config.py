@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import time
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -171,6 +173,9 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     # Filled by parse_config: without [[sites]], one site named "default" made of [server] mount, [s3], [cache].
     sites: tuple[SiteConfig, ...] = ()
+    # Which file version runs, for /stats and /metrics: set by load_config (reload.py reads it too).
+    loaded_at: float = 0.0  # Unix time the file was read
+    digest: str = ""  # the first 12 hex digits of the file's SHA-256
 
 
 _ADDRESSING = ("auto", "path", "virtual")
@@ -460,14 +465,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML config file."""
     src = str(path)
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        raw = Path(path).read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{src}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{src}: cannot read: {exc.__class__.__name__}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{src}: invalid TOML: {exc}") from None
-    return with_env_token(parse_config(data, src), os.environ)
+    config = replace(parse_config(data, src), loaded_at=time.time(), digest=hashlib.sha256(raw).hexdigest()[:12])
+    return with_env_token(config, os.environ)
 
 
 def with_env_token(config: Config, environ: Mapping[str, str]) -> Config:

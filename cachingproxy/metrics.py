@@ -84,6 +84,8 @@ class Snapshot:
     warm_jobs_running: int
     responses: Mapping[str, int] = field(default_factory=dict)  # object responses by X-Cache
     site_responses: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    config_loaded_at: float = 0.0  # when the configuration this worker serves was read (config.Config)
+    config_hash: str = ""  # and the short hash of that file: tells a reload took
 
     @property
     def hit_ratio(self) -> float:
@@ -102,6 +104,7 @@ class Snapshot:
             "cache": "ok" if self.cache_available else "unavailable",
             "warm_jobs_running": self.warm_jobs_running,
             "uptime": round(self.uptime, 3),
+            "config": {"loaded_at": round(self.config_loaded_at, 3), "hash": self.config_hash},
             "sites": {site: {**nest(values), "responses": dict(self.site_responses.get(site, {})),
                              "hit_ratio": round(_ratio(self.site_responses.get(site, {})), 4)}
                       for site, values in self.sites.items() if site != NO_SITE},
@@ -152,6 +155,11 @@ class _SnapshotCollector(Collector):
         yield gauge("hit_ratio", "Share of object responses answered from disk.", s.hit_ratio)
         yield gauge("warm_jobs_running", "Warm jobs in progress.", s.warm_jobs_running)
         yield gauge("uptime_seconds", "Seconds since the proxy started.", s.uptime)
+        config = GaugeMetricFamily("cachingproxy_config_loaded_timestamp_seconds",
+                                   "When the configuration in use was read (Unix time), labelled with its hash.",
+                                   labels=["hash"])
+        config.add_metric([s.config_hash], s.config_loaded_at)
+        yield config
         yield self._owner.latency()
         yield self._owner.event_lag()
 

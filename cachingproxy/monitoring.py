@@ -88,6 +88,7 @@ class Ops:
             bytes_on_disk=volume, size_limit=self.config.cache.size_limit_mb * 1024 * 1024,
             uptime=max(0.0, self.clock() - self.started), warm_jobs_running=self.warm_jobs_running,
             responses=self.metrics.responses, site_responses=self.metrics.site_responses(),
+            config_loaded_at=self.config.loaded_at, config_hash=self.config.digest,
         )
 
     async def close(self) -> None:

@@ -8,15 +8,12 @@ anything, so a bad file changes nothing.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from .config import AdminConfig, CacheConfig, Config, ConfigError, ServerConfig, load_config
 
-__all__ = ["RESTART_ONLY", "Reloaded", "config_digest", "load_for_reload"]
+__all__ = ["RESTART_ONLY", "Reloaded", "load_for_reload"]
 
 # (section, key): listen addresses and the worker count belong to sockets and processes the supervisor holds;
 # the cache directory and its size to the store every generation shares while one drains and one starts.
@@ -29,14 +26,6 @@ class Reloaded:
     config: Config  # the new configuration with the restart-only settings of the running one
     digest: str  # short hash of the file's bytes, as /stats and /metrics show it
     kept: tuple[str, ...]  # restart-only settings the file changed, each "server.port: 8080 (file says 9090)"
-
-
-def config_digest(path: str | os.PathLike[str]) -> str:
-    """The first 12 hex digits of the file's SHA-256: enough to tell which version is loaded."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-    except OSError:
-        return ""
 
 
 def load_for_reload(path: str, running: Config) -> Reloaded | list[str]:
@@ -66,4 +55,4 @@ def load_for_reload(path: str, running: Config) -> Reloaded | list[str]:
     sites = tuple(replace(site, cache=replace(site.cache, directory=cache.directory,
                                               size_limit_mb=cache.size_limit_mb)) for site in fresh.sites)
     config = replace(fresh, server=server, admin=admin, cache=cache, sites=sites)
-    return Reloaded(config, config_digest(path), tuple(kept))
+    return Reloaded(config, config.digest, tuple(kept))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from .conftest import Bucket, free_port
 from .shim import Shim
 
 BIG = 100 * 1024 * 1024
+TOKEN = "reload-t0ken"
 
 
 def write_pair(ca: trustme.CA, directory: Path, name: str) -> tuple[Path, Path, bytes]:
@@ -50,6 +52,8 @@ addressing_style = "path"
 [cache]
 directory = "{tmp_path / 'cache'}"
 ttl = 60
+[admin]
+token = "{TOKEN}"
 
 [[sites]]
 name = "docs"
@@ -92,16 +96,31 @@ class Notifications:
         return message
 
 
-async def request(port: int, context: ssl.SSLContext, path: str) -> tuple[int, dict[str, str], bytes, bytes]:
+async def request(port: int, context: ssl.SSLContext, path: str,
+                  extra: str = "") -> tuple[int, dict[str, str], bytes, bytes]:
     """One GET on a new TLS connection: status, headers, body and the certificate the server presented."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}\r\n".encode())
     head, body = (await reader.read()).split(b"\r\n\r\n", 1)
     writer.close()
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
     return int(lines[0].split()[1]), headers, body, der
+
+
+async def loaded(port: int, context: ssl.SSLContext) -> tuple[str, str]:
+    """The configuration hash /stats and /metrics report."""
+    auth = f"Authorization: Bearer {TOKEN}\r\n"
+    stats = json.loads((await request(port, context, "/_admin/stats", auth))[2])
+    metrics = (await request(port, context, "/_admin/metrics", auth))[2].decode()
+    found = re.search(r'^cachingproxy_config_loaded_timestamp_seconds\{hash="(\w+)"\} (\S+)$', metrics, re.M)
+    assert found is not None and abs(float(found.group(2)) - stats["config"]["loaded_at"]) < 0.01
+    return stats["config"]["hash"], found.group(1)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def ttl_of(headers: dict[str, str]) -> int:
@@ -137,6 +156,8 @@ async def test_reload_swaps_everything_while_a_download_completes(tmp_path: Path
         status, headers, _, _ = await request(port, client, "/open/a.html")
         assert status == 200 and 300 < ttl_of(headers) <= 600
         assert (await request(port, client, "/extra/a.html"))[0] == 404
+        first_hash = digest(config)
+        assert await loaded(port, client) == (first_hash, first_hash)
 
         # A download in flight: the head and the first megabyte read, the rest waiting in the kernel.
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
@@ -158,6 +179,7 @@ async def test_reload_swaps_everything_while_a_download_completes(tmp_path: Path
         assert ttl_of(headers) <= 5, "the new TTL applies to an entry cached before"
         assert (await request(port, client, "/extra/a.html"))[:3:2] == (200, b"<p>a</p>"), "the added site"
         assert (await request(port, client, "/docs/a.html"))[0] == 403, "the new access list"
+        assert await loaded(port, client) == (digest(config), digest(config)) != (first_hash, first_hash)
 
         rest = await reader.read()  # the old worker finishes what it started, under the old configuration
         writer.close()
