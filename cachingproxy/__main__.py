@@ -19,21 +19,16 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"cachingproxy: {exc}", file=sys.stderr)
         return 2
     # Imported here so that `--help` and config errors stay instant.
-    from .access import load_all
     from .logsetup import configure_logging
-    from .origin import profile_problems
-    from .tls import check_tls
+    from .reload import preflight
     from .workers import run_workers
 
-    problems = profile_problems([site.s3 for site in config.sites])
-    problems += profile_problems([config.events], key="events.profile")
+    # Fail closed: a site whose password file cannot be read or holds a weak hash is not served at all, nor
+    # a port whose certificate does not load.
+    problems = preflight(config, args.config)
     for problem in problems:
-        print(f"cachingproxy: {args.config}: {problem}", file=sys.stderr)
-    # Fail closed: a site whose password file cannot be read or holds a weak hash is not served at all.
-    access_problems = load_all(config) + check_tls(config)
-    for problem in access_problems:
         print(f"cachingproxy: {problem}", file=sys.stderr)
-    if problems or access_problems:
+    if problems:
         return 2
 
     configure_logging(secrets=(config.admin.token,))
@@ -56,20 +51,14 @@ def _check(args: argparse.Namespace) -> int:
             print(f"cachingproxy: {line}", file=sys.stderr)
         return 1
     from .access import load_access
-    from .origin import profile_problems
-    from .tls import check_tls
+    from .reload import preflight
 
-    problems = [f"{args.config}: {p}" for p in profile_problems([site.s3 for site in config.sites])]
+    problems = preflight(config, args.config)
     users: dict[str, int] = {}
-    for site in config.sites:
-        try:
-            access = load_access(site)
-        except ConfigError as exc:
-            problems.extend(str(exc).splitlines())
-            continue
+    for site in config.sites if not problems else ():
+        access = load_access(site)
         if access is not None and access.users is not None:
             users[site.name] = len(access.users)
-    problems += check_tls(config)
     for problem in problems:
         print(f"cachingproxy: {problem}", file=sys.stderr)
     if problems:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import AdminConfig, CacheConfig, Config, ConfigError, ServerConfig, load_config
 
-__all__ = ["RESTART_ONLY", "Reloaded", "load_for_reload"]
+__all__ = ["RESTART_ONLY", "Reloaded", "load_for_reload", "preflight"]
 
 # (section, key): listen addresses and the worker count belong to sockets and processes the supervisor holds;
 # the cache directory and its size to the store every generation shares while one drains and one starts.
@@ -28,18 +28,35 @@ class Reloaded:
     kept: tuple[str, ...]  # restart-only settings the file changed, each "server.port: 8080 (file says 9090)"
 
 
+def preflight(config: Config, src: str) -> list[str]:
+    """What `serve` checks beyond the file's own keys before it starts anything: AWS profiles, htpasswd files,
+    certificates. One line per problem.
+
+    access.py (bcrypt) and tls.py are imported only when the config uses them: this runs in the supervisor,
+    whose memory the README's Performance section counts.
+    """
+    from .origin import profile_problems
+
+    problems = [f"{src}: {p}" for p in profile_problems([site.s3 for site in config.sites])]
+    problems += [f"{src}: {p}" for p in profile_problems([config.events], key="events.profile")]
+    if any(site.access.protected for site in config.sites):
+        from .access import load_all
+
+        problems += load_all(config)
+    if config.server.tls_certificate or config.admin.tls_certificate:
+        from .tls import check_tls
+
+        problems += check_tls(config)
+    return problems
+
+
 def load_for_reload(path: str, running: Config) -> Reloaded | list[str]:
     """The configuration to switch to, or every problem (one line each) and nothing switches."""
     try:
         fresh = load_config(path)
     except ConfigError as exc:
         return str(exc).splitlines()
-    from .access import load_all
-    from .origin import profile_problems
-    from .tls import check_tls
-
-    problems = [f"{path}: {p}" for p in profile_problems([site.s3 for site in fresh.sites])]
-    problems += load_all(fresh) + check_tls(fresh)
+    problems = preflight(fresh, path)
     if problems:
         return problems
     kept = []
