@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web, web_response
@@ -18,7 +19,19 @@ from .access import SiteAccess, load_access
 from .access_rules import parse_networks, private_cache_control
 from .accesslog import StructuredAccessLogger, request_id, track_s3_calls
 from .admin import mount_admin, start_admin_listener
-from .appkeys import CLIENT, CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITE, SITES, STARTED, STORE, TALLY
+from .appkeys import (
+    CLIENT,
+    CLOCK,
+    CONFIG,
+    COUNTERS,
+    EVENTS_HEALTH,
+    OBJECT_KEY,
+    SITE,
+    SITES,
+    STARTED,
+    STORE,
+    TALLY,
+)
 from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
@@ -57,6 +70,7 @@ from .service import CachingProxy, FromCache
 from .sites import Listing, Site, Sites
 from .store import CacheStore
 from .tally import Slab, Tally
+from .variants import Variants
 from .website import listing_page
 
 __all__ = ["create_app", "server_kwargs"]
@@ -133,6 +147,7 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
                                        headers={"Cache-Control": redirect_cache_control("", config.cache.rules)})
     if isinstance(key, Reject):
         raise (web.HTTPBadRequest if key.status == 400 else web.HTTPNotFound)(text=key.reason + "\n")
+    request[OBJECT_KEY] = key.s3_key
     service = site.service
     relative = key.s3_key[len(config.s3.prefix):]
     windows = windows_for(relative, config.cache, _ttl_cap(request.app))
@@ -143,7 +158,9 @@ async def serve_object(request: web.Request) -> web.StreamResponse:
         hit = service.hit_in_memory(key.s3_key, ttl=ttl)
         if hit is not None and not hit.entry.meta.redirect:
             # Most requests end here: nothing awaited, no S3 request possible, one write.
-            return from_memory(request, hit, ttl, client, conditional=True, status=200)
+            answer = from_memory(request, hit, ttl, client, conditional=True, status=200)
+            # None: a gzip-stored body to decompress for this client, which respond() streams.
+            return answer if answer is not None else await respond(request, hit, ttl, client, conditional=True)
     track_s3_calls(request)
     try:
         resolved = await service.resolve(key.s3_key, windows=windows, want_body=want_body)
@@ -247,7 +264,10 @@ async def _sites_ctx(app: web.Application) -> AsyncIterator[None]:
     """Each site's S3 origin and service. Sites whose S3 settings match share one client (and its connection
     pool and breaker); each site gets its own view of the one cache, namespaced by endpoint and bucket."""
     config, counters = app[CONFIG], app[COUNTERS]
+    # One thread per worker compresses variants, so making them never takes more than one core from serving.
+    compressing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compress")
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(compressing.shutdown, wait=False, cancel_futures=True)
         clients: dict[S3Config, tuple[Any, Breaker]] = {}
         sites: dict[str, Site] = {}
         for site in config.sites:
@@ -259,13 +279,15 @@ async def _sites_ctx(app: web.Application) -> AsyncIterator[None]:
             origin = S3Origin(client, site.s3, counters)
             store = NamespacedStore(app[STORE], namespace_for(site.s3))
             service = CachingProxy(site.cache, store, origin, app[CLOCK], counters, breaker)
-            sites[site.name] = Site(site, service, origin, store, access=load_access(site))
+            variants = Variants(store, config.compression, compressing)
+            sites[site.name] = Site(site, service, origin, store, variants, access=load_access(site))
         app[SITES] = Sites(sites)
         try:
             yield
         finally:
             grace = config.server.shutdown_timeout
-            await asyncio.gather(*(site.service.close(grace=grace) for site in sites.values()))
+            await asyncio.gather(*(site.service.close(grace=grace) for site in sites.values()),
+                                 *(site.variants.close() for site in sites.values()))
 
 
 async def _events_ctx(app: web.Application) -> AsyncIterator[None]:

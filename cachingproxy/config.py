@@ -16,10 +16,12 @@ from .access_rules import parse_networks
 
 __all__ = [
     "ADMIN_TOKEN_ENV",
+    "COMPRESSIBLE_TYPES",
     "AccessConfig",
     "AdminConfig",
     "CacheConfig",
     "CacheRule",
+    "CompressionConfig",
     "Config",
     "ConfigError",
     "EventsConfig",
@@ -118,6 +120,23 @@ class AdminConfig:
     tls_key: str = ""
 
 
+# Types worth compressing (encoding.py): text, scripts, data, vector images, wasm and uncompressed font formats.
+# WOFF/WOFF2 are compressed already, so they are not here (nor any raster image, video or archive type).
+COMPRESSIBLE_TYPES = ("text/*", "application/javascript", "application/x-javascript", "application/json",
+                      "application/ld+json", "application/manifest+json", "application/xml", "application/rss+xml",
+                      "application/atom+xml", "application/xhtml+xml", "image/svg+xml", "application/wasm",
+                      "font/ttf", "font/otf", "application/vnd.ms-fontobject", "image/x-icon")
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionConfig:
+    """[compression]: br/zstd/gzip variants made once per object version (variants.py, encoding.py)."""
+
+    enabled: bool = True
+    types: tuple[str, ...] = COMPRESSIBLE_TYPES  # media types; "text/*" covers every text type
+    min_size: int = 1024  # smaller bodies are sent as they are: a few bytes saved are not worth a Vary
+
+
 @dataclass(frozen=True, slots=True)
 class EventsConfig:
     """S3 event notifications read from an SQS queue (events.py); an empty queue_url turns them off."""
@@ -171,6 +190,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     # Filled by parse_config: without [[sites]], one site named "default" made of [server] mount, [s3], [cache].
     sites: tuple[SiteConfig, ...] = ()
     # Which file version runs, for /stats and /metrics: set by load_config (reload.py reads it too).
@@ -263,7 +283,7 @@ def _cache_control_ok(value: Any) -> bool:
 
 def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
     """Build a Config from parsed TOML, checking every key; raise ConfigError naming the first problem."""
-    unknown = set(data) - {"server", "s3", "cache", "admin", "sites", "events"}
+    unknown = set(data) - {"server", "s3", "cache", "admin", "sites", "events", "compression"}
     _check(not unknown, src, ", ".join(sorted(unknown)), "unknown section")
     server_raw = data.get("server", {})
     server = _section(ServerConfig, server_raw, "server", src,
@@ -320,6 +340,12 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
            "events.queue_url", "must be empty or the queue's https URL")
     _check(events.endpoint_url == "" or events.endpoint_url.startswith(("http://", "https://")), src,
            "events.endpoint_url", "must be empty or an http(s) URL")
+    compression_raw = data.get("compression", {})
+    compression = _section(CompressionConfig, compression_raw, "compression", src,
+                           types=_strings(compression_raw, "compression", "types", src))
+    _check(compression.min_size >= 0, src, "compression.min_size", "must be >= 0")
+    _check(all(t.count("/") == 1 and t == t.strip().lower() and t.strip("/*") for t in compression.types), src,
+           "compression.types", "must be lower-case media types such as \"text/css\" or \"text/*\"")
     if "sites" in data:
         sites = _sites(data["sites"], s3, cache, src)
     else:
@@ -327,7 +353,8 @@ def parse_config(data: dict[str, Any], src: str = "config.toml") -> Config:
         _check_cache(cache, "cache", src)
         sites = (SiteConfig(name="default", mount=server.mount, s3=s3, cache=cache,
                             warm_prefixes=admin.warm_prefixes),)
-    return Config(server=server, s3=s3, cache=cache, admin=admin, events=events, sites=sites)
+    return Config(server=server, s3=s3, cache=cache, admin=admin, events=events, sites=sites,
+                  compression=compression)
 
 
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -46,6 +46,15 @@ COUNTERS: tuple[Counter, ...] = (
             "unrouted_requests", "Responses"),
     Counter("bytes_served", "Object bytes sent to clients in complete responses.", ("bytes_served",), "served_bytes",
             "Responses", unit="bytes"),
+    # Compression (variants.py): bytes sent in each content coding, and how many fewer than identity that was.
+    Counter("bytes_br", "Object bytes sent brotli-compressed (included in bytes_served).", ("compression", "br"),
+            "served_encoded_bytes", "Responses", (("encoding", "br"),), unit="bytes"),
+    Counter("bytes_zstd", "Object bytes sent zstd-compressed (included in bytes_served).", ("compression", "zstd"),
+            "served_encoded_bytes", "Responses", (("encoding", "zstd"),), unit="bytes"),
+    Counter("bytes_gzip", "Object bytes sent gzip-compressed by us (included in bytes_served).",
+            ("compression", "gzip"), "served_encoded_bytes", "Responses", (("encoding", "gzip"),), unit="bytes"),
+    Counter("bytes_saved", "Bytes compression kept off the wire (identity size minus bytes sent).",
+            ("compression", "saved"), "compression_saved_bytes", "Responses", unit="bytes"),
     Counter("s3_get", "GetObject requests sent to S3.", ("s3_requests", "GET"), "s3_requests", "S3",
             (("operation", "GET"),)),
     Counter("s3_head", "HeadObject requests sent to S3.", ("s3_requests", "HEAD"), "s3_requests", "S3",
@@ -78,6 +87,7 @@ FAMILIES = {
     "s3_requests": "Requests sent to S3, by operation.",
     "revalidations": "HeadObject revalidations, by result.",
     "events": "S3 event notifications from the SQS queue, by what became of them.",
+    "served_encoded_bytes": "Object bytes sent in a content coding, by coding.",
 }
 NAMES = tuple(counter.name for counter in COUNTERS)
 _S3_OPERATION = {c.name: dict(c.labels)["operation"] for c in COUNTERS if c.metric == "s3_requests"}

@@ -14,7 +14,7 @@ __all__ = ["CACHE_STATUS", "NOT_MODIFIED_HEADERS", "object_headers"]
 
 # RFC 9110 §15.4.5: a 304 carries the validators and caching headers a 200 would.
 NOT_MODIFIED_HEADERS = frozenset({"ETag", "Last-Modified", "Cache-Control", "Expires", "Content-Location",
-                                  "X-Cache", "Age", "Cache-Status", "Date"})
+                                  "X-Cache", "Age", "Cache-Status", "Date", "Vary"})
 CACHE_STATUS = "cachingproxy"
 
 

@@ -87,8 +87,21 @@ class HotLayer:
             self.bodies.move_to_end(ident)
         return data
 
+    def variant(self, key: str, etag: str, coding: str) -> bytes | None:
+        """A compressed variant of (key, ETag): as immutable as the body, kept in the same budget."""
+        ident = (key, f"{etag}\0{coding}")
+        data = self.bodies.get(ident)
+        if data is not None:
+            self.bodies.move_to_end(ident)
+        return data
+
+    def keep_variant(self, key: str, etag: str, coding: str, data: bytes) -> None:
+        self._keep((key, f"{etag}\0{coding}"), data)
+
     def keep_body(self, entry: Entry, data: bytes) -> None:
-        ident = (entry.key, entry.meta.etag)
+        self._keep((entry.key, entry.meta.etag), data)
+
+    def _keep(self, ident: tuple[str, str], data: bytes) -> None:
         if ident in self.bodies:
             return
         self.bodies[ident] = data

@@ -78,6 +78,19 @@ def _body_key(key: str, etag: str) -> tuple[str, str, str]:
     return ("body", key, etag)
 
 
+def _variant_key(key: str, etag: str, coding: str) -> tuple[str, str, str, str]:
+    # k[1] is the object's key, as for "meta" and "body": purge_prefix drops variants with their object.
+    return ("variant", key, etag, coding)
+
+
+_CODINGS = ("br", "zstd", "gzip")  # encoding.CODINGS; the index imports nothing of ours but models
+
+
+def _drop_variants(cache: diskcache.Cache, key: str, etag: str) -> None:
+    for coding in _CODINGS:
+        cache.delete(_variant_key(key, etag, coding))
+
+
 def _encode(entry: Entry) -> dict[str, Any]:
     m = entry.meta
     return {"v": _FORMAT, "key": entry.key, "etag": m.etag, "size": m.size, "lm": m.last_modified,
@@ -229,6 +242,30 @@ class EntryIndex:
                 self.commit_retries += 1
         if old is not None and old.meta.etag != entry.meta.etag:
             cache.delete(_body_key(entry.key, old.meta.etag))
+            _drop_variants(cache, entry.key, old.meta.etag)  # compressed from the old version: wrong now
+
+    def variant(self, key: str, etag: str, coding: str) -> BinaryIO | None:
+        """An open handle on a compressed variant of (key, ETag), or None."""
+        def get(cache: diskcache.Cache) -> BinaryIO | None:
+            handle: BinaryIO | None = cache.get(_variant_key(key, etag, coding), read=True)
+            return handle
+        return self._guard(get, None)
+
+    def variants(self, key: str, etag: str) -> frozenset[str]:
+        """The codings stored for (key, ETag)."""
+        return self._guard(lambda c: frozenset(k for k in _CODINGS if _variant_key(key, etag, k) in c), frozenset())
+
+    def put_variant(self, key: str, etag: str, coding: str, path: str, size: int) -> bool:
+        """Index a variant file (moved, not copied) if `etag` is still the entry's version; False otherwise
+        (replaced or purged while it was being compressed: then the file is the caller's to remove)."""
+        def put(cache: diskcache.Cache) -> bool:
+            with cache.transact():
+                entry = _decode(cache.get(_meta_key(key)))
+                if entry is None or entry.meta.etag != etag:
+                    return False
+                cache.set(_variant_key(key, etag, coding), _Staged(path, size), read=True)
+                return True
+        return self._guard(put, False)
 
     def put(self, entry: Entry) -> bool:
         """Replace an entry's metadata (a revalidation); its body is unchanged. False when it could not."""
@@ -284,6 +321,7 @@ class EntryIndex:
             if entry is None:
                 return 0
             cache.delete(_body_key(key, entry.meta.etag))
+            _drop_variants(cache, key, entry.meta.etag)
             return 1
         return self._guard(drop, 0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from typing import BinaryIO
 
@@ -31,6 +32,11 @@ class NamespacedStore:
     def __init__(self, store: CacheStore, namespace: str) -> None:
         self._store = store
         self._ns = namespace
+        self._committed: list[Callable[[Entry], None]] = []
+
+    def on_commit(self, callback: Callable[[Entry], None]) -> None:
+        """Call `callback(entry)` after each body committed through this view (variants.py starts there)."""
+        self._committed.append(callback)
 
     @property
     def available(self) -> bool:
@@ -59,6 +65,18 @@ class NamespacedStore:
     async def close_body(self, handle: BinaryIO | bytes) -> None:
         await self._store.close_body(handle)
 
+    def variant_in_memory(self, key: str, etag: str, coding: str) -> bytes | None:
+        return self._store.variant_in_memory(self._ns + key, etag, coding)
+
+    async def open_variant(self, key: str, etag: str, coding: str) -> BinaryIO | bytes | None:
+        return await self._store.open_variant(self._ns + key, etag, coding)
+
+    async def stored_variants(self, key: str, etag: str) -> frozenset[str]:
+        return await self._store.stored_variants(self._ns + key, etag)
+
+    async def put_variant(self, key: str, etag: str, coding: str, data: bytes) -> bool:
+        return await self._store.put_variant(self._ns + key, etag, coding, data)
+
     def fill_lock(self, key: str) -> contextlib.AbstractAsyncContextManager[Flight]:
         return self._store.fill_lock(self._ns + key)
 
@@ -85,7 +103,11 @@ class NamespacedStore:
         return await self._store.read_staging(staging, size, offset)
 
     async def commit(self, staging: Staging, now: float) -> Entry | None:
-        return self._out(await self._store.commit(staging, now))
+        entry = self._out(await self._store.commit(staging, now))
+        if entry is not None:
+            for callback in self._committed:
+                callback(entry)
+        return entry
 
     async def discard(self, staging: Staging) -> None:
         await self._store.discard(staging)

@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .appkeys import BODY_SENT, CLOCK, CONFIG, SITE, STORE
+from .compressed import (
+    Coded,
+    coded_headers,
+    count,
+    gunzipped,
+    negotiation,
+    pick_variant,
+    plan_for,
+    send_coded,
+    variant_in_memory,
+)
 from .conditional import Plan, evaluate
 from .fill import FileSpan
 from .freshness import REDIRECT_CACHE_CONTROL, ClientFreshness, age
@@ -44,22 +56,47 @@ def _with(headers: CIMultiDictProxy[str], plan: Plan) -> CIMultiDictProxy[str] |
 
 
 def from_memory(request: web.Request, resolved: FromCache, ttl: float, client: ClientFreshness | None, *,
-                 conditional: bool, status: int, headers: CIMultiDictProxy[str] | None = None) -> web.Response:
+                 conditional: bool, status: int, headers: CIMultiDictProxy[str] | None = None) -> web.Response | None:
     """A GET of a small body held in memory: a Response sends head and body in one write (one syscall, one
-    segment); a StreamResponse sends its head alone at prepare(), which doubled a hit's send cost."""
+    segment); a StreamResponse sends its head alone at prepare(), which doubled a hit's send cost.
+
+    None: a gzip-stored body for a client without gzip, which respond() decompresses."""
     body = resolved.body
     assert isinstance(body, bytes)
     meta = resolved.entry.meta
+    varies = False
     if headers is None:
         assert client is not None
         headers = response_headers(resolved, ttl, client, request.app[CLOCK]())
-    plan = _plan(request, meta, conditional=conditional, status=status)
+        neg = negotiation(request, meta)
+        if neg is not None:
+            if neg.gunzip:
+                return None  # decompressed by respond(), streaming
+            coded = variant_in_memory(request, resolved.entry, neg) if neg.coding else None
+            if coded is not None:
+                return _coded_from_memory(request, meta, coded, coded_headers(headers, coded.coding),
+                                          conditional=conditional, status=status)
+            headers = coded_headers(headers, "identity")
+            varies = True
+    plan = (plan_for(request, meta, meta.size, conditional=conditional, status=status, ranged=True) if varies
+            else _plan(request, meta, conditional=conditional, status=status))
     if plan.status in (304, 412, 416):
         return _bodiless(plan, headers)
     if plan.end - plan.start != len(body):
         body = body[plan.start : plan.end]
     request[BODY_SENT] = len(body)
     return web.Response(status=plan.status, headers=_with(headers, plan), body=body)
+
+
+def _coded_from_memory(request: web.Request, meta: ObjectMeta, coded: Coded, headers: CIMultiDictProxy[str], *,
+                       conditional: bool, status: int) -> web.Response:
+    assert isinstance(coded.body, bytes)
+    plan = plan_for(request, meta, coded.size, conditional=conditional, status=status, ranged=False)
+    if plan.status in (304, 412):
+        return _bodiless(plan, headers)
+    request[BODY_SENT] = coded.size
+    count(request, coded.coding, coded.size, meta.size)
+    return web.Response(status=plan.status, headers=headers, body=coded.body)
 
 
 async def respond(request: web.Request, resolved: Resolved, ttl: float, client: ClientFreshness | None, *,
@@ -73,13 +110,30 @@ async def respond(request: web.Request, resolved: Resolved, ttl: float, client: 
         control = client.redirect if client is not None else REDIRECT_CACHE_CONTROL
         raise web.HTTPMovedPermanently(location=location, headers={"Cache-Control": control})
     if isinstance(resolved, FromCache) and isinstance(resolved.body, bytes) and request.method == "GET":
-        return from_memory(request, resolved, ttl, client, conditional=conditional, status=status, headers=headers)
+        answer = from_memory(request, resolved, ttl, client, conditional=conditional, status=status,
+                             headers=headers)
+        if answer is not None:
+            return answer
     body = resolved.body if isinstance(resolved, FromCache) else None
+    varies = False
     try:
         if headers is None:
             assert client is not None
             headers = response_headers(resolved, ttl, client, request.app[CLOCK]())
-        plan = _plan(request, meta, conditional=conditional, status=status)
+            neg = negotiation(request, meta)
+            if neg is not None and neg.gunzip:
+                return await _gunzip(request, resolved, meta, coded_headers(headers, "gunzip"),
+                                     conditional=conditional, status=status)
+            if neg is not None and neg.coding and isinstance(resolved, FromCache):
+                coded = await pick_variant(request, resolved.entry, neg)
+                if coded is not None:
+                    return await _send_coded(request, meta, coded, coded_headers(headers, coded.coding),
+                                             conditional=conditional, status=status)
+            if neg is not None:
+                headers = coded_headers(headers, "identity")
+                varies = True
+        plan = (plan_for(request, meta, meta.size, conditional=conditional, status=status, ranged=True) if varies
+                else _plan(request, meta, conditional=conditional, status=status))
         if plan.status in (304, 412, 416):
             return _bodiless(plan, headers)
         resp = web.StreamResponse(status=plan.status, headers=_with(headers, plan))
@@ -117,6 +171,70 @@ async def respond(request: web.Request, resolved: Resolved, ttl: float, client: 
             return resp
         if request.method == "GET":
             request[BODY_SENT] = plan.end - plan.start
+        return resp
+    finally:
+        await _release(request, resolved)
+
+
+async def _send_coded(request: web.Request, meta: ObjectMeta, coded: Coded, headers: CIMultiDictProxy[str], *,
+                      conditional: bool, status: int) -> web.StreamResponse:
+    """A stored variant, whole (a Range is answered from the identity body, so none reaches here)."""
+    store = request[SITE].store
+    try:
+        plan = plan_for(request, meta, coded.size, conditional=conditional, status=status, ranged=False)
+        if plan.status in (304, 412):
+            return _bodiless(plan, headers)
+        resp = web.StreamResponse(status=plan.status, headers=headers)
+        resp.content_length = coded.size
+        await resp.prepare(request)
+        stall = request.app[CONFIG].server.send_timeout
+        try:
+            if request.method == "GET":
+                await send_coded(request, resp, coded, stall)
+            async with asyncio.timeout(stall):
+                await _write_eof_flushed(request, resp)
+        except TimeoutError:
+            log.info("client took no bytes for %.0f s: connection dropped", stall)
+            reset(request)
+            return resp
+        if request.method == "GET":
+            request[BODY_SENT] = coded.size
+            count(request, coded.coding, coded.size, meta.size)
+        return resp
+    finally:
+        await store.close_body(coded.body)
+
+
+async def _gunzip(request: web.Request, resolved: Resolved, meta: ObjectMeta, headers: CIMultiDictProxy[str], *,
+                  conditional: bool, status: int) -> web.StreamResponse:
+    """An object S3 stores gzip-encoded, for a client that does not take gzip: decompressed as it streams,
+    whole (chunked: its length is not known until the end), under its own ETag."""
+    try:
+        plan = plan_for(request, meta, meta.size, conditional=conditional, status=status, ranged=False)
+        if plan.status in (304, 412):
+            return _bodiless(plan, headers)
+        resp = web.StreamResponse(status=plan.status, headers=headers)
+        await resp.prepare(request)
+        if request.method != "GET":
+            await resp.write_eof()
+            return resp
+        stall = request.app[CONFIG].server.send_timeout
+        sent = 0
+        pieces = resolved.fill.read(0, meta.size) if isinstance(resolved, FromFill) else None
+        body = resolved.body if isinstance(resolved, FromCache) else None
+        try:
+            async for chunk in gunzipped(body, pieces):
+                async with asyncio.timeout(stall):
+                    await resp.write(chunk)
+                sent += len(chunk)
+            async with asyncio.timeout(stall):
+                await _write_eof_flushed(request, resp)
+        except (OriginError, zlib.error, TimeoutError):
+            # Not gzip after all, truncated, or a stalled client: the head is out, so cut the connection
+            # rather than end a body that looks complete.
+            reset(request)
+            return resp
+        request[BODY_SENT] = sent
         return resp
     finally:
         await _release(request, resolved)

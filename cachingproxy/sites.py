@@ -12,6 +12,7 @@ from .namespace import NamespacedStore
 from .origin import S3Origin
 from .routing import Router
 from .service import CachingProxy
+from .variants import Variants
 
 __all__ = ["Listing", "Site", "Sites"]
 
@@ -30,6 +31,7 @@ class Site:
     service: CachingProxy
     origin: S3Origin
     store: NamespacedStore
+    variants: Variants  # compressed variants of this site's objects (variants.py)
     # Folder listings (`listing = true`), per S3 prefix; kept for the site's TTL, bounded in number.
     listings: dict[str, Listing] = field(default_factory=dict)
     access: SiteAccess | None = None  # None: an open site ([sites.access] unset)

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -248,6 +249,59 @@ class CacheStore:
     async def close_body(self, handle: BinaryIO | bytes) -> None:
         if not isinstance(handle, bytes):
             await self._run(handle.close)
+
+    # -- compressed variants (variants.py makes them; index.py files them beside the body) --------------
+
+    def variant_in_memory(self, key: str, etag: str, coding: str) -> bytes | None:
+        return self._hot.variant(key, etag, coding)
+
+    def _open_variant_sync(self, key: str, etag: str, coding: str) -> BinaryIO | bytes | None:
+        handle = self._index.variant(key, etag, coding)
+        if handle is None:
+            return None
+        if os.fstat(handle.fileno()).st_size > HOT_BODY_MAX:
+            return handle
+        with handle:
+            return handle.read()
+
+    async def open_variant(self, key: str, etag: str, coding: str) -> BinaryIO | bytes | None:
+        """A variant: bytes when small (then kept in memory), an open file to sendfile from, or None."""
+        data = self._hot.variant(key, etag, coding)
+        if data is not None:
+            return data
+        body = await self._run(self._open_variant_sync, key, etag, coding)
+        if isinstance(body, bytes):
+            self._hot.keep_variant(key, etag, coding, body)
+        return body
+
+    def _put_variant_sync(self, key: str, etag: str, coding: str, data: bytes) -> bool:
+        fd, path = tempfile.mkstemp(dir=self._staging_dir, prefix=f"{os.getpid()}-", suffix=".variant")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                # Durable before it is indexed, like a body: a torn variant would be served as valid bytes.
+                os.fdatasync(out.fileno())
+            if self._index.put_variant(key, etag, coding, path, len(data)):
+                return True
+        except OSError as exc:
+            log.warning("compressed variant not stored (%s)", exc.__class__.__name__)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return False
+
+    async def stored_variants(self, key: str, etag: str) -> frozenset[str]:
+        """The codings the index holds for (key, ETag), whatever this worker has in memory."""
+        return await self._run(self._index.variants, key, etag)
+
+    async def put_variant(self, key: str, etag: str, coding: str, data: bytes) -> bool:
+        """Store a variant of (key, ETag); False when that version is no longer the cached one."""
+        if not self._index.available:
+            return False
+        stored = await self._run(self._put_variant_sync, key, etag, coding, data)
+        if stored and len(data) <= HOT_BODY_MAX:
+            self._hot.keep_variant(key, etag, coding, data)
+        return stored
 
     def fill_lock(self, key: str) -> contextlib.AbstractAsyncContextManager[Flight]:
         """Cross-process single-flight for a fill of `key` (see FillLocks); a no-op without a cache."""

@@ -22,12 +22,13 @@ def test_repo_config_toml_is_valid_and_documents_the_defaults() -> None:
     assert config.cache.ttl == defaults.cache.ttl
     assert config.cache.index_document == "index.html"
     assert config.s3.endpoint_url == ""
+    assert config.compression == defaults.compression
 
 
 def test_every_key_in_the_dataclasses_is_documented_in_config_toml() -> None:
     text = (ROOT / "config.toml").read_text()
     config = parse_config(MINIMAL)
-    for section in ("server", "s3", "cache", "admin", "events"):
+    for section in ("server", "s3", "cache", "admin", "events", "compression"):
         for name in type(getattr(config, section)).__dataclass_fields__:
             assert f"{name} =" in text or f"# {name} =" in text or name == "rules", f"{section}.{name}"
 
@@ -116,3 +117,21 @@ def test_client_cache_control_is_per_site() -> None:
     assert [site.cache.client_cache_control for site in config.sites] == ["max-age=60", "no-cache"]
     with pytest.raises(ConfigError, match=r"sites\.a\.cache\.client_cache_control"):
         parse_config({"s3": {"bucket": "b"}, "sites": [{"name": "a", "cache": {"client_cache_control": "a\nb"}}]})
+
+
+@pytest.mark.parametrize(("compression", "problem"), [
+    ({"min_size": -1}, "compression.min_size: must be >= 0"),
+    ({"types": "text/css"}, "compression.types: must be an array of strings"),
+    ({"types": ["Text/CSS"]}, "compression.types: must be lower-case media types"),
+    ({"types": ["css"]}, "compression.types: must be lower-case media types"),
+    ({"level": 5}, "compression.level: unknown key"),
+    ({"enabled": "yes"}, "compression.enabled: must be bool"),
+])
+def test_compression_errors_name_their_key(compression: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem.replace(".", r"\.").replace("(", r"\(")):
+        parse_config({**MINIMAL, "compression": compression})
+
+
+def test_compression_types_replace_the_default_list() -> None:
+    config = parse_config({**MINIMAL, "compression": {"types": ["text/css"], "min_size": 0}})
+    assert (config.compression.types, config.compression.min_size) == (("text/css",), 0)

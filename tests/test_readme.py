@@ -84,13 +84,13 @@ def test_every_make_target_the_readme_names_exists_and_resolves() -> None:
 
 def test_the_configuration_table_is_the_configs_keys() -> None:
     listed = set()
-    key = r"`((?:server|s3|cache|admin)\.(?!py`)[a-z_]+)`"
+    key = r"`((?:server|s3|cache|admin|compression)\.(?!py`)[a-z_]+)`"
     for row in re.findall(rf"^\| {key}(?:, {key})? \|", README, flags=re.MULTILINE):
         listed.update(key for key in row if key)
     if "`[[cache.rules]]` `match`, `ttl`" in README:
         listed.add("cache.rules")
     actual = {f"{section.name}.{key.name}" for section in dataclasses.fields(Config)
-              if section.name in ("server", "s3", "cache", "admin")  # [[sites]] has its own table
+              if section.name in ("server", "s3", "cache", "admin", "compression")  # [[sites]]: its own table
               for key in dataclasses.fields(section.default_factory())}  # type: ignore[misc]
     assert listed == actual
 

@@ -24,8 +24,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import cachingproxy
 from cachingproxy.app import create_app, server_kwargs
+from cachingproxy.appkeys import SITES
 
-from .conftest import Bucket, config_for, service_of
+from .conftest import Bucket, config_for, service_of, until
 from .shim import Fault, Shim
 
 PREFIX = "site/"
@@ -107,6 +108,13 @@ async def test_redbot_finds_nothing_wrong(aiohttp_client: Any, tmp_path: Path, s
     clock.offset = -20
     await _warm(proxy, "/docs/guides/advanced/tuning.html")
     clock.offset = 0
+    # Compressed: the CSS is cached and its variants made, so REDbot's gzip subrequest gets the gzip variant.
+    await _warm(proxy, "/docs/_static/site.css")
+    css = proxy.app[SITES].first
+    entry = await css.store.lookup(PREFIX + "_static/site.css")
+    assert entry is not None
+    await until(lambda: "gzip" in (css.variants.present(PREFIX + "_static/site.css", entry.meta.etag) or ()),
+                "the CSS's variants")
 
     def url(client: TestClient[Any, Any], path: str) -> str:
         return f"http://127.0.0.1:{client.port}{path}"
@@ -146,6 +154,7 @@ async def test_redbot_finds_nothing_wrong(aiohttp_client: Any, tmp_path: Path, s
     # The checks that matter really ran: the conditional and range subrequests on a 200, and the ages.
     ids = {label: {note["id"] for note in r["notes"]} for label, r in results.items()}
     assert {"INM_304", "IMS_304", "RANGE_CORRECT", "DATE_CORRECT"} <= ids["css"], ids["css"]
+    assert "CONNEG_GZIP_GOOD" in ids["css"], ids["css"]  # gzip from its variant, Vary and ETag right
     assert "CURRENT_AGE" in ids["hit 20 s old"] and "DATE_CORRECT" in ids["hit 20 s old"]
     assert "CURRENT_AGE" in ids["stale during outage"] and "DATE_CORRECT" in ids["stale during outage"]
     assert shim.counts["HEAD"] > 0  # the outage was real: the stale page's revalidations reached the shim

@@ -1,0 +1,207 @@
+"""Responses in a negotiated content coding (encoding.py decides, variants.py makes and finds the bytes):
+a stored br/zstd/gzip variant in place of the identity body, or a gzip-stored object decompressed for a
+client that does not take gzip. respond.py calls in here only for compressible types."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
+from typing import BinaryIO
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .appkeys import CONFIG, COUNTERS, OBJECT_KEY, SITE
+from .conditional import Plan, evaluate
+from .encoding import Negotiated, choose, identity_inm, negotiate, variant_etag
+from .fill import FileSpan
+from .hitpath import send_file
+from .models import Entry, ObjectMeta
+
+__all__ = ["Coded", "coded_headers", "count", "gunzipped", "negotiation", "pick_variant", "plan_for", "send_coded",
+           "variant_in_memory"]
+
+_CHUNK = 256 * 1024
+_MEMO = 4096
+
+
+def negotiation(request: web.Request, meta: ObjectMeta) -> Negotiated | None:
+    """None for a type we never compress (no Vary, nothing else to do): the common answer, memoised."""
+    config = request.app[CONFIG].compression
+    if not config.enabled:
+        return None
+    headers = request.headers
+    return _memo_choose(meta, headers.get("Accept-Encoding"), "Range" in headers, config.types, config.min_size)
+
+
+@functools.lru_cache(maxsize=_MEMO)
+def _memo_choose(meta: ObjectMeta, accept: str | None, ranged: bool, types: tuple[str, ...],
+                 min_size: int) -> Negotiated | None:
+    headers = {"Accept-Encoding": accept} if accept is not None else {}
+    if ranged:
+        headers["Range"] = ""
+    return choose(headers, meta.headers, meta.size, types=types, min_size=min_size, enabled=True)
+
+
+_HEADERS: dict[tuple[int, str], tuple[CIMultiDictProxy[str], CIMultiDictProxy[str]]] = {}
+
+
+def coded_headers(headers: CIMultiDictProxy[str], coding: str) -> CIMultiDictProxy[str]:
+    """The object's headers for one coding ("identity" with Vary only, "gunzip" for decompressed bytes, or a
+    variant's): Vary (RFC 9110 §12.5.5), Content-Encoding, and the variant's own strong ETag. Remembered per
+    headers object, which hitpath.memo_headers already shares between hits (checked by identity, not id alone).
+    """
+    memo = _HEADERS.get((id(headers), coding))
+    if memo is not None and memo[0] is headers:
+        return memo[1]
+    out = CIMultiDict(headers)
+    vary = out.get("Vary", "")
+    if "accept-encoding" not in vary.lower():
+        out["Vary"] = f"{vary}, Accept-Encoding" if vary.strip() else "Accept-Encoding"
+    etag = out.get("ETag")
+    if coding == "gunzip":
+        out.popall("Content-Encoding", None)
+        out.popall("Accept-Ranges", None)  # a Range is ignored for these bytes: the whole body is sent
+        if etag:
+            out["ETag"] = variant_etag(etag, "identity")
+    elif coding != "identity":
+        out["Content-Encoding"] = coding
+        if etag:
+            out["ETag"] = variant_etag(etag, coding)
+    made = CIMultiDictProxy(out)
+    if len(_HEADERS) >= _MEMO:
+        _HEADERS.clear()
+    _HEADERS[(id(headers), coding)] = (headers, made)
+    return made
+
+
+def plan_for(request: web.Request, meta: ObjectMeta, size: int, *, conditional: bool, status: int,
+             ranged: bool) -> Plan:
+    """The conditional plan; a variant's or the object's ETag in If-None-Match both match (encoding.identity_inm).
+    `ranged` False: Range is not applied (variants and decompressed bytes are always sent whole)."""
+    if not conditional:
+        return Plan(status=status, start=0, end=size)
+    headers: Mapping[str, str] = identity_inm(request.headers, meta.etag)
+    if not ranged and "Range" in headers:
+        headers = {k: v for k, v in headers.items() if k.lower() not in ("range", "if-range")}
+    return evaluate(request.method, headers, etag=meta.etag, last_modified=meta.last_modified, size=size)
+
+
+class Coded:
+    """A chosen variant: its coding and bytes (held in memory, or an open file to sendfile)."""
+
+    __slots__ = ("body", "coding", "size")
+
+    def __init__(self, coding: str, body: bytes | BinaryIO) -> None:
+        self.coding = coding
+        self.body = body
+        self.size = len(body) if isinstance(body, bytes) else os.fstat(body.fileno()).st_size
+
+
+def _object_entry(request: web.Request, entry: Entry) -> tuple[str, Entry]:
+    """The S3 key and the entry under it: the hot path's entries keep their namespaced key (namespace.py)."""
+    key = request[OBJECT_KEY]
+    return key, entry if entry.key == key else replace(entry, key=key)
+
+
+def _codings(request: web.Request, entry: Entry, neg: Negotiated) -> tuple[str, frozenset[str]] | None:
+    site = request[SITE]
+    key, entry = _object_entry(request, entry)
+    present = site.variants.present(key, entry.meta.etag)
+    if present is None:
+        site.variants.ensure(entry)
+        return None
+    return key, present
+
+
+def variant_in_memory(request: web.Request, entry: Entry, neg: Negotiated) -> Coded | None:
+    """The hot path's variant: only bytes this worker holds; otherwise None (identity this time, variants
+    looked for or made in the background)."""
+    found = _codings(request, entry, neg)
+    if found is None:
+        return None
+    key, present = found
+    coding = negotiate(request.headers.get("Accept-Encoding"), tuple(sorted(present)))
+    if coding is None:
+        return None
+    data = request[SITE].store.variant_in_memory(key, entry.meta.etag, coding)
+    if data is None:
+        request[SITE].variants.lost(key, entry.meta.etag)  # on disk, or gone: the background task will say
+        return None
+    return Coded(coding, data)
+
+
+async def pick_variant(request: web.Request, entry: Entry, neg: Negotiated) -> Coded | None:
+    found = _codings(request, entry, neg)
+    if found is None:
+        return None
+    key, present = found
+    coding = negotiate(request.headers.get("Accept-Encoding"), tuple(sorted(present)))
+    if coding is None:
+        return None
+    body = await request[SITE].store.open_variant(key, entry.meta.etag, coding)
+    if body is None:
+        request[SITE].variants.lost(key, entry.meta.etag)
+        return None
+    return Coded(coding, body)
+
+
+def count(request: web.Request, coding: str, sent: int, identity: int) -> None:
+    counters = request.app[COUNTERS]
+    counters.add(f"bytes_{coding}", sent)
+    counters.add("bytes_saved", max(0, identity - sent))
+
+
+async def send_coded(request: web.Request, resp: web.StreamResponse, coded: Coded, stall: float) -> None:
+    if isinstance(coded.body, bytes):
+        async with asyncio.timeout(stall):
+            await resp.write(coded.body)
+    else:
+        await send_file(request, coded.body, 0, coded.size, stall)
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    return os.pread(fd, size, offset)
+
+
+async def _stored_chunks(body: bytes | BinaryIO | None, fill_pieces: AsyncIterator[bytes | FileSpan] | None
+                         ) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    if isinstance(body, bytes):
+        yield body
+    elif body is not None:
+        offset = 0
+        while chunk := await loop.run_in_executor(None, _pread, body.fileno(), _CHUNK, offset):
+            offset += len(chunk)
+            yield chunk
+    elif fill_pieces is not None:
+        async for piece in fill_pieces:
+            if isinstance(piece, FileSpan):
+                start, end = piece.offset, piece.offset + piece.count
+                while start < end:
+                    chunk = await loop.run_in_executor(None, _pread, piece.fd, min(_CHUNK, end - start), start)
+                    if not chunk:
+                        raise ConnectionResetError("cached body shrank while being sent")
+                    start += len(chunk)
+                    yield chunk
+            else:
+                yield piece
+
+
+async def gunzipped(body: bytes | BinaryIO | None,
+                    fill_pieces: AsyncIterator[bytes | FileSpan] | None) -> AsyncIterator[bytes]:
+    """A gzip-stored body decompressed as it is read, a bounded piece at a time (zlib, never our own code)."""
+    inflater = zlib.decompressobj(wbits=31)
+    async for chunk in _stored_chunks(body, fill_pieces):
+        data = inflater.decompress(chunk, _CHUNK)
+        while data:
+            yield data
+            data = inflater.decompress(inflater.unconsumed_tail, _CHUNK) if inflater.unconsumed_tail else b""
+    tail = inflater.flush()
+    if tail:
+        yield tail
+
