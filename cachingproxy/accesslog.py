@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 from time import perf_counter
 from time import time as wall_clock
 
@@ -14,6 +15,7 @@ from .accessline import combined_line, json_line, new_request_id, request_id_fro
 from .appkeys import BODY_SENT, CLIENT, S3_CALLS, SITE, STARTED
 from .counters import S3_CALLS as CURRENT_S3_CALLS
 from .counters import SITE as SITE_NAME
+from .logsetup import access_lines
 from .monitoring import OPS
 
 __all__ = ["StructuredAccessLogger", "request_id", "track_s3_calls"]
@@ -39,6 +41,11 @@ class StructuredAccessLogger(AbstractAccessLogger):
     and referer are logged without their query strings and no other header is logged, so none can leak a token.
     """
 
+    _lines: Callable[[str], None] | None = None  # where finished lines go (logsetup.access_lines)
+
+    def _via_logger(self, line: str) -> None:
+        self.logger.info("%s", line)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         started = request.get(STARTED)
         if started is not None:
@@ -59,7 +66,14 @@ class StructuredAccessLogger(AbstractAccessLogger):
                     ops.counters.add("bytes_served", delivered)
                 finally:
                     SITE_NAME.reset(token)
-        if self.log_format == "off" or not self.logger.isEnabledFor(logging.INFO):
+        if self.log_format == "off":
+            return
+        if self._lines is None:
+            # Resolved at the first line, not in __init__: workers route the logger through the batching
+            # handler (logsetup.logging_off_the_loop) after aiohttp has made this object.
+            direct = access_lines(self.logger)
+            self._lines = direct if direct is not None else self._via_logger
+        elif self._lines == self._via_logger and not self.logger.isEnabledFor(logging.INFO):
             return
         if delivered is None:  # not an object response: whatever body it had in full, none for HEAD
             delivered = (response.content_length or 0) if isinstance(response, web.Response) and \
@@ -69,13 +83,13 @@ class StructuredAccessLogger(AbstractAccessLogger):
         agent = request.headers.get("User-Agent", "")
         if self.log_format == "combined":
             version = f"HTTP/{request.version.major}.{request.version.minor}"
-            self.logger.info("%s", combined_line(
+            self._lines(combined_line(
                 when=wall_clock(), client=client, method=request.method, path=path, version=version,
                 status=response.status, size=delivered, referer=request.headers.get("Referer", ""),
                 user_agent=agent))
             return
         calls = request.get(S3_CALLS)
-        self.logger.info("%s", json_line(
+        self._lines(json_line(
             when=wall_clock(), site=site_name or "-", client=client, method=request.method, path=path,
             status=response.status, size=delivered, cache=outcome or "-", ms=time * 1000, s3=calls or {},
             user_agent=agent,

@@ -10,10 +10,18 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["ACCESS_LOGGER", "AtomicLines", "LogFormatter", "MaskSecrets", "OneLineBadRequests", "configure_logging",
-           "logging_off_the_loop"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "AtomicLines",
+    "LogFormatter",
+    "MaskSecrets",
+    "OneLineBadRequests",
+    "access_lines",
+    "configure_logging",
+    "logging_off_the_loop",
+]
 
 ACCESS_LOGGER = "aiohttp.access"  # the logger aiohttp hands the access logger class
 PIPE_BUF = 4096  # Linux: a write of at most this many bytes to a pipe is atomic (pipe(7))
@@ -104,11 +112,19 @@ class AtomicLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.write([record])
 
-    def write(self, records: Sequence[logging.LogRecord]) -> None:
+    def write(self, records: Sequence[logging.LogRecord | str]) -> None:
+        """Records, or finished lines (str) that this handler's MaskSecrets filters still mask."""
+        masks = [f for f in self.filters if isinstance(f, MaskSecrets)]
         chunk: list[bytes] = []
         size = 0
         for record in records:
-            line = (record.getMessage() + "\n").encode("utf-8", "replace")
+            if isinstance(record, str):
+                text = record
+                for mask in masks:
+                    text = mask.mask(text)
+            else:
+                text = record.getMessage()
+            line = (text + "\n").encode("utf-8", "replace")
             if chunk and size + len(line) > PIPE_BUF:
                 self._write(b"".join(chunk), record)
                 chunk, size = [], 0
@@ -117,12 +133,12 @@ class AtomicLines(logging.Handler):
         if chunk:
             self._write(b"".join(chunk), records[-1])
 
-    def _write(self, data: bytes, record: logging.LogRecord) -> None:
+    def _write(self, data: bytes, record: logging.LogRecord | str) -> None:
         try:
             while data:  # a blocking write of <= PIPE_BUF bytes to a pipe is all or nothing; a file takes it all
                 data = data[os.write(self._fd, data):]
         except OSError:
-            self.handleError(record)
+            self.handleError(_record(record) if isinstance(record, str) else record)
 
 
 class _Batched(logging.Handler):
@@ -140,7 +156,7 @@ class _Batched(logging.Handler):
     def __init__(self, handlers: list[logging.Handler]) -> None:
         super().__init__()
         self._handlers = handlers
-        self._pending: list[logging.LogRecord] = []
+        self._pending: list[logging.LogRecord | str] = []  # str: a finished access-log line (`line`)
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
@@ -149,6 +165,19 @@ class _Batched(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         # Every argument our log calls pass is an immutable str or number: formatting later is safe.
         self._pending.append(record)
+        if len(self._pending) >= self.FLUSH_RECORDS:
+            self._wake.set()
+
+    def line(self, text: str) -> None:
+        """A finished access-log line, without a LogRecord: the record, its level checks and its handler
+        locks cost more than building the line (`access_lines`). Becomes a record only for a handler that
+        is not AtomicLines (none in `cachingproxy serve`)."""
+        if self._stopping:  # closed (shutdown): straight to the real handlers, as the logger now does
+            record = _record(text)
+            for handler in self._handlers:
+                handler.handle(record)
+            return
+        self._pending.append(text)
         if len(self._pending) >= self.FLUSH_RECORDS:
             self._wake.set()
 
@@ -164,11 +193,13 @@ class _Batched(logging.Handler):
         if not batch:
             return
         for handler in self._handlers:
-            records = [r for r in batch if r.levelno >= handler.level]
             if isinstance(handler, AtomicLines):
                 with handler.lock or contextlib.nullcontext():
-                    handler.write([r for r in records if handler.filter(r)])
+                    handler.write([r for r in batch
+                                   if isinstance(r, str) or (r.levelno >= handler.level and handler.filter(r))])
                 continue
+            records = [_record(r) if isinstance(r, str) else r for r in batch]
+            records = [r for r in records if r.levelno >= handler.level]
             if type(handler) is not logging.StreamHandler:
                 for record in records:
                     handler.handle(record)
@@ -197,6 +228,20 @@ class _Batched(logging.Handler):
         self._wake.set()
         self._thread.join()
         super().close()
+
+
+def _record(text: str) -> logging.LogRecord:
+    return logging.LogRecord(ACCESS_LOGGER, logging.INFO, "", 0, text, None, None)
+
+
+def access_lines(logger: logging.Logger) -> Callable[[str], None] | None:
+    """Where finished access-log lines go without a LogRecord: the batching handler's `line`, when it is the
+    logger's only handler and nothing else (a level, a filter) would see the record; otherwise None (then
+    log through `logger`, as tests that capture records do)."""
+    if logger.filters or not logger.isEnabledFor(logging.INFO) or len(logger.handlers) != 1:
+        return None
+    handler = logger.handlers[0]
+    return handler.line if isinstance(handler, _Batched) and not handler.filters else None
 
 
 @contextlib.contextmanager
