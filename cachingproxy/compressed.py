@@ -35,7 +35,20 @@ def negotiation(request: web.Request, meta: ObjectMeta) -> Negotiated | None:
     if not config.enabled:
         return None
     headers = request.headers
-    return _memo_choose(meta, headers.get("Accept-Encoding"), "Range" in headers, config.types, config.min_size)
+    accept, ranged = headers.get("Accept-Encoding"), "Range" in headers
+    # By the meta object's identity first: hashing an ObjectMeta hashes all its headers, on every hit.
+    ident = (id(meta), accept, ranged)
+    kept = _CHOICES.get(ident)
+    if kept is not None and kept[0] is meta:
+        return kept[1]
+    choice = _memo_choose(meta, accept, ranged, config.types, config.min_size)
+    if len(_CHOICES) >= _MEMO:
+        _CHOICES.clear()
+    _CHOICES[ident] = (meta, choice)
+    return choice
+
+
+_CHOICES: dict[tuple[int, str | None, bool], tuple[ObjectMeta, Negotiated | None]] = {}
 
 
 @functools.lru_cache(maxsize=_MEMO)

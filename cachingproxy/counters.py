@@ -120,12 +120,17 @@ class Counters:
         self.sites = tuple(sites)
         self._tally = tally if tally is not None else Tally(cell_names(self.sites))
         self._cells = {site: {name: site_cell(site, name) for name in NAMES} for site in (*self.sites, NO_SITE)}
+        self._pairs: dict[tuple[str, str], tuple[int, ...]] = {}  # (site, counter) -> its tally cells
 
     def add(self, name: str, amount: int = 1) -> None:
-        self._tally.add(name, amount)
-        cells = self._cells.get(SITE.get() or NO_SITE)
-        if cells is not None:
-            self._tally.add(cells[name], amount)
+        site = SITE.get() or NO_SITE
+        pair = self._pairs.get((site, name))
+        if pair is None:
+            cells = self._cells.get(site)
+            pair = self._pairs[(site, name)] = (self._tally.cell(name),) + (
+                (self._tally.cell(cells[name]),) if cells is not None else ())
+        # The total and the site's cell under one lock, by cell number: a hit counts twice or three times.
+        self._tally.add_cells(pair, (amount,) * len(pair))
         operation = _S3_OPERATION.get(name)
         if operation is not None:
             calls = S3_CALLS.get()

@@ -171,6 +171,7 @@ class Metrics:
     def __init__(self, tally: Tally, sites: Sequence[str]) -> None:
         self._tally = tally
         self._sites = (*sites, NO_SITE)
+        self._cells: dict[tuple[str | None, str | None], tuple[tuple[int, ...], int, int | None]] = {}
         self.registry = CollectorRegistry()
         self.current: Snapshot | None = None
         self.registry.register(_SnapshotCollector(self))
@@ -186,13 +187,25 @@ class Metrics:
         return {site: {label: totals[_responses(site, label)] for label in OUTCOMES} for site in self._sites[:-1]}
 
     def observe(self, outcome: str | None, seconds: float, site: str | None) -> None:
+        cells = self._cells.get((outcome, site))
+        if cells is None:
+            cells = self._cells[(outcome, site)] = self._cells_for(outcome, site)
+        buckets, sum_us, responses = cells
+        # Prometheus buckets are "le": a value equal to a bound belongs to that bucket.
+        bucket = buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)]
+        if responses is None:
+            self._tally.add_cells((bucket, sum_us), (1, round(seconds * 1e6)))
+        else:
+            self._tally.add_cells((bucket, sum_us, responses), (1, round(seconds * 1e6), 1))
+
+    def _cells_for(self, outcome: str | None, site: str | None) -> tuple[tuple[int, ...], int, int | None]:
+        """The tally cells one (outcome, site) pair counts into, looked up once: names built per response
+        cost more than the adds."""
         label = outcome if outcome in OUTCOMES else "none"
         site = site if site in self._sites else NO_SITE
-        # Prometheus buckets are "le": a value equal to a bound belongs to that bucket.
-        self._tally.add(_bucket(site, label, bisect.bisect_left(LATENCY_BUCKETS, seconds)))
-        self._tally.add(_sum_us(site, label), round(seconds * 1e6))
-        if label != "none":
-            self._tally.add(_responses(site, label))
+        buckets = tuple(self._tally.cell(_bucket(site, label, i)) for i in range(len(LATENCY_BUCKETS) + 1))
+        responses = self._tally.cell(_responses(site, label)) if label != "none" else None
+        return buckets, self._tally.cell(_sum_us(site, label)), responses
 
     def latency(self) -> HistogramMetricFamily:
         totals = self._tally.totals()
