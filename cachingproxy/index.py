@@ -214,8 +214,12 @@ class EntryIndex:
         return self._guard(get, None)
 
     def stats(self) -> tuple[int, int]:
-        """(rows, bytes on disk)."""
-        return self._guard(lambda c: (len(c), c.volume()), (0, 0))
+        """(rows of entries and bodies, bytes on disk with variants). Compressed variants are rows too, but not
+        objects: they are counted by a scan of the keys (the admin API and /metrics only, on the executor)."""
+        def count(cache: diskcache.Cache) -> tuple[int, int]:
+            variants = sum(1 for k in cache.iterkeys() if isinstance(k, tuple) and k[0] == "variant")
+            return len(cache) - variants, cache.volume()
+        return self._guard(count, (0, 0))
 
     # -- writes ---------------------------------------------------------------------------------------
 

@@ -154,6 +154,8 @@ async def test_variants_go_with_their_object(make_proxy: MakeProxy, bucket: Buck
     await fetch(proxy, "/docs/v.css")
     await variants_ready(proxy, "v.css", etag)
     assert await store.stored_variants("v.css", etag) == {"br", "zstd", "gzip"}
+    stats = await (await proxy.get("/_admin/stats", headers=AUTH)).json()
+    assert stats["entries"] == 1  # variants are rows in the index, but not objects
 
     # A new version (a new ETag): the old version's variants leave the index with its body.
     new = text(7000, "new")
