@@ -120,6 +120,7 @@ class EntryIndex:
         # happened rather than hold the lock for a guessed time. Bumped from executor threads without a lock:
         # exact for one commit at a time, which is all a test relies on.
         self.commit_retries = 0
+        self._variants: tuple[int, int] | None = None  # (rows, compressed variants among them) at the last scan
 
     @property
     def available(self) -> bool:
@@ -215,10 +216,15 @@ class EntryIndex:
 
     def stats(self) -> tuple[int, int]:
         """(rows of entries and bodies, bytes on disk with variants). Compressed variants are rows too, but not
-        objects: they are counted by a scan of the keys (the admin API and /metrics only, on the executor)."""
+        objects: they are counted by a scan of the keys, redone only when the number of rows has changed since
+        the last one, since a dashboard asks every 2 s and a scan reads every key (seconds for 100k objects):
+        a cache that serves hits is not rescanned."""
         def count(cache: diskcache.Cache) -> tuple[int, int]:
-            variants = sum(1 for k in cache.iterkeys() if isinstance(k, tuple) and k[0] == "variant")
-            return len(cache) - variants, cache.volume()
+            rows = len(cache)
+            if self._variants is None or self._variants[0] != rows:
+                variants = sum(1 for k in cache.iterkeys() if isinstance(k, tuple) and k[0] == "variant")
+                self._variants = (rows, variants)
+            return max(0, rows - self._variants[1]), cache.volume()
         return self._guard(count, (0, 0))
 
     # -- writes ---------------------------------------------------------------------------------------
