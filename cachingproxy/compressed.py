@@ -131,16 +131,23 @@ def _codings(request: web.Request, entry: Entry, neg: Negotiated) -> tuple[str, 
     return key, present
 
 
-def variant_in_memory(request: web.Request, entry: Entry, neg: Negotiated) -> Coded | None:
-    """The hot path's variant: only bytes this worker holds; otherwise None (identity this time, variants
-    looked for or made in the background)."""
+def _chosen(request: web.Request, entry: Entry, neg: Negotiated) -> tuple[str, str] | None:
+    """(key, coding) of the stored variant this client prefers, or None for identity."""
     found = _codings(request, entry, neg)
     if found is None:
         return None
     key, present = found
     coding = negotiate(request.headers.get("Accept-Encoding"), tuple(sorted(present)))
-    if coding is None:
+    return None if coding is None else (key, coding)
+
+
+def variant_in_memory(request: web.Request, entry: Entry, neg: Negotiated) -> Coded | None:
+    """The hot path's variant: only bytes this worker holds; otherwise None (identity this time, variants
+    looked for or made in the background)."""
+    chosen = _chosen(request, entry, neg)
+    if chosen is None:
         return None
+    key, coding = chosen
     data = request[SITE].store.variant_in_memory(key, entry.meta.etag, coding)
     if data is None:
         request[SITE].variants.lost(key, entry.meta.etag)  # on disk, or gone: the background task will say
@@ -149,13 +156,10 @@ def variant_in_memory(request: web.Request, entry: Entry, neg: Negotiated) -> Co
 
 
 async def pick_variant(request: web.Request, entry: Entry, neg: Negotiated) -> Coded | None:
-    found = _codings(request, entry, neg)
-    if found is None:
+    chosen = _chosen(request, entry, neg)
+    if chosen is None:
         return None
-    key, present = found
-    coding = negotiate(request.headers.get("Accept-Encoding"), tuple(sorted(present)))
-    if coding is None:
-        return None
+    key, coding = chosen
     body = await request[SITE].store.open_variant(key, entry.meta.etag, coding)
     if body is None:
         request[SITE].variants.lost(key, entry.meta.etag)
