@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from time import perf_counter
 from time import time as wall_clock
 
-from aiohttp import web
+from aiohttp import HttpVersion, web
 from aiohttp.abc import AbstractAccessLogger
 
 from .accessline import combined_line, json_line, new_request_id, request_id_from
@@ -16,7 +16,7 @@ from .appkeys import BODY_SENT, CLIENT, S3_CALLS, SITE, STARTED
 from .counters import S3_CALLS as CURRENT_S3_CALLS
 from .counters import SITE as SITE_NAME
 from .logsetup import access_lines
-from .monitoring import OPS
+from .monitoring import OPS, Ops
 
 __all__ = ["StructuredAccessLogger", "request_id", "track_s3_calls"]
 
@@ -59,42 +59,61 @@ class StructuredAccessLogger(AbstractAccessLogger):
         site = request.get(SITE)
         site_name = site.name if site is not None else None
         if ops is not None:
-            ops.metrics.observe(outcome, time, site_name)
-            if delivered:
-                token = SITE_NAME.set(site_name)  # the logger runs outside the request's context
-                try:
-                    ops.counters.add("bytes_served", delivered)
-                finally:
-                    SITE_NAME.reset(token)
-        if self.log_format == "off":
+            self.measure(ops, site_name, outcome, time, delivered)
+        if not self.writes_lines():
             return
+        if delivered is None:  # not an object response: whatever body it had in full, none for HEAD
+            delivered = (response.content_length or 0) if isinstance(response, web.Response) and \
+                request.method != "HEAD" else 0
+        headers = request.headers
+        self.line(
+            site=site_name, client=request.get(CLIENT) or request.remote or "",  # forwarded.py may say who
+            method=request.method, path=request.raw_path, version=request.version, status=response.status,
+            size=delivered, cache=outcome, seconds=time, s3=request.get(S3_CALLS), user_agent=headers.get("User-Agent"),
+            referer=headers.get("Referer"),
+            # Set with the X-Request-Id header as the response was prepared; aiohttp's own 400s never were.
+            request_id=response.headers.get("X-Request-Id"))
+
+    @staticmethod
+    def measure(ops: Ops, site: str | None, outcome: str | None, seconds: float, delivered: int | None) -> None:
+        """A response's latency by X-Cache, and the object bytes it delivered, for /stats and /metrics."""
+        ops.metrics.observe(outcome, seconds, site)
+        if delivered:
+            token = SITE_NAME.set(site)  # the logger runs outside the request's context
+            try:
+                ops.counters.add("bytes_served", delivered)
+            finally:
+                SITE_NAME.reset(token)
+
+    def writes_lines(self) -> bool:
+        if self.log_format == "off":
+            return False
         if self._lines is None:
             # Resolved at the first line, not in __init__: workers route the logger through the batching
             # handler (logsetup.logging_off_the_loop) after aiohttp has made this object.
             direct = access_lines(self.logger)
             self._lines = direct if direct is not None else self._via_logger
         elif self._lines == self._via_logger and not self.logger.isEnabledFor(logging.INFO):
-            return
-        if delivered is None:  # not an object response: whatever body it had in full, none for HEAD
-            delivered = (response.content_length or 0) if isinstance(response, web.Response) and \
-                request.method != "HEAD" else 0
-        path = request.raw_path.partition("?")[0].partition("#")[0]
-        client = request.get(CLIENT) or request.remote or ""  # a trusted proxy's X-Forwarded-For (forwarded.py)
-        agent = request.headers.get("User-Agent", "")
+            return False
+        return True
+
+    def line(self, *, site: str | None, client: str, method: str, path: str, version: HttpVersion, status: int,
+             size: int, cache: str | None, seconds: float, s3: Mapping[str, int] | None, user_agent: str | None,
+             referer: str | None, request_id: str | None) -> None:
+        """One line in the configured format (call `writes_lines` first). The path and referer lose their
+        query strings."""
+        assert self._lines is not None
+        path = path.partition("?")[0].partition("#")[0]
         if self.log_format == "combined":
-            version = f"HTTP/{request.version.major}.{request.version.minor}"
             self._lines(combined_line(
-                when=wall_clock(), client=client, method=request.method, path=path, version=version,
-                status=response.status, size=delivered, referer=request.headers.get("Referer", ""),
-                user_agent=agent))
+                when=wall_clock(), client=client, method=method, path=path,
+                version=f"HTTP/{version.major}.{version.minor}", status=status, size=size, referer=referer or "",
+                user_agent=user_agent or ""))
             return
-        calls = request.get(S3_CALLS)
         self._lines(json_line(
-            when=wall_clock(), site=site_name or "-", client=client, method=request.method, path=path,
-            status=response.status, size=delivered, cache=outcome or "-", ms=time * 1000, s3=calls or {},
-            user_agent=agent,
-            # Set with the X-Request-Id header as the response was prepared; aiohttp's own 400s never were.
-            request_id=response.headers.get("X-Request-Id") or new_request_id()))
+            when=wall_clock(), site=site or "-", client=client, method=method, path=path, status=status, size=size,
+            cache=cache or "-", ms=seconds * 1000, s3=s3 or {}, user_agent=user_agent or "",
+            request_id=request_id or new_request_id()))
 
 
 async def request_id(request: web.Request, response: web.StreamResponse) -> None:

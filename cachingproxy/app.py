@@ -36,6 +36,7 @@ from .config import Config, S3Config
 from .counters import SITE as SITE_NAME
 from .counters import Counters, cell_names
 from .events import HEALTH_CELL, EventConsumer, EventHealth
+from .fasthit import enable_fast_hits, install
 from .forwarded import forwarded_middleware
 from .freshness import (
     UNVALIDATED_CACHE_CONTROL,
@@ -43,7 +44,7 @@ from .freshness import (
     not_found_headers,
     redirect_cache_control,
 )
-from .headers import CACHE_STATUS
+from .headers import CACHE_STATUS, SERVER
 from .hitpath import memo_request_key
 from .keys import Key, Redirect, Reject, index_key, redirect_location
 from .metrics import slots as metric_slots
@@ -79,7 +80,6 @@ log = logging.getLogger(__name__)
 
 LEADER = web.AppKey("leader", bool)
 CHECK_BUCKET = web.AppKey("check_bucket", bool)
-SERVER = "cachingproxy"
 _BUCKET_MISSING_LOG = EveryMinute()
 # Every response's Server header, aiohttp's own 400s for malformed requests included (no app hook sees those):
 # aiohttp names itself and Python with their versions, which tells a scanner what to try. web_response reads
@@ -382,6 +382,7 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     `check_bucket`: check the bucket once at start and log what is wrong (`cachingproxy serve`'s leader).
     """
     quiet_parse_errors()  # aiohttp's own 400s never echo request bytes (requestforms.py)
+    install()  # connections of apps with fast hits answer them below the web layer (fasthit.py)
     # The forwarded-header middleware only behind a trusted load balancer: others pay nothing for it.
     front = [forwarded_middleware(parse_networks(config.server.trusted_proxies))] if config.server.trusted_proxies \
         else []
@@ -397,6 +398,7 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
         # The lease outlives one long poll and its timeout (queue.py), so a healthy consumer never lapses.
         app[EVENTS_HEALTH] = EventHealth(app[TALLY], lease=config.events.wait_seconds + 45.0)
     app.cleanup_ctx.extend([_store_ctx, _sites_ctx, _events_ctx, _ops_ctx])  # unwound in reverse
+    app.on_startup.append(enable_fast_hits)  # after the cleanup contexts: it needs what they opened
     app.on_response_prepare.append(_on_prepare)
     app.on_response_prepare.append(request_id)
     # Registered first, so they win over a site mounted at "/".

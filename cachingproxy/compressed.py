@@ -17,24 +17,29 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .appkeys import CONFIG, COUNTERS, OBJECT_KEY, SITE
 from .conditional import Plan, evaluate
+from .config import CompressionConfig
+from .counters import Counters
 from .encoding import Negotiated, choose, identity_inm, negotiate, variant_etag
 from .fill import FileSpan
 from .hitpath import send_file
 from .models import Entry, ObjectMeta
+from .sites import Site
 
-__all__ = ["Coded", "coded_headers", "count", "gunzipped", "negotiation", "pick_variant", "plan_for", "send_coded",
-           "variant_in_memory"]
+__all__ = ["Coded", "coded_headers", "conditional_plan", "count", "count_coded", "gunzipped", "memory_variant",
+           "negotiate_for", "negotiation", "pick_variant", "plan_for", "send_coded", "variant_in_memory"]
 
 _CHUNK = 256 * 1024
 _MEMO = 4096
 
 
 def negotiation(request: web.Request, meta: ObjectMeta) -> Negotiated | None:
+    return negotiate_for(request.app[CONFIG].compression, request.headers, meta)
+
+
+def negotiate_for(config: CompressionConfig, headers: Mapping[str, str], meta: ObjectMeta) -> Negotiated | None:
     """None for a type we never compress (no Vary, nothing else to do): the common answer, memoised."""
-    config = request.app[CONFIG].compression
     if not config.enabled:
         return None
-    headers = request.headers
     accept, ranged = headers.get("Accept-Encoding"), "Range" in headers
     # By the meta object's identity first: hashing an ObjectMeta hashes all its headers, on every hit.
     ident = (id(meta), accept, ranged)
@@ -98,10 +103,15 @@ def plan_for(request: web.Request, meta: ObjectMeta, size: int, *, conditional: 
     `ranged` False: Range is not applied (variants and decompressed bytes are always sent whole)."""
     if not conditional:
         return Plan(status=status, start=0, end=size)
-    headers: Mapping[str, str] = identity_inm(request.headers, meta.etag)
+    return conditional_plan(request.method, request.headers, meta, size, ranged=ranged)
+
+
+def conditional_plan(method: str, request_headers: Mapping[str, str], meta: ObjectMeta, size: int, *,
+                     ranged: bool) -> Plan:
+    headers = identity_inm(request_headers, meta.etag)
     if not ranged and "Range" in headers:
         headers = {k: v for k, v in headers.items() if k.lower() not in ("range", "if-range")}
-    return evaluate(request.method, headers, etag=meta.etag, last_modified=meta.last_modified, size=size)
+    return evaluate(method, headers, etag=meta.etag, last_modified=meta.last_modified, size=size)
 
 
 class Coded:
@@ -115,15 +125,9 @@ class Coded:
         self.size = len(body) if isinstance(body, bytes) else os.fstat(body.fileno()).st_size
 
 
-def _object_entry(request: web.Request, entry: Entry) -> tuple[str, Entry]:
-    """The S3 key and the entry under it: the hot path's entries keep their namespaced key (namespace.py)."""
-    key = request[OBJECT_KEY]
-    return key, entry if entry.key == key else replace(entry, key=key)
-
-
-def _codings(request: web.Request, entry: Entry, neg: Negotiated) -> tuple[str, frozenset[str]] | None:
-    site = request[SITE]
-    key, entry = _object_entry(request, entry)
+def _codings(site: Site, key: str, entry: Entry) -> tuple[str, frozenset[str]] | None:
+    # The hot path's entries keep their namespaced key (namespace.py): the variants are asked by the S3 key.
+    entry = entry if entry.key == key else replace(entry, key=key)
     present = site.variants.present(key, entry.meta.etag)
     if present is None:
         site.variants.ensure(entry)
@@ -131,32 +135,36 @@ def _codings(request: web.Request, entry: Entry, neg: Negotiated) -> tuple[str, 
     return key, present
 
 
-def _chosen(request: web.Request, entry: Entry, neg: Negotiated) -> tuple[str, str] | None:
+def _chosen(site: Site, key: str, accept: str | None, entry: Entry) -> tuple[str, str] | None:
     """(key, coding) of the stored variant this client prefers, or None for identity."""
-    found = _codings(request, entry, neg)
+    found = _codings(site, key, entry)
     if found is None:
         return None
     key, present = found
-    coding = negotiate(request.headers.get("Accept-Encoding"), tuple(sorted(present)))
+    coding = negotiate(accept, tuple(sorted(present)))
     return None if coding is None else (key, coding)
 
 
-def variant_in_memory(request: web.Request, entry: Entry, neg: Negotiated) -> Coded | None:
+def variant_in_memory(request: web.Request, entry: Entry) -> Coded | None:
+    return memory_variant(request[SITE], request[OBJECT_KEY], request.headers.get("Accept-Encoding"), entry)
+
+
+def memory_variant(site: Site, key: str, accept: str | None, entry: Entry) -> Coded | None:
     """The hot path's variant: only bytes this worker holds; otherwise None (identity this time, variants
     looked for or made in the background)."""
-    chosen = _chosen(request, entry, neg)
+    chosen = _chosen(site, key, accept, entry)
     if chosen is None:
         return None
     key, coding = chosen
-    data = request[SITE].store.variant_in_memory(key, entry.meta.etag, coding)
+    data = site.store.variant_in_memory(key, entry.meta.etag, coding)
     if data is None:
-        request[SITE].variants.lost(key, entry.meta.etag)  # on disk, or gone: the background task will say
+        site.variants.lost(key, entry.meta.etag)  # on disk, or gone: the background task will say
         return None
     return Coded(coding, data)
 
 
-async def pick_variant(request: web.Request, entry: Entry, neg: Negotiated) -> Coded | None:
-    chosen = _chosen(request, entry, neg)
+async def pick_variant(request: web.Request, entry: Entry) -> Coded | None:
+    chosen = _chosen(request[SITE], request[OBJECT_KEY], request.headers.get("Accept-Encoding"), entry)
     if chosen is None:
         return None
     key, coding = chosen
@@ -168,7 +176,10 @@ async def pick_variant(request: web.Request, entry: Entry, neg: Negotiated) -> C
 
 
 def count(request: web.Request, coding: str, sent: int, identity: int) -> None:
-    counters = request.app[COUNTERS]
+    count_coded(request.app[COUNTERS], coding, sent, identity)
+
+
+def count_coded(counters: Counters, coding: str, sent: int, identity: int) -> None:
     counters.add(f"bytes_{coding}", sent)
     counters.add("bytes_saved", max(0, identity - sent))
 

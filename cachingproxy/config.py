@@ -59,6 +59,7 @@ class ServerConfig:
     tls_certificate: str = ""  # PEM certificate (and chain): the port speaks HTTPS only (tls.py); "" = plain HTTP
     tls_key: str = ""  # its PEM private key
     redirect_http_port: int = 0  # a plain listener answering 308 to https://; 0 = none
+    fast_hits: bool = True  # fresh in-memory hits answered below aiohttp's web layer (fasthit.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,12 +10,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .freshness import ClientFreshness, stored_date, toward_client
 from .models import ObjectMeta, Outcome
 
-__all__ = ["CACHE_STATUS", "NOT_MODIFIED_HEADERS", "object_headers"]
+__all__ = ["CACHE_STATUS", "NOT_MODIFIED_HEADERS", "SERVER", "object_headers"]
 
 # RFC 9110 §15.4.5: a 304 carries the validators and caching headers a 200 would.
 NOT_MODIFIED_HEADERS = frozenset({"ETag", "Last-Modified", "Cache-Control", "Expires", "Content-Location",
                                   "X-Cache", "Age", "Cache-Status", "Date", "Vary"})
 CACHE_STATUS = "cachingproxy"
+SERVER = "cachingproxy"  # every response's Server header (app.py makes aiohttp send it too)
 
 
 def object_headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | None, checked: int | None,

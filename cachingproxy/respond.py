@@ -72,7 +72,7 @@ def from_memory(request: web.Request, resolved: FromCache, ttl: float, client: C
         if neg is not None:
             if neg.gunzip:
                 return None  # decompressed by respond(), streaming
-            coded = variant_in_memory(request, resolved.entry, neg) if neg.coding else None
+            coded = variant_in_memory(request, resolved.entry) if neg.coding else None
             if coded is not None:
                 return _coded_from_memory(request, meta, coded, coded_headers(headers, coded.coding),
                                           conditional=conditional, status=status)
@@ -125,7 +125,7 @@ async def respond(request: web.Request, resolved: Resolved, ttl: float, client: 
                 return await _gunzip(request, resolved, meta, coded_headers(headers, "gunzip"),
                                      conditional=conditional, status=status)
             if neg is not None and neg.coding and isinstance(resolved, FromCache):
-                coded = await pick_variant(request, resolved.entry, neg)
+                coded = await pick_variant(request, resolved.entry)
                 if coded is not None:
                     return await _send_coded(request, meta, coded, coded_headers(headers, coded.coding),
                                              conditional=conditional, status=status)

@@ -107,6 +107,13 @@ class CachingProxy:
         The same answer `resolve` would give (a fill in flight for the key is joined there instead); None
         sends the request down `resolve`.
         """
+        hit = self.peek_in_memory(key, ttl=ttl)
+        if hit is not None:
+            self.counters.add("hits")
+        return hit
+
+    def peek_in_memory(self, key: str, *, ttl: float) -> FromCache | None:
+        """`hit_in_memory` without counting the hit: for a caller that may still hand the request on."""
         if key in self._fills:
             return None
         entry = self._store.entry_in_memory(key)
@@ -115,7 +122,6 @@ class CachingProxy:
         body = self._store.body_in_memory(entry)
         if body is None:
             return None
-        self.counters.add("hits")
         return FromCache(entry, Outcome.HIT, body)
 
     async def resolve(self, key: str, *, windows: Windows, want_body: bool) -> Resolved:

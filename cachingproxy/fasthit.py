@@ -1,0 +1,304 @@
+"""Fresh hits answered below aiohttp's web layer (issue 16): the one place the proxy reaches into aiohttp's
+connection handling, so it is small, and everything it cannot answer exactly as the ordinary path would goes
+to that path untouched.
+
+Why: for a hot hit, aiohttp's per-request machinery (a Request, a task, middleware, the handler, a Response,
+headers serialised each time, the response hook, the access logger's lookups) cost more CPU than the hit itself
+(benchmarks/results/fast-hits.md). What a fresh GET of a small body this worker holds in memory needs is
+its header block, made once per object version and second (only X-Request-Id differs per response), and the
+body: one write.
+
+How: aiohttp still parses every byte (its own parser, C or Python, with all its limits). `FastRequestHandler`
+wraps that parser on each connection of an app that has `FAST_HITS`. While aiohttp has no request of that
+connection in progress or queued, each parsed request `FastHits.answer` can answer is written at once; the
+first it cannot, and every request after it in the same read, are handed to aiohttp in order, so responses
+never overtake each other. `answer` takes only plain GETs (HTTP/1.1, keep-alive, no body, no Range, If-Match,
+If-Unmodified-Since or Upgrade, origin-form path outside the monitoring and admin routes, a site without
+[sites.access]) of a fresh entry whose body (or chosen variant) is in this worker's memory, and answers 200 or
+304 with the same status, headers and body the ordinary path sends (tests/test_fasthit.py compares both),
+counts it, and logs it the same way.
+
+Cost: it depends on aiohttp's RequestHandler internals (`_parser`, `_waiter`, `_messages`, the keep-alive
+fields; aiohttp is pinned below 3.15), and answers are written without waiting for the client to read, so a
+connection whose write buffer is not empty goes to aiohttp, which waits. `[server] fast_hits = false` turns
+it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+from typing import Any
+
+from aiohttp import HttpVersion11, web, web_server
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_writer import _serialize_headers  # aiohttp's own header encoder and injection check
+from aiohttp.streams import EmptyStreamReader
+from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .access_rules import parse_networks
+from .accessline import request_id_from
+from .accesslog import StructuredAccessLogger
+from .appkeys import CLOCK, CONFIG, EVENTS_HEALTH, SITES
+from .compressed import coded_headers, conditional_plan, count_coded, memory_variant, negotiate_for
+from .conditional import evaluate
+from .counters import SITE as SITE_NAME
+from .forwarded import forwarded
+from .freshness import client_freshness
+from .headers import NOT_MODIFIED_HEADERS, SERVER
+from .hitpath import memo_request_key
+from .keys import Key
+from .monitoring import OPS
+from .policy import windows_for
+from .respond import response_headers
+from .sites import Site
+
+__all__ = ["FAST_HITS", "FastHits", "FastRequestHandler", "enable_fast_hits", "install"]
+
+# Headers whose answer may be a range, a 412 or a protocol switch: the ordinary path decides those.
+_HANDED_ON = ("Range", "If-Range", "If-Match", "If-Unmodified-Since", "Upgrade")
+_REASONS = {200: "OK", 304: "Not Modified"}
+_BACKLOG = 64 * 1024  # bytes a connection may have unsent before its hits wait for the client (aiohttp's way)
+_BLOCKS = 4096  # header blocks remembered; cleared whole when full, like compressed.py's memos
+
+
+class FastHits:
+    """One app's fast answers. Built once the app has started (its sites, store and monitoring exist)."""
+
+    def __init__(self, app: web.Application) -> None:
+        config = app[CONFIG]
+        self._sites = app[SITES]
+        self._clock = app[CLOCK]
+        self._ops = app[OPS]
+        self._events = app.get(EVENTS_HEALTH)
+        self._fallback_ttl = config.events.fallback_ttl
+        self._compression = config.compression
+        trusted = config.server.trusted_proxies
+        self._trusted = parse_networks(trusted) if trusted else None
+        self._reserved = _reserved_paths(app)
+        self._blocks: dict[tuple[int, int, str], tuple[CIMultiDictProxy[str], bytes]] = {}
+        self.answered = 0  # this worker's, since start (tests)
+
+    def answer(self, message: RawRequestMessage, payload: object, handler: FastRequestHandler) -> bool:
+        """Answer `message` on `handler`'s connection and return True, or return False having sent nothing
+        and counted nothing (the ordinary path then answers it)."""
+        started = perf_counter()
+        if (message.method != "GET" or message.version != HttpVersion11 or message.should_close
+                or message.upgrade or type(payload) is not EmptyStreamReader):
+            return False
+        raw = message.path
+        if raw[:1] != "/" or raw.startswith(self._reserved):
+            return False
+        headers = message.headers
+        for name in _HANDED_ON:
+            if name in headers:
+                return False
+        host = headers.get("Host")
+        client = handler.client
+        if self._trusted is not None:
+            found = forwarded(client, headers, self._trusted)
+            if found is not None:
+                client = found.client
+                host = found.host or host
+        if host is None:
+            return False
+        site = self._sites.route(host, raw)
+        if site is None or site.access is not None:
+            return False
+        config = site.config
+        key = memo_request_key(raw, config.mount, config.s3.prefix, config.cache.index_document)
+        if not isinstance(key, Key):
+            return False
+        relative = key.s3_key[len(config.s3.prefix):]
+        cap = None if self._events is None or self._events.ok else self._fallback_ttl
+        ttl = windows_for(relative, config.cache, cap).ttl
+        hit = site.service.peek_in_memory(key.s3_key, ttl=ttl)
+        if hit is None:
+            return False
+        entry = hit.entry
+        meta = entry.meta
+        neg = negotiate_for(self._compression, headers, meta)
+        if meta.redirect or (neg is not None and neg.gunzip):
+            return False
+        client_rules = client_freshness(relative, config.cache.rules, config.cache.client_cache_control)
+        head = response_headers(hit, ttl, client_rules, self._clock())
+        body = hit.body
+        assert isinstance(body, bytes)
+        coding = None
+        if neg is None:
+            plan = evaluate("GET", headers, etag=meta.etag, last_modified=meta.last_modified, size=meta.size)
+        else:
+            coded = memory_variant(site, key.s3_key, headers.get("Accept-Encoding"), entry) if neg.coding else None
+            if coded is None:
+                head = coded_headers(head, "identity")
+                plan = conditional_plan("GET", headers, meta, meta.size, ranged=True)
+            else:
+                assert isinstance(coded.body, bytes)
+                coding, body = coded.coding, coded.body
+                head = coded_headers(head, coding)
+                plan = conditional_plan("GET", headers, meta, coded.size, ranged=False)
+        status = plan.status
+        block = self._block(head, status, site, len(body)) if status in _REASONS and not plan.content_range else None
+        if block is None:
+            return False
+        request_id = request_id_from(headers.get("X-Request-Id"))
+        transport = handler.transport
+        assert transport is not None
+        if status == 200:
+            transport.writelines((block, request_id.encode(), b"\r\n\r\n", body))
+        else:
+            transport.write(block + request_id.encode() + b"\r\n\r\n")
+        sent = len(body) if status == 200 else 0
+        self.answered += 1
+        token = SITE_NAME.set(site.name)
+        try:
+            site.service.counters.add("hits")
+            if coding is not None and sent:
+                count_coded(site.service.counters, coding, sent, meta.size)
+        finally:
+            SITE_NAME.reset(token)
+        logger = handler.access_logger
+        if isinstance(logger, StructuredAccessLogger):
+            seconds = perf_counter() - started
+            logger.measure(self._ops, site.name, "HIT", seconds, sent)
+            if logger.writes_lines():
+                logger.line(site=site.name, client=client, method="GET", path=raw, version=message.version,
+                            status=status, size=sent, cache="HIT", seconds=seconds, s3=None,
+                            user_agent=headers.get("User-Agent"), referer=headers.get("Referer"),
+                            request_id=request_id)
+        return True
+
+    def _block(self, head: CIMultiDictProxy[str], status: int, site: Site, length: int) -> bytes | None:
+        """The response head up to the request id, as the ordinary path writes it: made once per headers
+        object (itself remembered per object version and second, hitpath.memo_headers) and status."""
+        ident = (id(head), status, site.name)
+        kept = self._blocks.get(ident)
+        if kept is not None and kept[0] is head:
+            return kept[1]
+        if status == 200:
+            out = CIMultiDict(head)
+            out.setdefault("Content-Type", "application/octet-stream")  # as web.Response does for bytes
+            out["Content-Length"] = str(length)
+        else:
+            out = CIMultiDict((k, v) for k, v in head.items() if k in NOT_MODIFIED_HEADERS)
+        out.setdefault("Server", SERVER)
+        out.update(site.config.headers)  # [sites.headers], as app._on_prepare applies them
+        out.popall("X-Request-Id", None)
+        try:
+            encoded = _serialize_headers(f"HTTP/1.1 {status} {_REASONS[status]}", out)
+        except ValueError:  # a control character in a stored header: the ordinary path says what happens
+            return None
+        block = encoded[:-2] + b"X-Request-Id: "  # the request id ends the head
+        if len(self._blocks) >= _BLOCKS:
+            self._blocks.clear()
+        self._blocks[ident] = (head, block)
+        return block
+
+
+def _reserved_paths(app: web.Application) -> tuple[str, ...]:
+    """Path prefixes the app routes elsewhere than to the sites (monitoring, the admin API): never answered
+    here, even by a site mounted at "/"."""
+    out = []
+    for resource in app.router.resources():
+        canonical = resource.canonical
+        if canonical != "/{tail}":  # the sites' catch-all
+            out.append(canonical.partition("{")[0])
+    return tuple(out)
+
+
+FAST_HITS = web.AppKey("fast_hits", FastHits)
+
+
+class FastRequestHandler(RequestHandler):
+    """aiohttp's connection handler, with its parser wrapped for `FastHits` when the app has them."""
+
+    __slots__ = ("_fast", "client")
+
+    def __init__(self, manager: web_server.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.client = ""
+        owner = getattr(manager.request_handler, "__self__", None)
+        self._fast = owner.get(FAST_HITS) if isinstance(owner, web.Application) else None
+        if self._fast is not None:
+            self._parser = _Filter(self._parser, self, self._fast)  # type: ignore[assignment]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if isinstance(peer, list | tuple) else str(peer or "")  # as request.remote
+
+    def idle(self) -> bool:
+        """True while aiohttp waits for this connection's next request: nothing in progress, nothing queued,
+        and nothing unsent."""
+        waiter = self._waiter
+        transport = self.transport
+        return (waiter is not None and not waiter.done() and not self._messages and not self._force_close
+                and not self._close and transport is not None
+                and transport.get_write_buffer_size() < _BACKLOG)
+
+    def answered(self, count: int) -> None:
+        """What aiohttp does after a response it wrote: count it and restart the keep-alive timer."""
+        if self._manager is not None:
+            self._manager.requests_count += count
+        if self._keepalive_timeout > 0:
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time,
+                                                            self._process_keepalive)
+
+
+class _Filter:
+    """aiohttp's request parser as `FastRequestHandler` sees it: parsed requests the fast path answered are
+    taken out of what aiohttp gets (and given back to the parser's queue count)."""
+
+    __slots__ = ("_fast", "_handler", "_parser")
+
+    def __init__(self, parser: Any, handler: FastRequestHandler, fast: FastHits) -> None:
+        self._parser = parser
+        self._handler = handler
+        self._fast = fast
+
+    def feed_data(self, data: bytes) -> Any:
+        parser, handler = self._parser, self._handler
+        messages, upgraded, tail = parser.feed_data(data)
+        if not messages or not handler.idle():
+            return messages, upgraded, tail
+        handed: list[Any] = []  # for aiohttp: everything from the first request not answered here on
+        while messages:
+            if handed:
+                handed.extend(messages)
+            else:
+                answered = 0
+                for message, payload in messages:
+                    if not handler.idle() or not self._fast.answer(message, payload, handler):
+                        break
+                    answered += 1
+                    parser.message_consumed()
+                if answered:
+                    handler.answered(answered)
+                handed = list(messages[answered:])
+            # The parser stops after a queue's worth of unconsumed requests and keeps the rest of the read
+            # until asked again, which aiohttp does only when its queue was full (it then pauses reading and
+            # asks as the queue drains). Requests answered here never reach that queue, so ask now, until
+            # aiohttp has a full queue and its own flow control takes over.
+            if upgraded or len(handed) >= MAX_MSG_QUEUE_SIZE:
+                break
+            messages, upgraded, tail = parser.feed_data(b"")
+        return handed, upgraded, tail
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
+async def enable_fast_hits(app: web.Application) -> None:
+    """on_startup, after the cleanup contexts opened the sites, the store and monitoring."""
+    if app[CONFIG].server.fast_hits:
+        app[FAST_HITS] = FastHits(app)
+
+
+def install() -> None:
+    """Make aiohttp's servers build `FastRequestHandler`s (process-wide, once; inert for apps without
+    FAST_HITS, such as the admin and redirect listeners). aiohttp's Server looks the class up in its module
+    at each connection, and offers no parameter for it."""
+    setattr(web_server, "RequestHandler", FastRequestHandler)  # noqa: B010 (not exported: mypy)
