@@ -27,6 +27,7 @@ it off.
 from __future__ import annotations
 
 import asyncio
+import logging
 from time import perf_counter
 from typing import Any
 
@@ -56,8 +57,10 @@ from .sites import Site
 
 __all__ = ["FAST_HITS", "FastHits", "FastRequestHandler", "enable_fast_hits", "install"]
 
-# Headers whose answer may be a range, a 412 or a protocol switch: the ordinary path decides those.
-_HANDED_ON = ("Range", "If-Range", "If-Match", "If-Unmodified-Since", "Upgrade")
+log = logging.getLogger(__name__)
+
+# Headers whose answer may be a range, a 412, a protocol switch or a 100 Continue: the ordinary path decides.
+_HANDED_ON = ("Range", "If-Range", "If-Match", "If-Unmodified-Since", "Upgrade", "Expect")
 _REASONS = {200: "OK", 304: "Not Modified"}
 _BACKLOG = 64 * 1024  # bytes a connection may have unsent before its hits wait for the client (aiohttp's way)
 _BLOCKS = 4096  # header blocks remembered; cleared whole when full, like compressed.py's memos
@@ -143,14 +146,10 @@ class FastHits:
         if block is None:
             return False
         request_id = request_id_from(headers.get("X-Request-Id"))
-        transport = handler.transport
-        assert transport is not None
-        if status == 200:
-            transport.writelines((block, request_id.encode(), b"\r\n\r\n", body))
-        else:
-            transport.write(block + request_id.encode() + b"\r\n\r\n")
         sent = len(body) if status == 200 else 0
-        self.answered += 1
+        # Counted and logged before the write, so that nothing after it can fail: an exception before the
+        # write hands the request on (_Filter) without a second response. The latency is the answer's own;
+        # the write that follows is one non-blocking send of at most a hot body (hot.HOT_BODY_MAX).
         token = SITE_NAME.set(site.name)
         try:
             site.service.counters.add("hits")
@@ -167,6 +166,13 @@ class FastHits:
                             status=status, size=sent, cache="HIT", seconds=seconds, s3=None,
                             user_agent=headers.get("User-Agent"), referer=headers.get("Referer"),
                             request_id=request_id)
+        self.answered += 1
+        transport = handler.transport
+        assert transport is not None
+        if status == 200:
+            transport.writelines((block, request_id.encode(), b"\r\n\r\n", body))
+        else:
+            transport.write(block + request_id.encode() + b"\r\n\r\n")
         return True
 
     def _block(self, head: CIMultiDictProxy[str], status: int, site: Site, length: int) -> bytes | None:
@@ -271,7 +277,7 @@ class _Filter:
             else:
                 answered = 0
                 for message, payload in messages:
-                    if not handler.idle() or not self._fast.answer(message, payload, handler):
+                    if not handler.idle() or not self._answer(message, payload):
                         break
                     answered += 1
                     parser.message_consumed()
@@ -286,6 +292,15 @@ class _Filter:
                 break
             messages, upgraded, tail = parser.feed_data(b"")
         return handed, upgraded, tail
+
+    def _answer(self, message: RawRequestMessage, payload: object) -> bool:
+        try:
+            return self._fast.answer(message, payload, self._handler)
+        except Exception:
+            # A defect here must cost this request its shortcut, not its connection (an exception out of
+            # data_received makes the loop drop it): the ordinary path answers instead.
+            log.exception("fast hit failed; the request goes the ordinary way")
+            return False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._parser, name)
