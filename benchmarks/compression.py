@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cachingproxy.config import COMPRESSIBLE_TYPES
@@ -22,14 +23,23 @@ SITE = Path(__file__).resolve().parents[1] / "cachingproxy" / "sample_site"
 TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript", ".json": "application/json",
          ".svg": "image/svg+xml", ".png": "image/png", ".zip": "application/zip"}
 FIRST_VIEW = ("index.html", "_static/site.css", "_static/site.js", "_static/logo.svg", "_static/diagram.png")
+COLUMNS = ("identity", "gzip -6 (nginx)", "gzip", "zstd", "br")
 
 
-def main() -> None:
-    columns = ("identity", "gzip -6 (nginx)", "gzip", "zstd", "br")
-    totals = dict.fromkeys(columns, 0)
+@dataclass(frozen=True)
+class FirstView:
+    """Bytes of each first-view file per column, their totals, and the seconds spent making each coding."""
+
+    files: dict[str, dict[str, int]]
+    totals: dict[str, int]
+    seconds: dict[str, float]
+
+
+def first_view() -> FirstView:
+    """The sample site's first view in every column (run.py puts the totals in `make bench`'s table)."""
+    files: dict[str, dict[str, int]] = {}
+    totals = dict.fromkeys(COLUMNS, 0)
     seconds = dict.fromkeys(("gzip", "zstd", "br"), 0.0)
-    print("| file | " + " | ".join(columns) + " |")
-    print("| --- |" + " ---: |" * len(columns))
     for name in FIRST_VIEW:
         data = (SITE / name).read_bytes()
         sizes = {"identity": len(data)}
@@ -39,13 +49,22 @@ def main() -> None:
                 started = time.perf_counter()
                 sizes[coding] = len(compress(data, coding))
                 seconds[coding] += time.perf_counter() - started
-        for column in columns:
-            totals[column] += sizes.get(column, len(data))
-        print(f"| `{name}` | " + " | ".join(str(sizes.get(c, len(data))) for c in columns) + " |")
-    print("| **first view** | " + " | ".join(f"**{totals[c]}**" for c in columns) + " |")
+        files[name] = {column: sizes.get(column, len(data)) for column in COLUMNS}
+        for column in COLUMNS:
+            totals[column] += files[name][column]
+    return FirstView(files, totals, seconds)
+
+
+def main() -> None:
+    view = first_view()
+    print("| file | " + " | ".join(COLUMNS) + " |")
+    print("| --- |" + " ---: |" * len(COLUMNS))
+    for name, sizes in view.files.items():
+        print(f"| `{name}` | " + " | ".join(str(sizes[c]) for c in COLUMNS) + " |")
+    print("| **first view** | " + " | ".join(f"**{view.totals[c]}**" for c in COLUMNS) + " |")
     print()
     print("Time to make the variants of the first view, once per version: "
-          + ", ".join(f"{c} {seconds[c] * 1000:.1f} ms" for c in seconds) + ".")
+          + ", ".join(f"{c} {s * 1000:.1f} ms" for c, s in view.seconds.items()) + ".")
     # ~2 MB of text that does not repeat itself: page markup around unique hashes (real pages sit between).
     big = b"".join(f'<li><a href="p{i}.html">{hashlib.sha256(str(i).encode()).hexdigest()}</a></li>\n'.encode()
                    for i in range(24_000))
