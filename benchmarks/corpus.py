@@ -1,6 +1,8 @@
 """The benchmark's docs corpus: small HTML/CSS/JS pages (2-30 KB) and two kinds of large download.
 
-Deterministic (seeded), so every run and every target sees the same bytes. Imported by run.py.
+Deterministic (seeded), so every run and every target sees the same bytes. Imported by run.py. Every small
+object is a compressible type above the proxy's 1 KiB floor, so each hot key has br/zstd/gzip variants for the
+compressed-hit row; the text repeats a small vocabulary, so it compresses better than real pages (br about 1/6).
 """
 
 from __future__ import annotations

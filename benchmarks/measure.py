@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Fetcher", "WrkResult", "fetch_all", "run_wrk"]
+__all__ = ["Fetcher", "WrkResult", "encodings", "fetch_all", "run_wrk"]
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "rotate.lua"
@@ -33,13 +33,20 @@ class WrkResult:
     def mb_per_s(self) -> float:
         return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
 
+    @property
+    def bytes_per_request(self) -> float:
+        """Head and body as wrk read them: shows which coding a run was really answered in."""
+        return self.bytes / self.requests if self.requests else 0.0
+
 
 def run_wrk(base: str, paths: list[str], workdir: Path, *, seconds: float, connections: int, threads: int = 2,
-            timeout: float = 10.0) -> WrkResult:
-    """wrk against `base` rotating over `paths`; bounded by `seconds` plus wrk's own `timeout`."""
+            timeout: float = 10.0, headers: dict[str, str] | None = None) -> WrkResult:
+    """wrk against `base` rotating over `paths`; bounded by `seconds` plus wrk's own `timeout`. `headers` go on
+    every request (wrk -H; rotate.lua's wrk.format keeps them)."""
     paths_file = workdir / f"paths-{abs(hash(tuple(paths)))}.txt"
     paths_file.write_text("\n".join(paths) + "\n")
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:.0f}s", f"--timeout={timeout:.0f}s",
+    extra = [arg for name, value in (headers or {}).items() for arg in ("-H", f"{name}: {value}")]
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:.0f}s", f"--timeout={timeout:.0f}s", *extra,
             "-s", str(LUA), base, "--", str(paths_file)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + timeout + 30, check=False)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
@@ -59,17 +66,23 @@ class Fetcher:
         self._conn = http.client.HTTPConnection(host, port, timeout=120)
         self._buf = memoryview(bytearray(1 << 20))
 
-    def get(self, path: str) -> tuple[int, int, float]:
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, int, float]:
         """(status, body bytes, seconds); the body is read and discarded."""
+        status, size, seconds, _ = self.get_coded(path, headers)
+        return status, size, seconds
+
+    def get_coded(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, int, float, str]:
+        """get() and the response's Content-Encoding ("identity" when absent)."""
         for attempt in (1, 2):
             start = time.perf_counter()
             try:
-                self._conn.request("GET", path)
+                self._conn.request("GET", path, headers=headers or {})
                 resp = self._conn.getresponse()
                 total = 0
                 while n := resp.readinto(self._buf):
                     total += n
-                return resp.status, total, time.perf_counter() - start
+                coding = resp.getheader("Content-Encoding") or "identity"
+                return resp.status, total, time.perf_counter() - start, coding
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 # An idle keep-alive connection closed by the server: reconnect once, untimed.
                 self._conn.close()
@@ -94,3 +107,28 @@ def fetch_all(host: str, port: int, paths: list[str], concurrency: int = 16) -> 
     chunks = [paths[i::concurrency] for i in range(concurrency)]
     with ThreadPoolExecutor(concurrency) as pool:
         return [status for result in pool.map(worker, chunks) for status in result]
+
+
+def encodings(host: str, port: int, paths: list[str], headers: dict[str, str],
+              concurrency: int = 16) -> dict[str, list[str]]:
+    """GET each path once per connection of `concurrency` new ones, with `headers`: {path: the Content-Encoding
+    of each answer} (a non-200 answer counts as "status <n>"). New connections each call, so that with several
+    workers every worker is asked over a few calls."""
+    def worker(conn: int) -> list[tuple[str, str]]:
+        f = Fetcher(host, port)
+        try:
+            out = []
+            for i in range(len(paths)):
+                path = paths[(i + conn * 7) % len(paths)]
+                status, _, _, coding = f.get_coded(path, headers)
+                out.append((path, coding if status == 200 else f"status {status}"))
+            return out
+        finally:
+            f.close()
+
+    seen: dict[str, list[str]] = {p: [] for p in paths}
+    with ThreadPoolExecutor(concurrency) as pool:
+        for result in pool.map(worker, range(concurrency)):
+            for path, coding in result:
+                seen[path].append(coding)
+    return seen
