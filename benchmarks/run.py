@@ -69,6 +69,7 @@ class Target:
     hot: WrkResult | None = None
     hot_coded: WrkResult | None = None  # the same run with Accept-Encoding: CODED[name]
     variants_wait_s: float = 0.0  # from the hot keys' first fills until their variants were served
+    coded_ratios: list[float] = field(default_factory=list)  # compressed / identity req/s, round by round
     s3_per_1000: float = 0.0
     big10: WrkResult | None = None
     fanout: WrkResult | None = None
@@ -301,6 +302,7 @@ def hot_rounds(targets: list[Target], c: corpus_mod.Corpus, shim_url: str, tmp: 
     for t in targets:
         t.hot = _merge(small[t.name])
         t.hot_coded = _merge(coded[t.name]) if coded[t.name] else None
+        t.coded_ratios = [k.rps / i.rps for k, i in zip(coded[t.name], small[t.name], strict=False) if i.rps]
         t.big10 = _merge(big[t.name]) if big[t.name] else None
         t.s3_per_1000 = 1000 * s3[t.name] / max(1, t.hot.requests + (t.hot_coded.requests if t.hot_coded else 0))
         for name, result in (("hot small", t.hot), ("hot compressed", t.hot_coded), ("hot 10 MB", t.big10)):
@@ -480,6 +482,9 @@ def details(targets: list[Target]) -> list[str]:
         if t.hot is not None and t.hot_coded is not None:
             bits.append(f"bytes per hot response (head and body): identity {t.hot.bytes_per_request:,.0f}, "
                         f"{CODED[t.name]} {t.hot_coded.bytes_per_request:,.0f}")
+            # Round by round: how much of the ratio in the table is the machine's noise.
+            bits.append(f"{CODED[t.name]} / identity req/s by round: "
+                        + ", ".join(f"{r:.2f}x" for r in t.coded_ratios))
         if t.fanout is not None:
             bits.append(f"32-client 100 MB throughput {t.fanout.mb_per_s:,.0f} MB/s")
         out.append(f"- {t.label}: " + "; ".join(bits + t.notes))
