@@ -685,9 +685,10 @@ def profile(t: Target, c: corpus_mod.Corpus, tmp: Path, seconds: float, coding: 
     assert t.proc is not None
     fetch_all(HOST, t.port, [MOUNT + k for k in c.hot])
     headers = {"Accept-Encoding": coding} if coding else None
-    if coding:
-        waited = wait_for_variants(t, c.hot, time.monotonic() + VARIANTS_WAIT, coding)
-        log(f"  {coding} variants of {len(c.hot)} hot keys served by every worker after {waited:.1f} s")
+    # Identity hits too: until the variants the first fills started are made, a compressor thread shares the
+    # cores with the hits, and its samples (variants.compress, put_variant) land in a profile of hits.
+    waited = wait_for_variants(t, c.hot, time.monotonic() + VARIANTS_WAIT, coding or "br")
+    log(f"  {coding or 'br'} variants of {len(c.hot)} hot keys served by every worker after {waited:.1f} s")
     raw = tmp / "profile.txt"
     spy = subprocess.Popen([pyspy, "record", "--pid", str(t.proc.pid), "--subprocesses", "--threads",
                             "--duration", str(int(seconds) + 2), "--rate", "250", "--format", "raw",
