@@ -126,11 +126,12 @@ class Coded:
 
 
 def _codings(site: Site, key: str, entry: Entry) -> tuple[str, frozenset[str]] | None:
-    # The hot path's entries keep their namespaced key (namespace.py): the variants are asked by the S3 key.
-    entry = entry if entry.key == key else replace(entry, key=key)
     present = site.variants.present(key, entry.meta.etag)
     if present is None:
-        site.variants.ensure(entry)
+        # The hot path's entries keep their namespaced key (namespace.py): the task that makes variants needs
+        # the S3 key. Rebuilt only here: doing it on every compressed hit cost about 1 % of a hot br run's
+        # samples (benchmarks/run.py --profile workers --profile-encoding br).
+        site.variants.ensure(entry if entry.key == key else replace(entry, key=key))
         return None
     return key, present
 
