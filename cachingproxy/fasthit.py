@@ -169,10 +169,9 @@ class FastHits:
         self.answered += 1
         transport = handler.transport
         assert transport is not None
-        if status == 200:
-            transport.writelines((block, request_id.encode(), b"\r\n\r\n", body))
-        else:
-            transport.write(block + request_id.encode() + b"\r\n\r\n")
+        # One buffer: uvloop sends a single one with one try-write, where writelines queues a writev request.
+        transport.write(b"".join((block, request_id.encode(), b"\r\n\r\n", body)) if status == 200
+                        else block + request_id.encode() + b"\r\n\r\n")
         return True
 
     def _block(self, head: CIMultiDictProxy[str], status: int, site: Site, length: int) -> bytes | None:
