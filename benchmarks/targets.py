@@ -201,14 +201,15 @@ class TreeMemory:
 # -- configs ----------------------------------------------------------------------------------------------
 
 
-def proxy_toml(port: int, shim_url: str, bucket: str, cache_dir: Path, workers: int, sites: int = 1) -> str:
+def proxy_toml(port: int, shim_url: str, bucket: str, cache_dir: Path, workers: int, sites: int = 1,
+               server_extra: str = "") -> str:
     """The proxy's config. With `sites` > 1 the real site is the last of that many [[sites]]: the others are
     decoys on any host whose mounts ("/docs0", "/docs1"...) sort before "/docs", so every request's routing
     scans all of them before it matches (the worst case for routing.py)."""
     decoys = "".join(f'\n[[sites]]\nname = "decoy{i}"\nmount = "/docs{i}"\n' for i in range(sites - 1))
     real = '\n[[sites]]\nname = "docs"\nmount = "/docs"\n' if sites > 1 else ""
     return _PROXY_TOML.format(host=HOST, port=port, workers=workers, bucket=bucket, shim_url=shim_url,
-                              cache_dir=cache_dir) + decoys + real
+                              cache_dir=cache_dir, server_extra=server_extra) + decoys + real
 
 
 _PROXY_TOML = """\
@@ -218,6 +219,7 @@ port = {port}
 mount = "/docs"
 shutdown_timeout = 5.0
 workers = {workers}
+{server_extra}
 
 [s3]
 bucket = "{bucket}"
