@@ -120,6 +120,7 @@ class EntryIndex:
         # happened rather than hold the lock for a guessed time. Bumped from executor threads without a lock:
         # exact for one commit at a time, which is all a test relies on.
         self.commit_retries = 0
+        self.renewed = 0  # entries whose store time `touch` renewed (tests)
         self._variants: tuple[int, int] | None = None  # (rows, compressed variants among them) at the last scan
 
     @property
@@ -297,6 +298,7 @@ class EntryIndex:
                     if entry is None or entry.meta.etag != etag:
                         continue  # replaced or removed since it was read: nothing to renew
                     cache.set(_meta_key(key), raw)
+                    self.renewed += 1
                     handle = cache.get(_body_key(key, etag), read=True)
                     if handle is not None:
                         with handle:

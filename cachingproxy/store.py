@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _TOUCH_INTERVAL = 10.0  # seconds between batched access-time write-backs
+# A key's access time is written back at most this often: eviction is least-recently-used to within it, which
+# for a cache of gigabytes is as good as exact, while renewing every hot key each interval (a SQLite row and
+# a re-linked body file each) took 8 % of a worker's CPU under hot hits (benchmarks/results/profile-workers.md).
+_RENEW_AFTER = 600.0
+_RENEWED_KEPT = 100_000  # keys remembered for that; forgotten all at once past it (they are renewed again)
 Health = Literal["ok", "full", "failed"]
 
 
@@ -50,9 +55,12 @@ class CacheStore:
     """lookup / open_body / stage+commit / mark_checked / purge over one cache directory."""
 
     def __init__(self, directory: str, size_limit: int, *, threads: int = 4, verify_on_read: bool = False,
-                 touch_interval: float = _TOUCH_INTERVAL, count: Count = _uncounted) -> None:
+                 touch_interval: float = _TOUCH_INTERVAL, renew_after: float = _RENEW_AFTER,
+                 count: Count = _uncounted) -> None:
         self._root = Path(directory)
         self._touch_interval = touch_interval
+        self._renew_after = renew_after
+        self._renewed: dict[str, float] = {}  # key -> when this worker last queued its access-time write-back
         self._verify_on_read = verify_on_read
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache")
         self._index = EntryIndex(self._root / "db", size_limit)
@@ -207,8 +215,14 @@ class CacheStore:
 
     def _note_hit(self, entry: Entry) -> None:
         """Remember the access for eviction; written back in one batch per interval, off the hit's path."""
-        self._touched[entry.key] = entry.meta.etag
-        if time.monotonic() - self._touch_flushed >= self._touch_interval and (
+        now = time.monotonic()
+        renewed = self._renewed.get(entry.key)
+        if renewed is None or now - renewed >= self._renew_after:
+            if len(self._renewed) >= _RENEWED_KEPT:
+                self._renewed.clear()
+            self._renewed[entry.key] = now
+            self._touched[entry.key] = entry.meta.etag
+        if self._touched and now - self._touch_flushed >= self._touch_interval and (
                 self._flushing is None or self._flushing.done()):
             self._flushing = self._executor.submit(self._index.touch, self._take_touched())
 
