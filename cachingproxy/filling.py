@@ -112,6 +112,8 @@ class Fills:
         body = await self._ask(lambda: self._origin.get(key, etag=etag))
         try:
             staging = await self._store.stage(key, body.meta)
+            if body.checked:
+                staging.checked_elsewhere()
             if publish:
                 self._store.publish(staging)
             fill.replace_staging(staging)

@@ -1,0 +1,177 @@
+"""Cold 100 MB through the proxy against the direct fetch, repeated: the one row of `make bench` (issue 16,
+"cold large objects at wire speed") without the rest of the run, so each lever can be measured in a minute.
+
+    .venv/bin/python benchmarks/cold_large.py [--runs 7] [--workers 2] [--size-mb 100] [--delay 0.030]
+
+Starts, on 127.0.0.1 only, the same pieces as benchmarks/run.py: moto's server, the shim adding `--delay` to
+every S3 request, and the proxy as `cachingproxy serve` with `[server] workers = N`. One warm-up GET of a
+small object first (botocore loads its service model on the first call; run.py's cold 100 MB row comes after
+its cold views too). Then, per run: a direct GET of the 100 MB object through the shim, the admin API's purge
+of that key, and a GET through the proxy, timed to the last byte on a keep-alive connection. Each run's ratio
+is proxy / direct of the same run, since the 2-core machine is shared and runs drift; every run is printed,
+then the median. The proxy's S3 GETs are counted (one per cold fetch: a second would be a broken single flight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from measure import Fetcher
+from targets import HOST, Proc, free_port, proxy_toml, start, stop, wait_http
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+BUCKET = "cold-large"
+KEY = "big/cold-100mb.bin"
+TOKEN = "cold-large-bench-token-0123456789"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "AWS_EC2_METADATA_DISABLED": "true"})
+    return env
+
+
+def _shim_gets(shim_url: str, reset: bool = False) -> int:
+    req = urllib.request.Request(shim_url + ("/__shim__/reset" if reset else "/__shim__/counts"),
+                                 method="POST" if reset else "GET")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return int(json.load(resp).get("GET", 0))
+
+
+def _purge(port: int) -> None:
+    req = urllib.request.Request(f"http://{HOST}:{port}/_admin/purge", data=json.dumps({"key": KEY}).encode(),
+                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+                                 method="POST")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        resp.read()
+
+
+def _until_cached(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
+        try:
+            conn.request("HEAD", f"/docs/{KEY}")
+            resp = conn.getresponse()
+            resp.read()
+            if resp.getheader("X-Cache") == "HIT":
+                return
+        finally:
+            conn.close()
+        if time.monotonic() > deadline:
+            raise RuntimeError("the cold fetch was not cached")
+        time.sleep(0.05)
+
+
+def _timed(port: int, path: str, size: int) -> float:
+    fetcher = Fetcher(HOST, port)
+    try:
+        fetcher.get(path.rsplit("/", 1)[0] + "/small.txt")  # connect and settle, untimed
+        status, got, seconds = fetcher.get(path)
+    finally:
+        fetcher.close()
+    if status != 200 or got != size:
+        raise RuntimeError(f"GET {path}: {status} with {got} bytes, expected 200 with {size}")
+    return seconds
+
+
+def _spy(pid: int, out: Path, tmp: Path, run: int) -> subprocess.Popen[bytes]:
+    """py-spy sampling the proxy tree until SIGINT; raw folded stacks, merged into `out` at the end."""
+    spy = subprocess.Popen([str(Path(PY).with_name("py-spy")), "record", "--pid", str(pid), "--subprocesses",
+                            "--threads", "--rate", "250", "--format", "raw",
+                            "--output", str(tmp / f"spy-{run}.txt")],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # py-spy attaches to each process before sampling
+    return spy
+
+
+def _merge_profiles(tmp: Path, out: Path) -> None:
+    lines = [line for f in sorted(tmp.glob("spy-*.txt")) for line in f.read_text().splitlines()]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"folded stacks of every run in {out} (flamegraph.pl or speedscope.app reads them)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--size-mb", type=int, default=100, help="MiB, as the 100 MB row of run.py")
+    parser.add_argument("--delay", type=float, default=0.030, help="the shim's delay per S3 request")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="folded stacks from py-spy (in the venv) over the proxy's processes and threads, "
+                             "during the proxied GETs only")
+    args = parser.parse_args()
+    size = args.size_mb * 1024 * 1024
+    procs: list[Proc] = []
+    with tempfile.TemporaryDirectory(prefix="cachingproxy-cold-") as tmp_name:
+        tmp = Path(tmp_name)
+        try:
+            moto_port = free_port()
+            procs.append(start("moto", [PY, "-m", "moto.server", "-H", HOST, "-p", str(moto_port)], tmp))
+            moto_url = f"http://{HOST}:{moto_port}"
+            wait_http(moto_url + "/moto-api/", procs[-1])
+            import boto3  # the test extra; only the seeding needs it
+
+            s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing")
+            s3.create_bucket(Bucket=BUCKET)
+            s3.put_object(Bucket=BUCKET, Key="big/small.txt", Body=b"warm\n", ACL="public-read")
+            s3.put_object(Bucket=BUCKET, Key=KEY, Body=os.urandom(size), ACL="public-read",
+                          ContentType="application/octet-stream")
+            shim_port = free_port()
+            procs.append(start("shim", [PY, str(HERE / "shim.py"), "--port", str(shim_port), "--upstream", moto_url,
+                                        "--delay", str(args.delay)], tmp))
+            shim_url = f"http://{HOST}:{shim_port}"
+            wait_http(shim_url + "/__shim__/counts", procs[-1])
+            port = free_port()
+            toml = tmp / "proxy.toml"
+            toml.write_text(proxy_toml(port, shim_url, BUCKET, tmp / "cache", args.workers)
+                            + f'\n[admin]\ntoken = "{TOKEN}"\n')
+            procs.append(start("proxy", [PY, "-m", "cachingproxy", "serve", "--config", str(toml)], tmp, env=_env()))
+            wait_http(f"http://{HOST}:{port}/docs/__ready__", procs[-1])
+            # Warm every worker's S3 client (the kernel spreads connections over the workers' sockets).
+            for _ in range(4 * args.workers):
+                _timed(port, "/docs/big/small.txt", 5)
+            ratios = []
+            print(f"cold {args.size_mb} MiB, seconds to last byte; shim delay {args.delay * 1000:.0f} ms; "
+                  f"workers {args.workers}")
+            for run in range(1, args.runs + 1):
+                direct = _timed(shim_port, f"/{BUCKET}/{KEY}", size)
+                _purge(port)
+                _shim_gets(shim_url, reset=True)
+                spy = _spy(procs[-1].pid, args.profile, tmp, run) if args.profile else None
+                proxied = _timed(port, f"/docs/{KEY}", size)
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
+                gets = _shim_gets(shim_url)
+                ratios.append(proxied / direct)
+                print(f"  run {run}: direct {direct:.3f} s, proxy {proxied:.3f} s, {proxied / direct:.2f}x direct, "
+                      f"S3 GETs {gets}", flush=True)
+                _until_cached(port)  # the commit may end after the response: purge only what it indexed
+            print(f"median {statistics.median(ratios):.2f}x direct; all: "
+                  + ", ".join(f"{r:.2f}" for r in ratios))
+            if args.profile:
+                _merge_profiles(tmp, args.profile)
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
