@@ -19,6 +19,7 @@ from .models import Clock, ObjectMeta
 from .namespace import NamespacedStore
 from .origin import BodyCorrupt, ObjectBody, ObjectMissing, OriginDenied, OriginError, OriginUnavailable, S3Origin
 from .store import Published
+from .writebehind import WriteBehind
 
 __all__ = ["Fills"]
 
@@ -56,7 +57,7 @@ class Fills:
         """The fill of `key` in flight in this process, or a new one."""
         fill = self._fills.get(key)
         if fill is None:
-            fill = self._fills[key] = Fill(key, self._store.read_staging, functools.partial(self._read_part, key))
+            fill = self._fills[key] = Fill(key, functools.partial(self._read_part, key))
             self._spawn(self._run_fill(fill))
         return fill
 
@@ -119,12 +120,12 @@ class Fills:
             fill.replace_staging(staging)
             if not fill.ready.done():
                 fill.ready.set_result(body.meta)
+            behind = WriteBehind(staging, self._store.flush)
             async for chunk in body.chunks(CHUNK_SIZE):
-                at = staging.written
-                await self._store.write(staging, chunk)
-                fill.recent = (at, chunk)
+                await behind.put(chunk)  # readers take it from memory until it is on disk
                 self._counters.add("bytes_from_s3", len(chunk))
                 fill.notify()
+            await behind.finish()  # all on disk (and through the MD5, if any) before the verdict
         finally:
             body.close()
         problem = staging.problem()

@@ -99,8 +99,8 @@ class NamespacedStore:
     async def write(self, staging: Staging, chunk: bytes) -> None:
         await self._store.write(staging, chunk)
 
-    async def read_staging(self, staging: Staging, size: int, offset: int) -> bytes:
-        return await self._store.read_staging(staging, size, offset)
+    async def flush(self, staging: Staging) -> None:
+        await self._store.flush(staging)
 
     async def commit(self, staging: Staging, now: float) -> Entry | None:
         entry = self._out(await self._store.commit(staging, now))

@@ -353,9 +353,9 @@ class CacheStore:
     async def write(self, staging: Staging, chunk: bytes) -> None:
         await self._run(self._writer.write, staging, chunk)
 
-    async def read_staging(self, staging: Staging, size: int, offset: int) -> bytes:
-        """Bytes of a fill in progress; raises FellBehind when a pass-through body has moved past them."""
-        return await self._run(staging.pread, size, offset)
+    async def flush(self, staging: Staging) -> None:
+        """Write what `staging` has received so far (see bodies.Staging.receive, writebehind.py)."""
+        await self._run(self._writer.flush, staging)
 
     async def commit(self, staging: Staging, now: float) -> Entry | None:
         """Index a verified body; None when the cache could not take it (the response goes on regardless)."""
