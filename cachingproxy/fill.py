@@ -100,8 +100,8 @@ class Fill:
                 raise OriginUnavailable("staging file shorter than reported")
             offset += len(chunk)
             yield chunk
-        # A whole-object response ends only once the body is verified and indexed, so the next
-        # request for the key is a hit (this is what makes an empty object wait too).
+        # A whole-object response ends only once the body is verified (this is what makes an empty object
+        # wait too). Not once it is indexed: the next request for the key waits for that (service.resolve).
         while end == size and not self.verified:
             if self.error is not None:
                 raise self.error
@@ -112,6 +112,11 @@ class Fill:
         while not self.verified:
             if self.error is not None:
                 raise self.error
+            await self.changed()
+
+    async def settled(self) -> None:
+        """Until the fill has ended: its body committed to the cache (or refused by it), or failed."""
+        while not self.done:
             await self.changed()
 
     def leave(self) -> None:

@@ -53,6 +53,14 @@ class Fills:
     def in_flight(self, key: str) -> Fill | None:
         return self._fills.get(key)
 
+    def committing(self, key: str) -> Fill | None:
+        """The fill of `key` whose body is complete and verified but not yet in the index, if there is one."""
+        fill = self._fills.get(key)
+        return fill if fill is not None and fill.verified else None
+
+    def committing_under(self, prefix: str) -> list[Fill]:
+        return [fill for key, fill in self._fills.items() if fill.verified and key.startswith(prefix)]
+
     def start(self, key: str) -> Fill:
         """The fill of `key` in flight in this process, or a new one."""
         fill = self._fills.get(key)
@@ -99,6 +107,7 @@ class Fills:
             if not fill.verified and fill.error is None:
                 fill.fail(OriginUnavailable("fill cancelled"))  # shutdown: never leave a reader waiting
             fill.done = True
+            fill.notify()  # `settled` waiters
             if self._fills.get(key) is fill:
                 del self._fills[key]
             if fill.staging is not None and not fill.verified:
@@ -132,9 +141,11 @@ class Fills:
         if problem is not None:
             log.error("S3 body failed verification (%s); not cached, readers cut off", problem)
             raise BodyCorrupt(problem)
-        await self._store.commit(staging, self._clock())
+        # The last byte goes out now: the client need not wait for fdatasync and the index (0.04-0.05 s per
+        # 100 MiB). A request for the key meanwhile waits for the commit (service.resolve), so it is a hit.
         fill.verified = True
         fill.notify()
+        await self._store.commit(staging, self._clock())
 
     async def _follow(self, fill: Fill, other: Published, since: float) -> bool:
         """Serve another worker's fill of the same key from its staging file as it grows, until it ends.
