@@ -2,6 +2,7 @@
 "cold large objects at wire speed") without the rest of the run, so each lever can be measured in a minute.
 
     .venv/bin/python benchmarks/cold_large.py [--runs 7] [--workers 2] [--size-mb 100] [--delay 0.030]
+    .venv/bin/python benchmarks/cold_large.py --versions before=main,after=HEAD   # levers side by side
 
 Starts, on 127.0.0.1 only, the same pieces as benchmarks/run.py: moto's server, the shim adding `--delay` to
 every S3 request, and the proxy as `cachingproxy serve` with `[server] workers = N`. One warm-up GET of a
@@ -9,7 +10,9 @@ small object first (botocore loads its service model on the first call; run.py's
 its cold views too). Then, per run: a direct GET of the 100 MB object through the shim, the admin API's purge
 of that key, and a GET through the proxy, timed to the last byte on a keep-alive connection. Each run's ratio
 is proxy / direct of the same run, since the 2-core machine is shared and runs drift; every run is printed,
-then the median. The proxy's S3 GETs are counted (one per cold fetch: a second would be a broken single flight).
+then the median. With --versions, one proxy per commit, each timed in turn against its own direct fetch in
+every run, so that a burst of load elsewhere hits every version alike. The proxy's S3 GETs are counted (one
+per cold fetch: a second would be a broken single flight).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from measure import Fetcher
 from targets import HOST, Proc, free_port, proxy_toml, start, stop, wait_http
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 PY = sys.executable
 BUCKET = "cold-large"
 KEY = "big/cold-100mb.bin"
@@ -105,12 +110,59 @@ def _merge_profiles(tmp: Path, out: Path) -> None:
     print(f"folded stacks of every run in {out} (flamegraph.pl or speedscope.app reads them)")
 
 
+@dataclass
+class Version:
+    """One proxy under test: the working tree, or a commit exported to a directory of its own."""
+
+    name: str
+    source: Path  # the directory `python -m cachingproxy` runs in (its cachingproxy/ is the one imported)
+    port: int = 0
+    proc: Proc | None = None
+    ratios: list[float] = field(default_factory=list)
+
+
+def _versions(spec: str, tmp: Path) -> list[Version]:
+    if not spec:
+        return [Version("proxy", ROOT)]
+    out = []
+    for item in spec.split(","):
+        name, _, commit = item.partition("=")
+        source = tmp / f"src-{name}"
+        source.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit or name, "cachingproxy"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+        out.append(Version(name, source))
+    return out
+
+
+def _start_proxy(v: Version, tmp: Path, shim_url: str, workers: int) -> None:
+    v.port = free_port()
+    home = tmp / f"proxy-{v.name}"
+    home.mkdir()
+    toml = home / "proxy.toml"
+    toml.write_text(proxy_toml(v.port, shim_url, BUCKET, home / "cache", workers) + f'\n[admin]\ntoken = "{TOKEN}"\n')
+    log = tmp / f"proxy-{v.name}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen([PY, "-m", "cachingproxy", "serve", "--config", str(toml)], stdout=out,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(), cwd=v.source,
+                                 start_new_session=True)
+    v.proc = Proc(f"proxy-{v.name}", popen, log)
+    wait_http(f"http://{HOST}:{v.port}/docs/__ready__", v.proc)
+    # Warm every worker's S3 client (the kernel spreads connections over the workers' sockets).
+    for _ in range(4 * workers):
+        _timed(v.port, "/docs/big/small.txt", 5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size-mb", type=int, default=100, help="MiB, as the 100 MB row of run.py")
     parser.add_argument("--delay", type=float, default=0.030, help="the shim's delay per S3 request")
+    parser.add_argument("--versions", default="", metavar="NAME=COMMIT,...",
+                        help="proxies built from these commits (git archive), each beside the same direct fetch "
+                             "in every run, in turn; default: the working tree alone")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="folded stacks from py-spy (in the venv) over the proxy's processes and threads, "
                              "during the proxied GETs only")
@@ -120,6 +172,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cachingproxy-cold-") as tmp_name:
         tmp = Path(tmp_name)
         try:
+            versions = _versions(args.versions, tmp)
             moto_port = free_port()
             procs.append(start("moto", [PY, "-m", "moto.server", "-H", HOST, "-p", str(moto_port)], tmp))
             moto_url = f"http://{HOST}:{moto_port}"
@@ -137,34 +190,34 @@ def main() -> int:
                                         "--delay", str(args.delay)], tmp))
             shim_url = f"http://{HOST}:{shim_port}"
             wait_http(shim_url + "/__shim__/counts", procs[-1])
-            port = free_port()
-            toml = tmp / "proxy.toml"
-            toml.write_text(proxy_toml(port, shim_url, BUCKET, tmp / "cache", args.workers)
-                            + f'\n[admin]\ntoken = "{TOKEN}"\n')
-            procs.append(start("proxy", [PY, "-m", "cachingproxy", "serve", "--config", str(toml)], tmp, env=_env()))
-            wait_http(f"http://{HOST}:{port}/docs/__ready__", procs[-1])
-            # Warm every worker's S3 client (the kernel spreads connections over the workers' sockets).
-            for _ in range(4 * args.workers):
-                _timed(port, "/docs/big/small.txt", 5)
-            ratios = []
+            for v in versions:
+                try:
+                    _start_proxy(v, tmp, shim_url, args.workers)
+                finally:
+                    if v.proc is not None:
+                        procs.append(v.proc)
             print(f"cold {args.size_mb} MiB, seconds to last byte; shim delay {args.delay * 1000:.0f} ms; "
-                  f"workers {args.workers}")
+                  f"workers {args.workers}; load average {os.getloadavg()[0]:.1f}")
             for run in range(1, args.runs + 1):
-                direct = _timed(shim_port, f"/{BUCKET}/{KEY}", size)
-                _purge(port)
-                _shim_gets(shim_url, reset=True)
-                spy = _spy(procs[-1].pid, args.profile, tmp, run) if args.profile else None
-                proxied = _timed(port, f"/docs/{KEY}", size)
-                if spy is not None:
-                    spy.send_signal(signal.SIGINT)
-                    spy.wait(60)
-                gets = _shim_gets(shim_url)
-                ratios.append(proxied / direct)
-                print(f"  run {run}: direct {direct:.3f} s, proxy {proxied:.3f} s, {proxied / direct:.2f}x direct, "
-                      f"S3 GETs {gets}", flush=True)
-                _until_cached(port)  # the commit may end after the response: purge only what it indexed
-            print(f"median {statistics.median(ratios):.2f}x direct; all: "
-                  + ", ".join(f"{r:.2f}" for r in ratios))
+                for v in versions:
+                    assert v.proc is not None
+                    direct = _timed(shim_port, f"/{BUCKET}/{KEY}", size)
+                    _purge(v.port)
+                    _shim_gets(shim_url, reset=True)
+                    spy = _spy(v.proc.pid, args.profile, tmp, run) if args.profile else None
+                    proxied = _timed(v.port, f"/docs/{KEY}", size)
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)
+                        spy.wait(60)
+                    gets = _shim_gets(shim_url)
+                    v.ratios.append(proxied / direct)
+                    print(f"  run {run} {v.name}: direct {direct:.3f} s, proxy {proxied:.3f} s, "
+                          f"{proxied / direct:.2f}x direct, S3 GETs {gets}, load {os.getloadavg()[0]:.1f}",
+                          flush=True)
+                    _until_cached(v.port)  # the commit may end after the response: purge only what it indexed
+            for v in versions:
+                print(f"{v.name}: median {statistics.median(v.ratios):.2f}x direct; all: "
+                      + ", ".join(f"{r:.2f}" for r in v.ratios))
             if args.profile:
                 _merge_profiles(tmp, args.profile)
         finally:
