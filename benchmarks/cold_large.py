@@ -160,6 +160,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--size-mb", type=int, default=100, help="MiB, as the 100 MB row of run.py")
     parser.add_argument("--delay", type=float, default=0.030, help="the shim's delay per S3 request")
+    parser.add_argument("--no-checksum", action="store_true",
+                        help="upload without a flexible checksum (as before 2025), so the proxy verifies the MD5")
     parser.add_argument("--versions", default="", metavar="NAME=COMMIT,...",
                         help="proxies built from these commits (git archive), each beside the same direct fetch "
                              "in every run, in turn; default: the working tree alone")
@@ -178,9 +180,11 @@ def main() -> int:
             moto_url = f"http://{HOST}:{moto_port}"
             wait_http(moto_url + "/moto-api/", procs[-1])
             import boto3  # the test extra; only the seeding needs it
+            from botocore.config import Config
 
             s3 = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing")
+                              aws_secret_access_key="testing", config=Config(
+                                  request_checksum_calculation="when_required" if args.no_checksum else None))
             s3.create_bucket(Bucket=BUCKET)
             s3.put_object(Bucket=BUCKET, Key="big/small.txt", Body=b"warm\n", ACL="public-read")
             s3.put_object(Bucket=BUCKET, Key=KEY, Body=os.urandom(size), ACL="public-read",
@@ -197,7 +201,8 @@ def main() -> int:
                     if v.proc is not None:
                         procs.append(v.proc)
             print(f"cold {args.size_mb} MiB, seconds to last byte; shim delay {args.delay * 1000:.0f} ms; "
-                  f"workers {args.workers}; load average {os.getloadavg()[0]:.1f}")
+                  f"workers {args.workers}; {'MD5' if args.no_checksum else 'CRC32'} check; "
+                  f"load average {os.getloadavg()[0]:.1f}")
             for run in range(1, args.runs + 1):
                 for v in versions:
                     assert v.proc is not None
