@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from measure import Fetcher
-from targets import HOST, Proc, free_port, proxy_toml, start, stop, wait_http
+from targets import HOST, Proc, free_port, proxy_toml, start, stop, tree_pids, wait_http
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -94,6 +94,18 @@ def _timed(port: int, path: str, size: int) -> float:
     return seconds
 
 
+def _cpu_seconds(root: int) -> float:
+    """User + system CPU of a process tree so far (proc(5) stat fields 14 and 15), in seconds."""
+    ticks = 0
+    for pid in tree_pids(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _spy(pid: int, out: Path, tmp: Path, run: int) -> subprocess.Popen[bytes]:
     """py-spy sampling the proxy tree until SIGINT; raw folded stacks, merged into `out` at the end."""
     spy = subprocess.Popen([str(Path(PY).with_name("py-spy")), "record", "--pid", str(pid), "--subprocesses",
@@ -119,6 +131,7 @@ class Version:
     port: int = 0
     proc: Proc | None = None
     ratios: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # the proxy tree's CPU seconds per cold fetch
 
 
 def _versions(spec: str, tmp: Path) -> list[Version]:
@@ -210,19 +223,22 @@ def main() -> int:
                     _purge(v.port)
                     _shim_gets(shim_url, reset=True)
                     spy = _spy(v.proc.pid, args.profile, tmp, run) if args.profile else None
+                    cpu = _cpu_seconds(v.proc.pid)
                     proxied = _timed(v.port, f"/docs/{KEY}", size)
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
                         spy.wait(60)
                     gets = _shim_gets(shim_url)
+                    _until_cached(v.port)  # the commit may end after the response: purge only what it indexed
+                    v.cpu.append(_cpu_seconds(v.proc.pid) - cpu)  # the whole fill, commit included
                     v.ratios.append(proxied / direct)
                     print(f"  run {run} {v.name}: direct {direct:.3f} s, proxy {proxied:.3f} s, "
-                          f"{proxied / direct:.2f}x direct, S3 GETs {gets}, load {os.getloadavg()[0]:.1f}",
-                          flush=True)
-                    _until_cached(v.port)  # the commit may end after the response: purge only what it indexed
+                          f"{proxied / direct:.2f}x direct, proxy CPU {v.cpu[-1]:.2f} s, S3 GETs {gets}, "
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)
             for v in versions:
                 print(f"{v.name}: median {statistics.median(v.ratios):.2f}x direct; all: "
-                      + ", ".join(f"{r:.2f}" for r in v.ratios))
+                      + ", ".join(f"{r:.2f}" for r in v.ratios)
+                      + f"; proxy CPU per cold fetch, median {statistics.median(v.cpu):.2f} s")
             if args.profile:
                 _merge_profiles(tmp, args.profile)
         finally:
