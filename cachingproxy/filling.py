@@ -145,6 +145,8 @@ class Fills:
         # 100 MiB). A request for the key meanwhile waits for the commit (service.resolve), so it is a hit.
         fill.verified = True
         fill.notify()
+        if publish:
+            self._store.publish(staging, verified=True)  # other workers' requests wait for the commit too
         await self._store.commit(staging, self._clock())
 
     async def _follow(self, fill: Fill, other: Published, since: float) -> bool:

@@ -309,9 +309,16 @@ class CacheStore:
             return contextlib.nullcontext(Flight(waited=False))
         return self._locks.hold(key)
 
-    def publish(self, staging: Staging) -> None:
-        """Tell the other workers where the fill of `staging.key` (whose lock this worker holds) streams to."""
-        self._locks.publish(staging.key, staging.path, staging.meta)
+    def publish(self, staging: Staging, *, verified: bool = False) -> None:
+        """Tell the other workers where the fill of `staging.key` (whose lock this worker holds) streams to;
+        `verified`: its body is complete and verified, only the commit is left."""
+        self._locks.publish(staging.key, staging.path, staging.meta, verified=verified)
+
+    async def committing_elsewhere(self, key: str) -> bool:
+        """Whether another worker was committing a verified body of `key`, which it now has (FillLocks)."""
+        if not self._index.available:
+            return False
+        return await self._locks.until_committed(key)
 
     @staticmethod
     def finished(fill: Published) -> bool:
