@@ -258,6 +258,7 @@ async def _purge(request: web.Request) -> web.Response:
     body = await _json_object(request)
     site = _site(ops, body)
     store, s3_prefix = site.store, site.config.s3.prefix
+    await site.service.committed_under(s3_prefix)  # in this worker (filling.py: commits follow the response)
     match body:
         case {"key": str(key)} if len(body) == 1 and key and _key_sized(key):
             purged = await store.forget(s3_prefix + key)

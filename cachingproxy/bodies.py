@@ -31,6 +31,11 @@ class FellBehind(Exception):
 class Staging:
     """One body being written: a file that readers `pread` while it grows, then verified and committed.
 
+    The fill hands each chunk over with `receive` (on the loop, without waiting for the disk) and `flush`
+    writes what was received, in order, on the store's executor: bytes [on_disk, written) are held in memory
+    meanwhile, and readers that are ahead of the disk take them from there (`buffered`), so neither S3's
+    stream nor the client waits for a write (benchmarks/results/cold-large.md).
+
     The fd stays valid after the file is renamed into the cache or unlinked, so readers that joined a fill
     keep reading the same bytes whatever happens to the path. If the disk fails mid-body (ENOSPC, EFBIG),
     or there was never a file (`fd` None: no room, or larger than the cache), the body passes through:
@@ -51,26 +56,35 @@ class Staging:
         self.fd = fd
         self.key = key
         self.meta = meta
-        self.written = 0
+        self.written = 0  # bytes received: [0, on_disk) in the file, the rest in `_tail` and `_pending`
         self.path = path  # None: a pass-through or a finished body, which can serve readers but never be committed
         self.disk_error: OSError | None = None  # why this body stopped going to disk, once it has
         self.reported = False  # whether the store has counted and logged `disk_error`
         self._on_disk = 0  # bytes [0, _on_disk) are in the file
         self._window = window
-        self._tail: collections.deque[bytes] = collections.deque()  # bytes [_tail_start, written)
+        self._tail: collections.deque[bytes] = collections.deque()  # a pass-through's window, from _tail_start
         self._tail_start = 0
         self._tail_bytes = 0
+        self._pending: collections.deque[bytes] = collections.deque()  # received, not yet flushed: up to written
+        self._pending_bytes = 0
         self._md5 = hashlib.md5(usedforsecurity=False) if meta.md5 else None
         self._closed = False
         # A fill writes in an executor thread while the loop may close the file (a cancelled fill, the last
-        # reader leaving): the fd must never be closed, and perhaps reused, under a write. Readers of the
-        # tail take it too, because the writer drops chunks from it.
+        # reader leaving): the fd must never be closed, and perhaps reused, under a write.
         self._lock = threading.Lock()
+        # The chunks held in memory and the counters that say where they start: taken for a few list
+        # operations at a time, never across a system call, so the loop can take it too.
+        self._mem = threading.Lock()
 
     @property
     def on_disk(self) -> int:
         """Bytes [0, on_disk) can be read from `fd` (and sent with sendfile) for as long as the file is open."""
         return self._on_disk
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet flushed (to the file, or to a pass-through's window)."""
+        return self._pending_bytes
 
     @property
     def committable(self) -> bool:
@@ -95,9 +109,38 @@ class Staging:
         self.written = self._on_disk = size
         return True
 
+    def checked_elsewhere(self) -> None:
+        """The body is verified as it is read (origin.ObjectBody.checked): no MD5 of our own. Before any write."""
+        assert self.written == 0
+        self._md5 = None
+
+    def receive(self, chunk: bytes) -> None:
+        """The next bytes of the body, held until `flush` (no system call: the loop calls this)."""
+        with self._mem:
+            if self._closed:
+                return
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+            self.written += len(chunk)
+
+    def flush(self) -> None:
+        """Write every chunk received so far, in order (blocking: the store's executor, one flush at a time)."""
+        while True:
+            with self._mem:
+                if not self._pending or self._closed:
+                    return
+                chunk = self._pending[0]
+            with self._lock:
+                self._write(chunk)
+            with self._mem:
+                # Only now: until here a reader past the file still finds these bytes in `_pending`.
+                self._pending.popleft()
+                self._pending_bytes -= len(chunk)
+
     def write(self, chunk: bytes) -> None:
-        with self._lock:
-            self._write(chunk)
+        """`receive` and `flush` in one (blocking)."""
+        self.receive(chunk)
+        self.flush()
 
     def _write(self, chunk: bytes) -> None:
         if self._closed:
@@ -111,34 +154,50 @@ class Staging:
                     view = view[n:]
             except OSError as exc:
                 self.disk_error = exc
-                self._tail_start = self._on_disk
+                with self._mem:
+                    self._tail_start = self._on_disk
         if view:
             self._keep(chunk if len(view) == len(chunk) else bytes(view))
         if self._md5 is not None:
             self._md5.update(chunk)
-        self.written += len(chunk)
 
     def _keep(self, data: bytes) -> None:
-        self._tail.append(data)
-        self._tail_bytes += len(data)
-        # At most `window` bytes plus the chunk just written, so a reader at the window's edge can finish it.
-        while self._tail_bytes - len(self._tail[0]) >= self._window:
-            dropped = self._tail.popleft()
-            self._tail_bytes -= len(dropped)
-            self._tail_start += len(dropped)
+        with self._mem:
+            self._tail.append(data)
+            self._tail_bytes += len(data)
+            # At most `window` bytes plus the chunk just written, so a reader at the window's edge can finish it.
+            while self._tail_bytes - len(self._tail[0]) >= self._window:
+                dropped = self._tail.popleft()
+                self._tail_bytes -= len(dropped)
+                self._tail_start += len(dropped)
 
     def pread(self, size: int, offset: int) -> bytes:
         """Up to `size` bytes at `offset`, which must be below `written`; raises FellBehind (see the class)."""
-        if offset < self._on_disk:
-            assert self.fd is not None
-            return os.pread(self.fd, min(size, self._on_disk - offset), offset)
-        with self._lock:
+        while True:
+            if offset < self._on_disk:
+                assert self.fd is not None
+                return os.pread(self.fd, min(size, self._on_disk - offset), offset)
+            data = self.buffered(size, offset)
+            if data is not None:
+                return data
+
+    def buffered(self, size: int, offset: int) -> bytes | None:
+        """Up to `size` bytes at `offset` (below `written`) from memory, without a system call, so the loop may
+        call it; None when they have meanwhile gone to the file (read them there); raises FellBehind."""
+        with self._mem:
+            if offset < self._on_disk:
+                return None
             if offset < self._tail_start:
                 raise FellBehind(offset)
             at = self._tail_start
             for data in self._tail:
                 if offset < at + len(data):
-                    return data[offset - at : offset - at + size]
+                    return _piece(data, offset - at, size)
+                at += len(data)
+            at = self.written - self._pending_bytes
+            for data in self._pending:
+                if offset < at + len(data):
+                    return _piece(data, offset - at, size)
                 at += len(data)
         return b""
 
@@ -161,8 +220,10 @@ class Staging:
     def close(self) -> None:
         with self._lock:
             if not self._closed:
-                self._closed = True
-                self._tail.clear()
+                with self._mem:
+                    self._closed = True
+                    self._tail.clear()
+                    self._pending.clear()
                 if self.fd is not None:
                     os.close(self.fd)
 
@@ -171,6 +232,11 @@ class Staging:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
             self.path = None
+
+
+def _piece(data: bytes, start: int, size: int) -> bytes:
+    # A reader keeping up takes each chunk whole: the very object S3 gave us, not a copy.
+    return data if start == 0 and size >= len(data) else data[start : start + size]
 
 
 def new_staging(directory: Path, key: str, meta: ObjectMeta) -> Staging:

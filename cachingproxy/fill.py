@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from .models import ObjectMeta
@@ -33,10 +33,8 @@ class Fill:
     byte of the object is released only once the whole body has been verified.
     """
 
-    def __init__(self, key: str, read_staging: Callable[[Staging, int, int], Awaitable[bytes]],
-                 read_part: Callable[[ObjectMeta, int, int], AsyncIterator[bytes]]) -> None:
+    def __init__(self, key: str, read_part: Callable[[ObjectMeta, int, int], AsyncIterator[bytes]]) -> None:
         self.key = key
-        self._read_staging = read_staging
         self._read_part = read_part  # bytes [start, end) of this version in a GetObject of their own
         self.ready: asyncio.Future[ObjectMeta] = asyncio.get_running_loop().create_future()
         self.staging: Staging | None = None
@@ -47,9 +45,6 @@ class Fill:
         self.error: OriginError | None = None
         self.done = False
         self.readers = 0
-        # The chunk written last and its offset: readers keeping up with S3 (the usual case) take their
-        # bytes from here, the very object S3 gave us, instead of reading them back from the file.
-        self.recent: tuple[int, bytes] = (0, b"")
         self._changed = asyncio.Event()
 
     def notify(self) -> None:
@@ -89,25 +84,24 @@ class Fill:
                 yield FileSpan(staging.fd, offset, span)
                 offset += span
                 continue
-            at, recent = self.recent
-            if at <= offset < at + len(recent):
-                # Whole when caught up: bytes[0:len] is the same object, so no copy at all.
-                chunk = recent[offset - at : offset - at + count]
-            else:
-                try:
-                    chunk = await self._read_staging(staging, min(count, CHUNK_SIZE), offset)
-                except FellBehind:
-                    # A body passing through (no room on disk) keeps only a window in memory; this reader
-                    # is slower than S3, so it reads the rest at its own pace, of the same version.
-                    async for chunk in self._read_part(staging.meta, offset, end):
-                        yield chunk
-                    return
+            # Ahead of the file (the usual case for a reader keeping up with S3): the bytes are still in
+            # memory, where the fill put them, whole chunks being the very objects S3 gave us.
+            try:
+                chunk = staging.buffered(min(count, CHUNK_SIZE), offset)
+            except FellBehind:
+                # A body passing through (no room on disk) keeps only a window in memory; this reader
+                # is slower than S3, so it reads the rest at its own pace, of the same version.
+                async for chunk in self._read_part(staging.meta, offset, end):
+                    yield chunk
+                return
+            if chunk is None:
+                continue  # written to the file meanwhile: sent from there
             if not chunk:
                 raise OriginUnavailable("staging file shorter than reported")
             offset += len(chunk)
             yield chunk
-        # A whole-object response ends only once the body is verified and indexed, so the next
-        # request for the key is a hit (this is what makes an empty object wait too).
+        # A whole-object response ends only once the body is verified (this is what makes an empty object
+        # wait too). Not once it is indexed: the next request for the key waits for that (service.resolve).
         while end == size and not self.verified:
             if self.error is not None:
                 raise self.error
@@ -118,6 +112,11 @@ class Fill:
         while not self.verified:
             if self.error is not None:
                 raise self.error
+            await self.changed()
+
+    async def settled(self) -> None:
+        """Until the fill has ended: its body committed to the cache (or refused by it), or failed."""
+        while not self.done:
             await self.changed()
 
     def leave(self) -> None:

@@ -38,6 +38,7 @@ class Published:
     path: str | None
     meta: ObjectMeta
     watch: int
+    verified: bool = False  # the body is complete and verified: its worker is making it durable and indexing it
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +51,22 @@ class Flight:
     follow: Published | None = None
 
 
-def _encode(path: str | None, meta: ObjectMeta) -> bytes:
+def _encode(path: str | None, meta: ObjectMeta, verified: bool) -> bytes:
     return json.dumps({"pid": os.getpid(), "path": path, "etag": meta.etag, "size": meta.size,
-                       "lm": meta.last_modified, "headers": meta.headers, "enc": meta.encrypted}).encode()
+                       "lm": meta.last_modified, "headers": meta.headers, "enc": meta.encrypted,
+                       "verified": int(verified)}).encode()  # 0 or 1: the record keeps its length
 
 
-def _decode(raw: bytes) -> tuple[str | None, ObjectMeta] | None:
+def _decode(raw: bytes) -> tuple[str | None, ObjectMeta, bool] | None:
     try:
         record = json.loads(raw)
         meta = ObjectMeta(etag=record["etag"], size=int(record["size"]), last_modified=record["lm"],
                           headers=tuple((str(k), str(v)) for k, v in record["headers"]), encrypted=record["enc"])
         path = record["path"]
-    except (ValueError, KeyError, TypeError):
+        verified = record.get("verified") == 1
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None  # not written yet, or caught mid-write: look again at the next poll
-    return (path if isinstance(path, str) else None), meta
+    return (path if isinstance(path, str) else None), meta, verified
 
 
 class FillLocks:
@@ -132,15 +135,17 @@ class FillLocks:
         if decoded is None:
             os.close(fd)
             return None
-        return Published(decoded[0], decoded[1], fd)
+        return Published(decoded[0], decoded[1], fd, decoded[2])
 
-    def publish(self, key: str, path: str | None, meta: ObjectMeta) -> None:
-        """Tell the other workers where this fill of `key` streams to (None: nowhere they can read)."""
+    def publish(self, key: str, path: str | None, meta: ObjectMeta, *, verified: bool = False) -> None:
+        """Tell the other workers where this fill of `key` streams to (None: nowhere they can read), and then
+        that its body is verified: only the commit is left (see `until_committed`)."""
         fd = self._held.get(key)
         if fd is None:
             return
         try:
-            os.pwrite(fd, _encode(path, meta), 0)
+            # The verified record differs from the first in one digit, so a reader never sees a stale tail.
+            os.pwrite(fd, _encode(path, meta, verified), 0)
         except OSError as exc:
             log.warning("cannot publish a fill (%s): other workers wait for it instead", exc.__class__.__name__)
 
@@ -156,6 +161,28 @@ class FillLocks:
             raise
         fcntl.flock(fill.watch, fcntl.LOCK_UN)
         return True
+
+    async def until_committed(self, key: str) -> bool:
+        """When another worker's fill of `key` has sent its last byte and is committing the body (fdatasync,
+        the index), wait for that, so the caller's lookup finds the entry: True. False at once otherwise
+        (one failed open(2) when no fill of the key is in flight)."""
+        try:
+            published = self._published(self._path(key))
+        except OSError:
+            return False
+        if published is None:
+            return False
+        try:
+            if not published.verified:
+                return False
+            # Polled: the end of another process's commit shows only as its flock going away.
+            deadline = time.monotonic() + self._timeout
+            while True:
+                if self.finished(published) or time.monotonic() >= deadline:
+                    return True
+                await asyncio.sleep(self._poll)
+        finally:
+            os.close(published.watch)
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str) -> AsyncIterator[Flight]:

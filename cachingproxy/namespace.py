@@ -80,8 +80,11 @@ class NamespacedStore:
     def fill_lock(self, key: str) -> contextlib.AbstractAsyncContextManager[Flight]:
         return self._store.fill_lock(self._ns + key)
 
-    def publish(self, staging: Staging) -> None:
-        self._store.publish(staging)  # staging.key is already namespaced: `stage` made it
+    def publish(self, staging: Staging, *, verified: bool = False) -> None:
+        self._store.publish(staging, verified=verified)  # staging.key is already namespaced: `stage` made it
+
+    async def committing_elsewhere(self, key: str) -> bool:
+        return await self._store.committing_elsewhere(self._ns + key)
 
     @staticmethod
     def finished(fill: Published) -> bool:
@@ -99,8 +102,8 @@ class NamespacedStore:
     async def write(self, staging: Staging, chunk: bytes) -> None:
         await self._store.write(staging, chunk)
 
-    async def read_staging(self, staging: Staging, size: int, offset: int) -> bytes:
-        return await self._store.read_staging(staging, size, offset)
+    async def flush(self, staging: Staging) -> None:
+        await self._store.flush(staging)
 
     async def commit(self, staging: Staging, now: float) -> Entry | None:
         entry = self._out(await self._store.commit(staging, now))

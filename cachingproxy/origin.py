@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from aiobotocore.config import AioConfig
+from aiobotocore.httpchecksum import AioStreamingChecksumBody
 from aiobotocore.session import AioSession
 from botocore.exceptions import (
     ClientError,
@@ -187,13 +188,23 @@ def _translated(op: str, key: str) -> Iterator[None]:
 
 
 class ObjectBody:
-    """A GetObject response whose body must be read in bounded chunks and always closed."""
+    """A GetObject response whose body must be read in bounded chunks and always closed.
+
+    `checked`: botocore verifies this body against a whole-object checksum S3 sent (x-amz-checksum-crc32 and
+    the like, for objects uploaded with one: every SDK upload since 2025), and `chunks` raises BodyCorrupt at
+    the end when it does not match, before the end is reported. A second digest of the same bytes (our MD5
+    of the ETag) then proves nothing more and costs the most CPU of a cold fill (0.22 s per 100 MiB here,
+    against 0.03 s for the CRC32): see benchmarks/results/cold-large.md.
+    """
 
     def __init__(self, meta: ObjectMeta, body: Any, key: str, read_timeout: float) -> None:
         self.meta = meta
         self._body = body
         self._key = key
         self._read_timeout = read_timeout
+        # The wrapper botocore puts round a body only when it found a whole-object checksum it can compute (a
+        # composite "-N" one of a multipart upload is skipped; CRC64NVME needs awscrt, which we do not install).
+        self.checked = isinstance(body, AioStreamingChecksumBody)
 
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
         while True:

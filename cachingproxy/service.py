@@ -130,9 +130,11 @@ class CachingProxy:
         Executes what `policy.decide` says, and asks it again after anything that changes the inputs (S3
         failed, the body turned out evicted); every choice is the table's.
         """
-        if want_body and key in self._fills:
+        if not await self._committed(key) and want_body and key in self._fills:
             return await self._join(self._fills.start(key), Outcome.MISS)
         entry = await self._store.lookup(key)
+        if entry is None and await self._store.committing_elsewhere(key):
+            entry = await self._store.lookup(key)  # another worker has just indexed it: a hit here too
         health = self._breaker.health(self._clock())
         error: OriginError | None = None
         while True:
@@ -195,9 +197,26 @@ class CachingProxy:
             # The body was evicted or found damaged after the lookup: that is a miss, not an error.
             entry = None
 
+    async def _committed(self, key: str, *, elsewhere: bool = False) -> bool:
+        """Whether a fill of `key` (in this worker; `elsewhere`: in any) had sent its last byte but not yet
+        indexed its body, which it now has (or the cache refused it): so a request is a hit, and an event's
+        invalidation is not undone by that commit."""
+        committing = self._fills.committing(key)
+        if committing is None:
+            return elsewhere and await self._store.committing_elsewhere(key)
+        await asyncio.shield(committing.settled())
+        return True
+
+    async def committed_under(self, prefix: str) -> None:
+        """Until every fill under `prefix` that had sent its last byte has indexed its body: a purge must not be
+        undone by a commit that ends just after it."""
+        for fill in self._fills.committing_under(prefix):
+            await asyncio.shield(fill.settled())
+
     async def confirm_listed(self, key: str, etag: str) -> bool:
         """A listing reports `etag` for `key`: True when the cached copy is that version, with a body that opens
         (then it is marked checked, as after a 304); False when it needs fetching (warm-up)."""
+        await self._committed(key, elsewhere=True)
         entry = await self._store.lookup(key)
         if entry is None or not isinstance(decide(entry, self._clock(), _ANY, listed_etag=etag), Confirm):
             return False
@@ -217,6 +236,7 @@ class CachingProxy:
         Through the store, not this worker's memory: mark_checked also changes the shared stamp, which makes
         every worker drop its in-memory copy of the entry."""
         self._negative.pop(key, None)
+        await self._committed(key, elsewhere=True)
         entry = await self._store.lookup(key)
         if entry is None:
             return False
@@ -228,6 +248,7 @@ class CachingProxy:
     async def drop(self, key: str) -> None:
         """An event says `key` was deleted: forget the entry (every worker) and answer 404 without asking S3
         for negative_ttl (this worker; the others learn it from S3 on their next request)."""
+        await self._committed(key, elsewhere=True)
         await self._store.forget(key)
         self._remember_missing(key)
         if await self._store.lookup(key) is not None:
@@ -399,6 +420,7 @@ class CachingProxy:
         self._negative.pop(key, None)  # a listing has just shown that the key exists
         fill = self._fills.start(key)
         await fill.verified_body()
+        await fill.settled()  # stored (a warm job reports what the cache holds)
         return fill.ready.result()
 
 

@@ -323,9 +323,16 @@ class CacheStore:
             return contextlib.nullcontext(Flight(waited=False))
         return self._locks.hold(key)
 
-    def publish(self, staging: Staging) -> None:
-        """Tell the other workers where the fill of `staging.key` (whose lock this worker holds) streams to."""
-        self._locks.publish(staging.key, staging.path, staging.meta)
+    def publish(self, staging: Staging, *, verified: bool = False) -> None:
+        """Tell the other workers where the fill of `staging.key` (whose lock this worker holds) streams to;
+        `verified`: its body is complete and verified, only the commit is left."""
+        self._locks.publish(staging.key, staging.path, staging.meta, verified=verified)
+
+    async def committing_elsewhere(self, key: str) -> bool:
+        """Whether another worker was committing a verified body of `key`, which it now has (FillLocks)."""
+        if not self._index.available:
+            return False
+        return await self._locks.until_committed(key)
 
     @staticmethod
     def finished(fill: Published) -> bool:
@@ -367,9 +374,9 @@ class CacheStore:
     async def write(self, staging: Staging, chunk: bytes) -> None:
         await self._run(self._writer.write, staging, chunk)
 
-    async def read_staging(self, staging: Staging, size: int, offset: int) -> bytes:
-        """Bytes of a fill in progress; raises FellBehind when a pass-through body has moved past them."""
-        return await self._run(staging.pread, size, offset)
+    async def flush(self, staging: Staging) -> None:
+        """Write what `staging` has received so far (see bodies.Staging.receive, writebehind.py)."""
+        await self._run(self._writer.flush, staging)
 
     async def commit(self, staging: Staging, now: float) -> Entry | None:
         """Index a verified body; None when the cache could not take it (the response goes on regardless)."""

@@ -118,6 +118,14 @@ class BodyWriter:
 
     def write(self, staging: Staging, chunk: bytes) -> None:
         staging.write(chunk)
+        self._report(staging)
+
+    def flush(self, staging: Staging) -> None:
+        """Write what the fill has received (bodies.Staging.receive) so far."""
+        staging.flush()
+        self._report(staging)
+
+    def _report(self, staging: Staging) -> None:
         error = staging.disk_error
         if error is not None and not staging.reported:
             staging.reported = True

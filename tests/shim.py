@@ -30,6 +30,7 @@ class Fault:
     etag: str = ""  # replace the ETag S3 sent
     sse_kms: bool = False  # add x-amz-server-side-encryption: aws:kms
     last_modified: str = ""  # replace the Last-Modified S3 sent (moto stamps every object with its upload time)
+    no_checksum: bool = False  # drop x-amz-checksum-* (an object uploaded without one): only the MD5 can tell
     ops: frozenset[str] = frozenset({"GET", "HEAD", "LIST"})  # which operations the fault applies to
 
 
@@ -155,6 +156,8 @@ class Shim:
                 out["ETag"] = fault.etag
             if fault is not None and fault.last_modified and "Last-Modified" in out:
                 out["Last-Modified"] = fault.last_modified
+            if fault is not None and fault.no_checksum:
+                out = {k: v for k, v in out.items() if not k.lower().startswith("x-amz-checksum-")}
             if fault is not None and fault.sse_kms:
                 out["x-amz-server-side-encryption"] = "aws:kms"
             payload = await upstream.read()

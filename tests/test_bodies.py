@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from cachingproxy.bodies import FellBehind, Staging, new_staging, remove_leftovers
 from cachingproxy.models import ObjectMeta
+from cachingproxy.writebehind import WriteBehind
 from cachingproxy.writer import room_to_make
 
 
@@ -88,3 +90,35 @@ def test_a_write_that_fails_mid_body_goes_on_in_memory(tmp_path: Path) -> None:
 ], ids=["fits", "limit", "disk", "reserved", "over-limit", "cannot-fit"])
 def test_room_to_make(size: int, volume: int, limit: int, free: int, reserved: int, evict: int | None) -> None:
     assert room_to_make(size, volume=volume, limit=limit, free=free, reserved=reserved) == evict
+
+
+async def test_write_behind_holds_at_most_its_limit_ahead_of_the_disk(tmp_path: Path) -> None:
+    """The fill reads on from S3 while its writes are behind, readers find those bytes in memory, and past
+    the limit the fill waits for the disk: memory does not grow with the object (writebehind.py)."""
+    data = os.urandom(40 * 4096)
+    staging = new_staging(tmp_path, "k", ObjectMeta(etag='"e"', size=len(data), last_modified=None))
+    disk_free = asyncio.Event()
+
+    async def slow_flush(s: Staging) -> None:
+        await disk_free.wait()
+        await asyncio.to_thread(s.flush)
+
+    behind = WriteBehind(staging, slow_flush, limit=10 * 4096)
+    try:
+        for at in range(0, 10 * 4096, 4096):
+            await behind.put(data[at : at + 4096])  # within the limit: never waits
+        assert staging.on_disk == 0 and staging.buffered(4096, 5 * 4096) == data[5 * 4096 : 6 * 4096]
+        stuck = asyncio.create_task(behind.put(data[10 * 4096 : 11 * 4096]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not stuck.done() and staging.pending == 11 * 4096
+        disk_free.set()
+        await stuck
+        for at in range(11 * 4096, len(data), 4096):
+            await behind.put(data[at : at + 4096])
+            assert staging.pending <= 11 * 4096
+        await behind.finish()
+        assert staging.pending == 0 and staging.on_disk == len(data) and staging.pread(len(data), 0) == data
+    finally:
+        staging.close()
+        staging.discard_path()

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
 
-from .conftest import Bucket, MakeProxy, free_port
+from cachingproxy.appkeys import STORE
+
+from .conftest import DEADLINE, Bucket, MakeProxy, free_port, until
 from .shim import Fault, Shim
 
 MiB = 1024 * 1024
@@ -114,3 +117,29 @@ directory = "{tmp_path / 'cache'}"
         if filler.returncode is None:
             os.killpg(filler.pid, signal.SIGKILL)
         await filler.wait()
+
+
+async def test_a_request_to_another_worker_while_the_filler_commits_waits_and_is_a_hit(
+        make_proxy: MakeProxy, bucket: Bucket, shim: Shim, tmp_path: Path) -> None:
+    # The filler's client has its last byte before the body is durable and indexed (filling.py): a request
+    # to another worker meanwhile waits for that commit instead of following the finished fill as a miss.
+    first, second = await make_proxy(), await make_proxy()
+    bucket.put("warm.html", b"warm")
+    await (await first.get("/docs/warm.html")).read()  # the cache index exists
+    body = os.urandom(1 * MiB)
+    bucket.put("big.bin", body)
+    locker = sqlite3.connect(tmp_path / "cache" / "db" / "cache.db", timeout=0.1, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # the body cannot be indexed while this is held
+    try:
+        async with asyncio.timeout(DEADLINE):
+            resp = await first.get("/docs/big.bin")
+            assert (resp.headers["X-Cache"], await resp.read()) == ("MISS", body)
+        other = asyncio.create_task(second.get("/docs/big.bin"))
+        await until(lambda: first.app[STORE].commit_retries >= 1, "the commit met the lock")
+        assert not other.done()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    resp = await other
+    assert (resp.headers["X-Cache"], await resp.read()) == ("HIT", body)
+    assert shim.counts["GET"] == 2  # warm.html and big.bin, each once
