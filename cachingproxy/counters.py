@@ -123,12 +123,7 @@ class Counters:
         self._pairs: dict[tuple[str, str], tuple[int, ...]] = {}  # (site, counter) -> its tally cells
 
     def add(self, name: str, amount: int = 1) -> None:
-        site = SITE.get() or NO_SITE
-        pair = self._pairs.get((site, name))
-        if pair is None:
-            cells = self._cells.get(site)
-            pair = self._pairs[(site, name)] = (self._tally.cell(name),) + (
-                (self._tally.cell(cells[name]),) if cells is not None else ())
+        pair = self.cells(SITE.get() or NO_SITE, name)
         # The total and the site's cell under one lock, by cell number: a hit counts twice or three times.
         self._tally.add_cells(pair, (amount,) * len(pair))
         operation = _S3_OPERATION.get(name)
@@ -136,6 +131,19 @@ class Counters:
             calls = S3_CALLS.get()
             if calls is not None:
                 calls[operation] += amount
+
+    def cells(self, site: str, name: str) -> tuple[int, ...]:
+        """The tally cells a count of `name` for `site` adds to (the total's and the site's), looked up once."""
+        pair = self._pairs.get((site, name))
+        if pair is None:
+            cells = self._cells.get(site)
+            pair = self._pairs[(site, name)] = (self._tally.cell(name),) + (
+                (self._tally.cell(cells[name]),) if cells is not None else ())
+        return pair
+
+    def add_cells(self, cells: tuple[int, ...], amounts: tuple[int, ...]) -> None:
+        """Adds by cell (`cells`, metrics.Metrics.observed) under one lock: a fast hit counts in one go."""
+        self._tally.add_cells(cells, amounts)
 
     def get(self, name: str) -> int:
         """This worker's own count (tests)."""

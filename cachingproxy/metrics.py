@@ -187,6 +187,11 @@ class Metrics:
         return {site: {label: totals[_responses(site, label)] for label in OUTCOMES} for site in self._sites[:-1]}
 
     def observe(self, outcome: str | None, seconds: float, site: str | None) -> None:
+        self._tally.add_cells(*self.observed(outcome, seconds, site))
+
+    def observed(self, outcome: str | None, seconds: float, site: str | None
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The tally cells and amounts `observe` adds, for a caller that adds them with its own counts."""
         cells = self._cells.get((outcome, site))
         if cells is None:
             cells = self._cells[(outcome, site)] = self._cells_for(outcome, site)
@@ -194,9 +199,8 @@ class Metrics:
         # Prometheus buckets are "le": a value equal to a bound belongs to that bucket.
         bucket = buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)]
         if responses is None:
-            self._tally.add_cells((bucket, sum_us), (1, round(seconds * 1e6)))
-        else:
-            self._tally.add_cells((bucket, sum_us, responses), (1, round(seconds * 1e6), 1))
+            return (bucket, sum_us), (1, round(seconds * 1e6))
+        return (bucket, sum_us, responses), (1, round(seconds * 1e6), 1)
 
     def _cells_for(self, outcome: str | None, site: str | None) -> tuple[tuple[int, ...], int, int | None]:
         """The tally cells one (outcome, site) pair counts into, looked up once: names built per response
