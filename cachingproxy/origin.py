@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
+import botocore.session
 from aiobotocore.config import AioConfig
 from aiobotocore.httpchecksum import AioStreamingChecksumBody
 from aiobotocore.session import AioSession
@@ -46,6 +47,7 @@ __all__ = [
     "client_settings",
     "open_client",
     "profile_problems",
+    "share_models",
 ]
 
 log = logging.getLogger(__name__)
@@ -334,6 +336,8 @@ async def open_client(config: S3Config, counters: Counters | None = None) -> Asy
         max_pool_connections=config.max_connections,
     )
     session = AioSession(profile=config.profile or None)
+    if _shared is not None and session.get_config_variable("data_path") == _shared[0]:
+        session.register_component("data_loader", _shared[1])
     async with session.create_client(
         "s3",
         region_name=config.region,
@@ -343,6 +347,27 @@ async def open_client(config: S3Config, counters: Counters | None = None) -> Asy
         if counters is not None:
             _count_attempts(client, counters)
         yield client
+
+
+# (AWS data_path, botocore Loader) made by share_models, or None: each session then loads its own.
+_shared: tuple[str | None, Any] | None = None
+
+
+def share_models() -> None:
+    """Parse botocore's S3 model, endpoint rules and partition data once, for every client opened afterwards.
+
+    A session's loader keeps what it parsed, about 12 MiB of dicts for an S3 client, and each new session (one
+    per client) parses its own. The supervisor calls this before it forks (footprint.py), so every worker's
+    clients read one copy-on-write copy; it was parsed again in each worker (benchmarks/results/footprint.md).
+    The loader is warmed by building a client the ordinary way, so it holds whatever this botocore loads; a
+    synchronous one with dummy keys, since nothing is sent, no credentials are looked up and no loop runs here.
+    """
+    global _shared
+    session = botocore.session.Session()
+    loader = session.get_component("data_loader")
+    session.create_client("s3", region_name="us-east-1", aws_access_key_id="preload",
+                          aws_secret_access_key="preload")
+    _shared = (session.get_config_variable("data_path"), loader)
 
 
 def _count_attempts(client: Any, counters: Counters) -> None:

@@ -39,6 +39,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
+from .footprint import freeze, preload
 from .logsetup import logging_off_the_loop
 from .portlock import claim_port
 from .sdnotify import notify, watchdog_interval
@@ -264,6 +265,8 @@ def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket, path: 
                     sock.close()
                 raise
         scheme = "https" if server.tls_certificate else "http"
+        if serve is serve_socket:  # loaded once here and shared by every worker it forks (footprint.py)
+            preload()
         return _supervise(config, socks, serve, f"{scheme}://{host}:{port}", path)
     finally:
         if claim is not None:
@@ -341,6 +344,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
         # Blocked across fork so a signal can never find a worker the loop below does not know yet, nor
         # run the supervisor's handler inside a worker; the worker resets them, then unblocks.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        freeze()  # so that no collection in the worker copies the pages it shares with this process
         try:
             proc = ctx.Process(target=_worker_main,
                                args=(serve, gen.config, sock, parent, slot, row, gen.number, ready_w),
