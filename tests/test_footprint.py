@@ -4,6 +4,7 @@ workers keep sharing it (footprint.py, origin.share_models)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -68,6 +69,39 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+_ARENAS = """
+import ctypes, sys, threading
+from cachingproxy import footprint
+if sys.argv[1] == "limit":
+    assert footprint.malloc_arenas(2)
+go = threading.Barrier(8)
+def work():
+    kept = [b"x" * 1000 for _ in range(100)]  # above pymalloc's 512 bytes: glibc's malloc, in this thread's arena
+    go.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_stats")
+@pytest.mark.parametrize(("mode", "most"), [("limit", 2), ("default", 16)])
+def test_malloc_arenas_bounds_the_arenas_that_threads_make(mode: str, most: int) -> None:
+    """Eight threads allocating at once: each gets an arena of its own by default (up to 8 per core), two in all
+    once malloc_arenas(2) ran; an operator's MALLOC_ARENA_MAX is left alone."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run([sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, timeout=60,
+                          env=env, check=True)
+    arenas = sum(line.startswith("Arena ") for line in done.stderr.splitlines())
+    assert (arenas <= most) and (mode == "limit" or arenas > 2), done.stderr
+    if mode == "limit":
+        respected = subprocess.run([sys.executable, "-c", "from cachingproxy import footprint; "
+                                    "print(footprint.malloc_arenas(2))"], capture_output=True, text=True,
+                                   timeout=60, env={**env, "MALLOC_ARENA_MAX": "4"}, check=True)
+        assert respected.stdout.strip() == "False"
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux /proc smaps_rollup needed")
