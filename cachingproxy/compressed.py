@@ -30,6 +30,9 @@ __all__ = ["Coded", "coded_headers", "conditional_plan", "count", "count_coded",
 
 _CHUNK = 256 * 1024
 _MEMO = 4096
+# coded_headers' memo: its keys are hitpath.memo_headers' results, which are new every second (Age is in them),
+# so only one second's worth is ever used again; at 4096 it and that memo held 2-3 MiB per worker (footprint.md).
+_HEADERS_MEMO = 1024
 
 
 def negotiation(request: web.Request, meta: ObjectMeta) -> Negotiated | None:
@@ -91,7 +94,7 @@ def coded_headers(headers: CIMultiDictProxy[str], coding: str) -> CIMultiDictPro
         if etag:
             out["ETag"] = variant_etag(etag, coding)
     made = CIMultiDictProxy(out)
-    if len(_HEADERS) >= _MEMO:
+    if len(_HEADERS) >= _HEADERS_MEMO:
         _HEADERS.clear()
     _HEADERS[(id(headers), coding)] = (headers, made)
     return made

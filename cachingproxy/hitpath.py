@@ -6,7 +6,10 @@ they call from here buys speed or bounded resources at a maintenance cost, each 
    stored Date, browser Cache-Control)
    instead of per hit: dates, strings and a multidict cost more than the rest of a hit from memory. Part of
    the step that took hot hits from 0.33 to 0.42 of a bare aiohttp handler. Cost: the memo's key must name
-   everything the headers depend on; a header that varies per request cannot go in here.
+   everything the headers depend on; a header that varies per request cannot go in here. Bounded at 1024:
+   Age and TTL-left are in the key, so an entry is only used again within its second, and the memo needs room
+   for the objects hit in one second, not more; at 4096 it and compressed.coded_headers held 2-3 MiB per
+   worker of stale headers (benchmarks/results/footprint.md).
 2. `memo_request_key`: the raw path's decoding, containment check and index-document mapping remembered per
    path (same step as 1). Cost: paths over 512 bytes bypass it, so hostile ones cannot grow it.
 3. `send_file`: sendfile(2) through a dup of the socket's fd, because uvloop has no loop.sendfile
@@ -42,7 +45,7 @@ from .models import ObjectMeta, Outcome
 __all__ = ["freeze_heap", "memo_headers", "memo_request_key", "reset", "send_file"]
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def memo_headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | None, checked: int | None,
                  client: ClientFreshness) -> CIMultiDictProxy[str]:
     """headers.object_headers, remembered (1)."""
