@@ -10,7 +10,7 @@ import os
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
-from typing import BinaryIO
+from typing import BinaryIO, Final, Literal
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -25,8 +25,9 @@ from .hitpath import send_file
 from .models import Entry, ObjectMeta
 from .sites import Site
 
-__all__ = ["Coded", "coded_headers", "conditional_plan", "count", "count_coded", "gunzipped", "memory_variant",
-           "negotiate_for", "negotiation", "pick_variant", "plan_for", "send_coded", "variant_in_memory"]
+__all__ = ["ON_DISK", "Coded", "coded_headers", "conditional_plan", "count", "count_coded", "gunzipped",
+           "memory_variant", "negotiate_for", "negotiation", "pick_variant", "plan_for", "send_coded",
+           "variant_in_memory"]
 
 _CHUNK = 256 * 1024
 _MEMO = 4096
@@ -149,22 +150,25 @@ def _chosen(site: Site, key: str, accept: str | None, entry: Entry) -> tuple[str
     return None if coding is None else (key, coding)
 
 
-def variant_in_memory(request: web.Request, entry: Entry) -> Coded | None:
+# memory_variant's answer for a variant that is stored but not in this worker's memory yet.
+ON_DISK: Final = "on disk"
+
+
+def variant_in_memory(request: web.Request, entry: Entry) -> Coded | Literal["on disk"] | None:
     return memory_variant(request[SITE], request[OBJECT_KEY], request.headers.get("Accept-Encoding"), entry)
 
 
-def memory_variant(site: Site, key: str, accept: str | None, entry: Entry) -> Coded | None:
-    """The hot path's variant: only bytes this worker holds; otherwise None (identity this time, variants
-    looked for or made in the background)."""
+def memory_variant(site: Site, key: str, accept: str | None, entry: Entry) -> Coded | Literal["on disk"] | None:
+    """The hot path's variant: bytes this worker holds; ON_DISK when the client's coding is stored but not held
+    (pick_variant opens it, and keeps it in memory from then on); None for identity (no variant, or not yet
+    known: looked for or made in the background). Variants enter memory only once a client asks for that
+    coding, so a worker does not hold all three codings of every object (benchmarks/results/footprint.md)."""
     chosen = _chosen(site, key, accept, entry)
     if chosen is None:
         return None
     key, coding = chosen
     data = site.store.variant_in_memory(key, entry.meta.etag, coding)
-    if data is None:
-        site.variants.lost(key, entry.meta.etag)  # on disk, or gone: the background task will say
-        return None
-    return Coded(coding, data)
+    return ON_DISK if data is None else Coded(coding, data)
 
 
 async def pick_variant(request: web.Request, entry: Entry) -> Coded | None:

@@ -42,7 +42,7 @@ from .access_rules import parse_networks
 from .accessline import request_id_from
 from .accesslog import StructuredAccessLogger
 from .appkeys import CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITES
-from .compressed import coded_headers, conditional_plan, memory_variant, negotiate_for
+from .compressed import ON_DISK, coded_headers, conditional_plan, memory_variant, negotiate_for
 from .conditional import evaluate
 from .forwarded import forwarded
 from .freshness import client_freshness
@@ -133,6 +133,8 @@ class FastHits:
             plan = evaluate("GET", headers, etag=meta.etag, last_modified=meta.last_modified, size=meta.size)
         else:
             coded = memory_variant(site, key.s3_key, headers.get("Accept-Encoding"), entry) if neg.coding else None
+            if coded == ON_DISK:
+                return False  # the ordinary path reads it in (compressed.pick_variant), for the hits after this
             if coded is None:
                 head = coded_headers(head, "identity")
                 plan = conditional_plan("GET", headers, meta, meta.size, ranged=True)

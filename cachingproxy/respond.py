@@ -12,6 +12,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from .appkeys import BODY_SENT, CLOCK, CONFIG, SITE, STORE
 from .compressed import (
+    ON_DISK,
     Coded,
     coded_headers,
     count,
@@ -60,7 +61,8 @@ def from_memory(request: web.Request, resolved: FromCache, ttl: float, client: C
     """A GET of a small body held in memory: a Response sends head and body in one write (one syscall, one
     segment); a StreamResponse sends its head alone at prepare(), which doubled a hit's send cost.
 
-    None: a gzip-stored body for a client without gzip, which respond() decompresses."""
+    None: a gzip-stored body for a client without gzip, which respond() decompresses, or a stored variant this
+    worker has not read yet, which respond() opens."""
     body = resolved.body
     assert isinstance(body, bytes)
     meta = resolved.entry.meta
@@ -73,6 +75,8 @@ def from_memory(request: web.Request, resolved: FromCache, ttl: float, client: C
             if neg.gunzip:
                 return None  # decompressed by respond(), streaming
             coded = variant_in_memory(request, resolved.entry) if neg.coding else None
+            if coded == ON_DISK:
+                return None  # respond() opens it (pick_variant), and this worker keeps it in memory after
             if coded is not None:
                 return _coded_from_memory(request, meta, coded, coded_headers(headers, coded.coding),
                                           conditional=conditional, status=status)

@@ -312,10 +312,9 @@ class CacheStore:
         """Store a variant of (key, ETag); False when that version is no longer the cached one."""
         if not self._index.available:
             return False
-        stored = await self._run(self._put_variant_sync, key, etag, coding, data)
-        if stored and len(data) <= HOT_BODY_MAX:
-            self._hot.keep_variant(key, etag, coding, data)
-        return stored
+        # Not kept in memory here: open_variant keeps it once a client asks for this coding (few clients ask
+        # for more than one, and identity-only ones for none).
+        return await self._run(self._put_variant_sync, key, etag, coding, data)
 
     def fill_lock(self, key: str) -> contextlib.AbstractAsyncContextManager[Flight]:
         """Cross-process single-flight for a fill of `key` (see FillLocks); a no-op without a cache."""

@@ -108,12 +108,8 @@ class Variants:
         store = self._store
         loop = asyncio.get_running_loop()
         try:
-            have: set[str] = set()
-            for coding in CODINGS:
-                found = await store.open_variant(key, etag, coding)
-                if found is not None:
-                    have.add(coding)
-                    await store.close_body(found)
+            # From the index, not by opening each: open_variant would pull every coding into this worker's memory.
+            have = set(await store.stored_variants(key, etag))
             if len(have) == len(CODINGS) or entry.meta.size > LARGEST:
                 self._remember((key, etag), frozenset(have))
                 return

@@ -77,6 +77,26 @@ async def test_each_coding_round_trips_byte_exact(proxy: ProxyClient, bucket: Bu
     assert shim.counts == {"GET": 1}
 
 
+async def test_a_worker_holds_in_memory_only_the_codings_clients_asked_for(proxy: ProxyClient,
+                                                                             bucket: Bucket) -> None:
+    """Variants are made and stored for all three codings, but read into this worker's memory only once a client
+    asks for one (issue 16, a smaller footprint): identity-only clients cost no variant bytes at all."""
+    body = text(20_000)
+    etag = bucket.put("held.css", body, ContentType="text/css")
+    assert (await fetch(proxy, "/docs/held.css"))[2] == body
+    await variants_ready(proxy, "held.css", etag)
+    store = proxy.app[SITES].first.store
+    for _ in range(3):
+        status, headers, got = await fetch(proxy, "/docs/held.css", Accept_Encoding="identity")
+        assert (status, got) == (200, body) and "Content-Encoding" not in headers
+    assert {c: store.variant_in_memory("held.css", etag, c) for c in DECODE} == dict.fromkeys(DECODE)
+    for _ in range(2):  # the first one is read from the cache file, the second from memory: the same bytes
+        status, headers, got = await fetch(proxy, "/docs/held.css", Accept_Encoding="gzip, deflate, br")
+        assert (status, headers["Content-Encoding"], brotli.decompress(got)) == (200, "br", body)
+    held = {c: store.variant_in_memory("held.css", etag, c) is not None for c in DECODE}
+    assert held == {"br": True, "zstd": False, "gzip": False}
+
+
 async def test_vary_etag_304_and_range_rules(proxy: ProxyClient, bucket: Bucket) -> None:
     body = text(8000)
     etag = bucket.put("a.js", body, ContentType="application/javascript")
