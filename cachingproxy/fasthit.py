@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 _HANDED_ON = ("Range", "If-Range", "If-Match", "If-Unmodified-Since", "Upgrade", "Expect")
 _REASONS = {200: "OK", 304: "Not Modified"}
 _BACKLOG = 64 * 1024  # bytes a connection may have unsent before its hits wait for the client (aiohttp's way)
-_BLOCKS = 4096  # header blocks remembered; cleared whole when full, like compressed.py's memos
+_BLOCKS = 1024  # header blocks remembered; cleared whole when full, like compressed.py's memos. Keyed by
+# memo_headers' results, new every second (Age is in them): more than one second's hot objects only keeps stale
+# blocks alive (issue 16, a smaller footprint: benchmarks/results/footprint.md).
 
 
 class FastHits:
