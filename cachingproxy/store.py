@@ -247,16 +247,14 @@ class CacheStore:
             self._note_hit(entry)
         return data
 
-    async def open_body(self, entry: Entry, *, keep: bool = True) -> BinaryIO | bytes | None:
+    async def open_body(self, entry: Entry) -> BinaryIO | bytes | None:
         """The body: bytes when small (held in memory after the first hit), else an open file to sendfile
-        from; None when it is gone or damaged (then: refetch). `keep` False: not held for later hits (the
-        variant maker reads every new text body once; held, they filled the hot layer with objects no
-        client had asked for twice: benchmarks/results/footprint.md)."""
+        from; None when it is gone or damaged (then: refetch)."""
         data = self.body_in_memory(entry)
         if data is not None:
             return data
         body = await self._run(self._open_body_sync, entry)
-        if isinstance(body, bytes) and keep:
+        if isinstance(body, bytes):
             self._hot.keep_body(entry, body)
         if body is not None:
             self._note_hit(entry)

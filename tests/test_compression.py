@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -14,7 +13,6 @@ import pytest
 import zstandard
 
 from cachingproxy.appkeys import COUNTERS, SITES
-from cachingproxy.namespace import namespace_for
 
 from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient, until
 from .shim import Shim
@@ -97,24 +95,6 @@ async def test_a_worker_holds_in_memory_only_the_codings_clients_asked_for(proxy
         assert (status, headers["Content-Encoding"], brotli.decompress(got)) == (200, "br", body)
     held = {c: store.variant_in_memory("held.css", etag, c) is not None for c in DECODE}
     assert held == {"br": True, "zstd": False, "gzip": False}
-
-
-async def test_making_variants_does_not_put_the_body_in_memory(proxy: ProxyClient, bucket: Bucket) -> None:
-    """The variant maker reads each new text body once; only a client's hit puts it in the hot layer (each
-    cold text object used to stay there after its first fetch, filling the layer: issue 16, a smaller
-    footprint)."""
-    body = text(20_000)
-    etag = bucket.put("once.css", body, ContentType="text/css")
-    assert (await fetch(proxy, "/docs/once.css"))[2] == body
-    await variants_ready(proxy, "once.css", etag)
-    site = proxy.app[SITES].first
-    found = await site.store.lookup("once.css")
-    assert found is not None
-    # The hot layer files bodies under the namespaced key, as the hot path's entries carry it (namespace.py).
-    entry = replace(found, key=namespace_for(site.config.s3) + "once.css")
-    assert site.store.body_in_memory(entry) is None
-    assert (await fetch(proxy, "/docs/once.css"))[2] == body
-    assert site.store.body_in_memory(entry) == body
 
 
 async def test_vary_etag_304_and_range_rules(proxy: ProxyClient, bucket: Bucket) -> None:
