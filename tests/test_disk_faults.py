@@ -181,6 +181,8 @@ async def test_a_cache_directory_that_cannot_be_recreated_is_reported_failed(
     body = os.urandom(100_000)
     bucket.put("a.bin", body)
     await (await proxy.get("/docs/a.bin")).read()
+    # Committed: a response may end before its body is indexed, and that commit would recreate the directory.
+    await service_of(proxy).settle()
     cache = tmp_path / "cache"
     shutil.rmtree(cache)
     cache.write_text("a file where the cache directory was")
