@@ -35,7 +35,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/python -m cachingproxy.demo $(DEMO_ARGS)
 
 # The proxy beside nginx proxy_cache and a direct fetch (issue 6): installs nginx and wrk from the system
-# packages when missing (benchmarks/setup.sh), runs for about 2 minutes on loopback only, prints one table
+# packages when missing (benchmarks/setup.sh), runs for about 3 minutes on loopback only, prints one table
 # and writes it to benchmarks/results/latest.md.
 bench: $(STAMP)
 	sh benchmarks/setup.sh
