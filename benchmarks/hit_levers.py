@@ -34,8 +34,7 @@ from run import (
     log,
     machine_facts,
     running,
-    start_moto,
-    start_shim,
+    start_seeded,
     wait_for_variants,
     warm,
 )
@@ -78,14 +77,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cachingproxy-levers-") as tmp_name, running(procs):
         tmp = Path(tmp_name)
         c, objects = corpus_mod.make_corpus()
-        moto, moto_url = start_moto(tmp)
-        procs.append(moto)
-        import boto3
-
-        corpus_mod.seed(boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
-                                     aws_access_key_id="testing", aws_secret_access_key="testing"), c, objects)
-        shim, shim_url = start_shim(tmp, moto_url)
-        procs.append(shim)
+        shim_url = start_seeded(tmp, procs, c, objects)
         for t in targets:
             if t.name == "hello":
                 t.port = free_port()

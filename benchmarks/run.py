@@ -33,12 +33,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import compression
 import corpus as corpus_mod
@@ -147,6 +148,23 @@ def start_shim(tmp: Path, moto_url: str) -> tuple[Proc, str]:
     url = f"http://{HOST}:{port}"
     wait_http(url + "/__shim__/counts", proc)
     return proc, url
+
+
+def start_seeded(tmp: Path, procs: list[Proc], c: corpus_mod.Corpus, objects: dict[str, tuple[bytes, str]],
+                 seed: Callable[[Any, corpus_mod.Corpus, dict[str, tuple[bytes, str]]], None] = corpus_mod.seed
+                 ) -> str:
+    """moto holding the corpus (put there by `seed`) and the shim in front of it, both added to `procs`; the
+    shim's URL."""
+    moto, moto_url = start_moto(tmp)
+    procs.append(moto)
+    import boto3  # the test extra; only the seeding needs it
+
+    client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    seed(client, c, objects)
+    shim, shim_url = start_shim(tmp, moto_url)
+    procs.append(shim)
+    return shim_url
 
 
 def start_target(t: Target, tmp: Path, shim_url: str, shim_port: int, workers: int) -> None:
@@ -618,15 +636,7 @@ def main() -> int:
         tmp = Path(tmp_name)
         log("starting moto and seeding the corpus")
         c, objects = corpus_mod.make_corpus(hot=args.hot)
-        moto, moto_url = start_moto(tmp)
-        procs.append(moto)
-        import boto3  # the test extra; only the seeding needs it
-
-        client = boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing")
-        corpus_mod.seed(client, c, objects)
-        shim, shim_url = start_shim(tmp, moto_url)
-        procs.append(shim)
+        shim_url = start_seeded(tmp, procs, c, objects)
         direct.port = int(shim_url.rsplit(":", 1)[1])
         for t in targets:
             start_target(t, tmp, shim_url, direct.port, args.workers)

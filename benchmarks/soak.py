@@ -210,14 +210,7 @@ async def main() -> int:
         tmp = Path(tmp_name)
         run.log("starting moto and seeding")
         c, objects = corpus_mod.make_corpus(hot=300, cold=args.cold)
-        moto, moto_url = run.start_moto(tmp)
-        procs.append(moto)
-        import boto3
-
-        seed(boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing"), c, objects)
-        shim, shim_url = run.start_shim(tmp, moto_url)
-        procs.append(shim)
+        shim_url = run.start_seeded(tmp, procs, c, objects, seed)
         t = run.Target("workers", f"workers x{args.workers}")
         run.start_target(t, tmp, shim_url, int(shim_url.rsplit(":", 1)[1]), args.workers)
         assert t.proc is not None
