@@ -162,9 +162,11 @@ async def respond(request: web.Request, resolved: Resolved, ttl: float, client: 
                 assert isinstance(resolved, FromHead)
             async with asyncio.timeout(stall):
                 await _write_eof_flushed(request, resp)
-        except OriginError:
-            # Headers and part of the body are out: the only honest signal left is to cut the
-            # connection, so the client sees a short body instead of a complete-looking wrong one.
+        except (OriginError, ConnectionError):
+            # S3 failed with headers and part of the body out: the only honest signal left is to cut the
+            # connection, so the client sees a short body instead of a complete-looking wrong one. Or the
+            # reader went away (a closed tab, a cancelled download): not an error of ours, and let out of the
+            # handler it would be logged by aiohttp with a traceback. Its access-log line says what was sent.
             reset(request)
             return resp
         except TimeoutError:
@@ -197,6 +199,9 @@ async def _send_coded(request: web.Request, meta: ObjectMeta, coded: Coded, head
                 await send_coded(request, resp, coded, stall)
             async with asyncio.timeout(stall):
                 await _write_eof_flushed(request, resp)
+        except ConnectionError:  # the reader went away (see respond)
+            reset(request)
+            return resp
         except TimeoutError:
             log.info("client took no bytes for %.0f s: connection dropped", stall)
             reset(request)
@@ -233,9 +238,9 @@ async def _gunzip(request: web.Request, resolved: Resolved, meta: ObjectMeta, he
                 sent += len(chunk)
             async with asyncio.timeout(stall):
                 await _write_eof_flushed(request, resp)
-        except (OriginError, zlib.error, TimeoutError):
-            # Not gzip after all, truncated, or a stalled client: the head is out, so cut the connection
-            # rather than end a body that looks complete.
+        except (OriginError, zlib.error, TimeoutError, ConnectionError):
+            # Not gzip after all, truncated, a stalled client or one gone: the head is out, so cut the
+            # connection rather than end a body that looks complete.
             reset(request)
             return resp
         request[BODY_SENT] = sent
