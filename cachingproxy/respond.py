@@ -166,7 +166,7 @@ async def respond(request: web.Request, resolved: Resolved, ttl: float, client: 
             # S3 failed with headers and part of the body out: the only honest signal left is to cut the
             # connection, so the client sees a short body instead of a complete-looking wrong one. Or the
             # reader went away (a closed tab, a cancelled download): not an error of ours, and let out of the
-            # handler it would be logged by aiohttp with a traceback. Its access-log line says what was sent.
+            # handler it would be logged by aiohttp with a traceback.
             reset(request)
             return resp
         except TimeoutError:
