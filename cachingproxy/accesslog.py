@@ -16,7 +16,7 @@ from .appkeys import BODY_SENT, CLIENT, S3_CALLS, SITE, STARTED
 from .counters import S3_CALLS as CURRENT_S3_CALLS
 from .counters import SITE as SITE_NAME
 from .logsetup import access_lines
-from .monitoring import OPS, Ops
+from .monitoring import OPS
 
 __all__ = ["StructuredAccessLogger", "request_id", "track_s3_calls"]
 
@@ -59,7 +59,13 @@ class StructuredAccessLogger(AbstractAccessLogger):
         site = request.get(SITE)
         site_name = site.name if site is not None else None
         if ops is not None:
-            self.measure(ops, site_name, outcome, time, delivered)
+            ops.metrics.observe(outcome, time, site_name)
+            if delivered:
+                token = SITE_NAME.set(site_name)  # the logger runs outside the request's context
+                try:
+                    ops.counters.add("bytes_served", delivered)
+                finally:
+                    SITE_NAME.reset(token)
         if not self.writes_lines():
             return
         if delivered is None:  # not an object response: whatever body it had in full, none for HEAD
@@ -73,17 +79,6 @@ class StructuredAccessLogger(AbstractAccessLogger):
             referer=headers.get("Referer"),
             # Set with the X-Request-Id header as the response was prepared; aiohttp's own 400s never were.
             request_id=response.headers.get("X-Request-Id"))
-
-    @staticmethod
-    def measure(ops: Ops, site: str | None, outcome: str | None, seconds: float, delivered: int | None) -> None:
-        """A response's latency by X-Cache, and the object bytes it delivered, for /stats and /metrics."""
-        ops.metrics.observe(outcome, seconds, site)
-        if delivered:
-            token = SITE_NAME.set(site)  # the logger runs outside the request's context
-            try:
-                ops.counters.add("bytes_served", delivered)
-            finally:
-                SITE_NAME.reset(token)
 
     def writes_lines(self) -> bool:
         if self.log_format == "off":

@@ -18,14 +18,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .appkeys import CONFIG, COUNTERS, OBJECT_KEY, SITE
 from .conditional import Plan, evaluate
 from .config import CompressionConfig
-from .counters import Counters
 from .encoding import Negotiated, choose, identity_inm, negotiate, variant_etag
 from .fill import FileSpan
 from .hitpath import send_file
 from .models import Entry, ObjectMeta
 from .sites import Site
 
-__all__ = ["ON_DISK", "Coded", "coded_headers", "conditional_plan", "count", "count_coded", "gunzipped",
+__all__ = ["ON_DISK", "Coded", "coded_headers", "conditional_plan", "count", "gunzipped",
            "memory_variant", "negotiate_for", "negotiation", "pick_variant", "plan_for", "send_coded",
            "variant_in_memory"]
 
@@ -184,10 +183,7 @@ async def pick_variant(request: web.Request, entry: Entry) -> Coded | None:
 
 
 def count(request: web.Request, coding: str, sent: int, identity: int) -> None:
-    count_coded(request.app[COUNTERS], coding, sent, identity)
-
-
-def count_coded(counters: Counters, coding: str, sent: int, identity: int) -> None:
+    counters = request.app[COUNTERS]
     counters.add(f"bytes_{coding}", sent)
     counters.add("bytes_saved", max(0, identity - sent))
 

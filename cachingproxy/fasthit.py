@@ -46,7 +46,7 @@ from .compressed import ON_DISK, coded_headers, conditional_plan, memory_variant
 from .conditional import evaluate
 from .forwarded import forwarded
 from .freshness import client_freshness
-from .headers import NOT_MODIFIED_HEADERS, SERVER
+from .headers import SERVER, not_modified
 from .hitpath import memo_request_key
 from .keys import Key
 from .monitoring import OPS
@@ -175,7 +175,7 @@ class FastHits:
 
     def _count(self, site: str, seconds: float | None, sent: int, coding: str | None, identity: int) -> None:
         """What the ordinary path counts for this hit (service.hit_in_memory, compressed.count and the access
-        logger's measure), added under one lock: three locked adds per hit cost more than the rest of them."""
+        logger's log), added under one lock: three locked adds per hit cost more than the rest of them."""
         counters = self._counters
         cells, amounts = self._ops.metrics.observed("HIT", seconds, site) if seconds is not None else ((), ())
         hits = counters.cells(site, "hits")
@@ -201,7 +201,7 @@ class FastHits:
             out.setdefault("Content-Type", "application/octet-stream")  # as web.Response does for bytes
             out["Content-Length"] = str(length)
         else:
-            out = CIMultiDict((k, v) for k, v in head.items() if k in NOT_MODIFIED_HEADERS)
+            out = not_modified(head)
         out.setdefault("Server", SERVER)
         out.update(site.config.headers)  # [sites.headers], as app._on_prepare applies them
         out.popall("X-Request-Id", None)

@@ -10,7 +10,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from .freshness import ClientFreshness, stored_date, toward_client
 from .models import ObjectMeta, Outcome
 
-__all__ = ["CACHE_STATUS", "NOT_MODIFIED_HEADERS", "SERVER", "object_headers"]
+__all__ = ["CACHE_STATUS", "NOT_MODIFIED_HEADERS", "SERVER", "not_modified", "object_headers"]
 
 # RFC 9110 §15.4.5: a 304 carries the validators and caching headers a 200 would.
 NOT_MODIFIED_HEADERS = frozenset({"ETag", "Last-Modified", "Cache-Control", "Expires", "Content-Location",
@@ -47,3 +47,8 @@ def object_headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | Non
         # reports a correct stored Date as a wrong server clock. Field order carries no meaning (RFC 9110 §5.3).
         headers["Date"] = stored_date(checked)
     return CIMultiDictProxy(headers)
+
+
+def not_modified(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """What a 304 keeps of a 200's headers (NOT_MODIFIED_HEADERS)."""
+    return CIMultiDict((k, v) for k, v in headers.items() if k in NOT_MODIFIED_HEADERS)

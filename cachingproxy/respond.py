@@ -26,7 +26,7 @@ from .compressed import (
 from .conditional import Plan, evaluate
 from .fill import FileSpan
 from .freshness import REDIRECT_CACHE_CONTROL, ClientFreshness, age
-from .headers import NOT_MODIFIED_HEADERS
+from .headers import not_modified
 from .hitpath import memo_headers, reset, send_file
 from .models import ObjectMeta
 from .origin import OriginError
@@ -269,8 +269,7 @@ def _website_redirect(request: web.Request, value: str) -> str | None:
 
 def _bodiless(plan: Plan, headers: CIMultiDictProxy[str]) -> web.Response:
     if plan.status == 304:
-        kept: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k in NOT_MODIFIED_HEADERS)
-        return web.Response(status=304, headers=kept)
+        return web.Response(status=304, headers=not_modified(headers))
     # The object was looked up, so the outcome applies here too.
     extra = {name: headers[name] for name in OUTCOME_HEADERS}
     if plan.content_range:

@@ -16,6 +16,8 @@ from cachingproxy.models import ObjectMeta
 from cachingproxy.writebehind import WriteBehind
 from cachingproxy.writer import room_to_make
 
+from .conftest import until
+
 
 def test_staging_reports_short_and_corrupt_bodies(tmp_path: Path) -> None:
     data = os.urandom(10_000)
@@ -109,9 +111,8 @@ async def test_write_behind_holds_at_most_its_limit_ahead_of_the_disk(tmp_path: 
             await behind.put(data[at : at + 4096])  # within the limit: never waits
         assert staging.on_disk == 0 and staging.buffered(4096, 5 * 4096) == data[5 * 4096 : 6 * 4096]
         stuck = asyncio.create_task(behind.put(data[10 * 4096 : 11 * 4096]))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        assert not stuck.done() and staging.pending == 11 * 4096
+        await until(lambda: staging.pending == 11 * 4096, "the put past the limit handed its chunk over")
+        assert not stuck.done()
         disk_free.set()
         await stuck
         for at in range(11 * 4096, len(data), 4096):
