@@ -49,6 +49,7 @@ async def warm_pages(proxy: ProxyClient, bucket: Bucket, n: int) -> dict[str, by
         bucket.put(key, body)
     for key in pages:
         assert (await get(proxy, f"/docs/{key}"))[0] == 200
+    await service_of(proxy).settle()  # committed: a response may end before its body is indexed
     return pages
 
 

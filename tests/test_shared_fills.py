@@ -21,7 +21,7 @@ import aiohttp
 
 from cachingproxy.appkeys import STORE
 
-from .conftest import DEADLINE, Bucket, MakeProxy, free_port, until
+from .conftest import DEADLINE, Bucket, MakeProxy, free_port, service_of, until
 from .shim import Fault, Shim
 
 MiB = 1024 * 1024
@@ -126,6 +126,7 @@ async def test_a_request_to_another_worker_while_the_filler_commits_waits_and_is
     first, second = await make_proxy(), await make_proxy()
     bucket.put("warm.html", b"warm")
     await (await first.get("/docs/warm.html")).read()  # the cache index exists
+    await service_of(first).settle()  # and warm.html is in it: its commit must not meet the lock below
     body = os.urandom(1 * MiB)
     bucket.put("big.bin", body)
     locker = sqlite3.connect(tmp_path / "cache" / "db" / "cache.db", timeout=0.1, isolation_level=None)
