@@ -143,7 +143,11 @@ async def test_fast_answers_are_what_the_ordinary_path_sends(make: MakeProxy, bu
             before = answered(fast)
             [(status, headers, body)] = await exchange(fast, [request])
             [(plain_status, plain_headers, plain_body)] = await exchange(plain, [request])
-            # Every other header, Date and Age included, is the stored entry's (the fake clock stands still).
+            # Every other header, Date and Age included, is the stored entry's (the fake clock stands still);
+            # a response about no object (a redirect, a refusal) has aiohttp's Date, the wall clock's second.
+            if "x-cache" not in headers:
+                headers.pop("date", None)
+                plain_headers.pop("date", None)
             if b"X-Request-Id" not in request:
                 assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]+", headers.pop("x-request-id"))
                 plain_headers.pop("x-request-id")
