@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import zlib
 from pathlib import Path
 
 from .models import ObjectMeta
@@ -68,6 +69,8 @@ class Staging:
         self._pending: collections.deque[bytes] = collections.deque()  # received, not yet flushed: up to written
         self._pending_bytes = 0
         self._md5 = hashlib.md5(usedforsecurity=False) if meta.md5 else None
+        self._crc32_expected: int | None = None  # S3's CRC32 of the body, checked here (`check_crc32`)
+        self._crc32 = 0
         self._closed = False
         # A fill writes in an executor thread while the loop may close the file (a cancelled fill, the last
         # reader leaving): the fd must never be closed, and perhaps reused, under a write.
@@ -113,6 +116,13 @@ class Staging:
         """The body is verified as it is read (origin.ObjectBody.checked): no MD5 of our own. Before any write."""
         assert self.written == 0
         self._md5 = None
+
+    def check_crc32(self, expected: int) -> None:
+        """Check the body against S3's whole-object CRC32 (origin.ObjectBody.crc32) instead of the ETag's MD5;
+        before any write. Computed in `flush`, off the loop (zlib.crc32 lets go of the GIL), and part of
+        `problem`, so a body that fails it is never committed and its last byte never released."""
+        self.checked_elsewhere()
+        self._crc32_expected = expected
 
     def receive(self, chunk: bytes) -> None:
         """The next bytes of the body, held until `flush` (no system call: the loop calls this)."""
@@ -160,6 +170,8 @@ class Staging:
             self._keep(chunk if len(view) == len(chunk) else bytes(view))
         if self._md5 is not None:
             self._md5.update(chunk)
+        if self._crc32_expected is not None:
+            self._crc32 = zlib.crc32(chunk, self._crc32)
 
     def _keep(self, data: bytes) -> None:
         with self._mem:
@@ -207,6 +219,8 @@ class Staging:
             return f"length {self.written} != Content-Length {self.meta.size}"
         if self._md5 is not None and self._md5.hexdigest() != self.meta.md5:
             return "MD5 does not match the ETag"
+        if self._crc32_expected is not None and self._crc32 != self._crc32_expected:
+            return "CRC32 does not match S3's checksum"
         return None
 
     def sync(self) -> None:

@@ -122,7 +122,9 @@ class Fills:
         body = await self._ask(lambda: self._origin.get(key, etag=etag))
         try:
             staging = await self._store.stage(key, body.meta)
-            if body.checked:
+            if body.crc32 is not None:
+                staging.check_crc32(body.crc32)  # on the write-behind thread, reading S3's pieces uncopied
+            elif body.checked:
                 staging.checked_elsewhere()
             if publish:
                 self._store.publish(staging)
@@ -130,7 +132,7 @@ class Fills:
             if not fill.ready.done():
                 fill.ready.set_result(body.meta)
             behind = WriteBehind(staging, self._store.flush)
-            async for chunk in body.chunks(CHUNK_SIZE):
+            async for chunk in body.pieces() if body.crc32 is not None else body.chunks(CHUNK_SIZE):
                 await behind.put(chunk)  # readers take it from memory until it is on disk
                 self._counters.add("bytes_from_s3", len(chunk))
                 fill.notify()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import contextvars
 import email.utils
@@ -26,6 +28,7 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+from botocore.httpchecksum import Crc32Checksum
 
 from .config import EventsConfig, S3Config
 from .counters import Counters
@@ -197,9 +200,15 @@ class ObjectBody:
     the end when it does not match, before the end is reported. A second digest of the same bytes (our MD5
     of the ETag) then proves nothing more and costs the most CPU of a cold fill (0.22 s per 100 MiB here,
     against 0.03 s for the CRC32): see benchmarks/results/cold-large.md.
+
+    `crc32`: S3's whole-object CRC32 when the body is one botocore would check against it and `pieces` can
+    read it past botocore; the caller then checks it (a fill does, on its write-behind thread) and nothing
+    else does. That takes the CRC32 and a copy per byte off the loop thread: botocore checks on the loop, in
+    `read(n)`, which also joins and slices aiohttp's pieces into n-byte chunks.
     """
 
-    def __init__(self, meta: ObjectMeta, body: Any, key: str, read_timeout: float) -> None:
+    def __init__(self, meta: ObjectMeta, body: Any, key: str, read_timeout: float,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.meta = meta
         self._body = body
         self._key = key
@@ -207,6 +216,15 @@ class ObjectBody:
         # The wrapper botocore puts round a body only when it found a whole-object checksum it can compute (a
         # composite "-N" one of a multipart upload is skipped; CRC64NVME needs awscrt, which we do not install).
         self.checked = isinstance(body, AioStreamingChecksumBody)
+        self.crc32: int | None = None
+        self._raw: Any = None  # aiohttp's StreamReader under botocore's wrapper, for `pieces`
+        if self.checked and isinstance(body.checksum, Crc32Checksum) and headers is not None:
+            self.crc32 = _crc32_value(headers.get("x-amz-checksum-crc32", ""))
+            raw = getattr(getattr(body, "_raw_stream", None), "content", None)
+            if self.crc32 is None or not callable(getattr(raw, "readchunk", None)):
+                self.crc32 = None  # not what we can read past botocore: it checks, as for any other checksum
+            else:
+                self._raw = raw
 
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
         while True:
@@ -218,9 +236,32 @@ class ObjectBody:
                 return
             yield chunk
 
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The body as aiohttp received it, piece by piece (each at most what one recv gave: 256 KiB with
+        uvloop), not copied and NOT checked: only when `crc32` is set, and the caller must check it."""
+        assert self._raw is not None, "pieces() only for a body with crc32"
+        while True:
+            with _translated("GetObject body", self._key):
+                async with asyncio.timeout(self._read_timeout):
+                    chunk, _ = await self._raw.readchunk()
+            if not chunk:
+                if not self._raw.at_eof():  # readchunk's (b"", False) is its end of stream, so is this
+                    continue
+                return
+            yield chunk
+
     def close(self) -> None:
         # Releasing the body returns (or closes) the pooled connection: aiobotocore#1061.
         self._body.close()
+
+
+def _crc32_value(header: str) -> int | None:
+    """x-amz-checksum-crc32 as a number; None for anything but the base64 of 4 bytes (a composite "-N" one)."""
+    try:
+        raw = base64.b64decode(header, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return int.from_bytes(raw, "big") if len(raw) == 4 else None
 
 
 class S3Origin:
@@ -259,8 +300,10 @@ class S3Origin:
             extra["IfMatch"] = etag
         resp = await self._send("GetObject", key,
                                 lambda: self._client.get_object(Bucket=self._bucket, Key=key, **extra))
-        return ObjectBody(meta_from_headers(resp["ResponseMetadata"]["HTTPHeaders"]), resp["Body"], key,
-                          self._read_timeout)
+        headers = resp["ResponseMetadata"]["HTTPHeaders"]
+        # Only a whole object's checksum is the object's: a ranged answer is checked by botocore, if at all.
+        return ObjectBody(meta_from_headers(headers), resp["Body"], key, self._read_timeout,
+                          headers if span is None else None)
 
     async def list_page(self, prefix: str, token: str | None = None, *,
                         max_keys: int = 1000) -> tuple[tuple[ListedObject, ...], str | None]:
