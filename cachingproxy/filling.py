@@ -132,7 +132,7 @@ class Fills:
             if not fill.ready.done():
                 fill.ready.set_result(body.meta)
             behind = WriteBehind(staging, self._store.flush)
-            async for chunk in body.pieces() if body.crc32 is not None else body.chunks(CHUNK_SIZE):
+            async for chunk in body.pieces(CHUNK_SIZE) if body.crc32 is not None else body.chunks(CHUNK_SIZE):
                 await behind.put(chunk)  # readers take it from memory until it is on disk
                 self._counters.add("bytes_from_s3", len(chunk))
                 fill.notify()

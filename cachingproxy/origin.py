@@ -236,10 +236,16 @@ class ObjectBody:
                 return
             yield chunk
 
-    async def pieces(self) -> AsyncIterator[bytes]:
+    async def pieces(self, buffered: int) -> AsyncIterator[bytes]:
         """The body as aiohttp received it, piece by piece (each at most what one recv gave: 256 KiB with
-        uvloop), not copied and NOT checked: only when `crc32` is set, and the caller must check it."""
+        uvloop), not copied and NOT checked: only when `crc32` is set, and the caller must check it.
+
+        `buffered`: what aiohttp may hold before it stops reading the socket (twice that, then down to it).
+        Its default, 64 KiB, paused the socket after every 256 KiB recv and resumed it after every piece
+        taken, a loop round and an epoll change each; read(n) raised it to n, which readchunk does not do.
+        """
         assert self._raw is not None, "pieces() only for a body with crc32"
+        self._raw.set_read_chunk_size(buffered)
         while True:
             with _translated("GetObject body", self._key):
                 async with asyncio.timeout(self._read_timeout):
