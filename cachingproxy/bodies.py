@@ -238,6 +238,9 @@ class Staging:
                     self._closed = True
                     self._tail.clear()
                     self._pending.clear()
+                    # Nothing is pending once closed: a write-behind still running would otherwise start
+                    # flush after flush, each finding nothing to write (writebehind.WriteBehind._again).
+                    self._pending_bytes = 0
                 if self.fd is not None:
                     os.close(self.fd)
 
