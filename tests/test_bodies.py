@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,86 @@ async def test_write_behind_holds_at_most_its_limit_ahead_of_the_disk(tmp_path: 
             assert staging.pending <= 11 * 4096
         await behind.finish()
         assert staging.pending == 0 and staging.on_disk == len(data) and staging.pread(len(data), 0) == data
+    finally:
+        staging.close()
+        staging.discard_path()
+
+
+def test_staging_checks_s3s_crc32_instead_of_the_md5(tmp_path: Path) -> None:
+    """A body S3 sent a whole-object CRC32 for is checked against it (on the flush thread), not the ETag's MD5:
+    the CRC32 decides, whatever the ETag says (a multipart ETag is no MD5 at all)."""
+    data = os.urandom(10_000)
+    meta = ObjectMeta(etag='"0123456789abcdef0123456789abcdef"', size=len(data), last_modified=None)
+    good, bad = (new_staging(tmp_path, "k", meta) for _ in range(2))
+    try:
+        good.check_crc32(zlib.crc32(data))
+        bad.check_crc32(zlib.crc32(data))
+        good.write(data[:4096])
+        good.write(data[4096:])
+        bad.write(data[:-1] + bytes([data[-1] ^ 1]))
+        assert good.problem() is None
+        assert bad.problem() == "CRC32 does not match S3's checksum"
+    finally:
+        for staging in (good, bad):
+            staging.close()
+            staging.discard_path()
+
+
+async def test_write_behind_flushes_in_batches_and_a_stalled_tail_soon(tmp_path: Path) -> None:
+    """One flush per batch, not per chunk (each costs the loop a task and an executor hand-off); bytes short of
+    a batch still reach the file within FLUSH_DELAY when S3 stalls, for other workers following the file."""
+    data = os.urandom(10 * 4096)
+    staging = new_staging(tmp_path, "k", ObjectMeta(etag='"e"', size=len(data), last_modified=None))
+    flushes = 0
+
+    async def flush(s: Staging) -> None:  # done in one step of the loop, so each chunk had its chance
+        nonlocal flushes
+        flushes += 1
+        s.flush()
+
+    behind = WriteBehind(staging, flush, limit=8 * 4096, batch=4 * 4096)
+    try:
+        for at in range(0, 3 * 4096, 4096):
+            await behind.put(data[at : at + 4096])
+            await asyncio.sleep(0)  # a turn of the loop, in which a flush per chunk would have run
+        assert flushes == 0 and staging.buffered(4096, 2 * 4096) == data[2 * 4096 : 3 * 4096]
+        await until(lambda: staging.on_disk == 3 * 4096, "the stalled tail written after the delay")
+        assert flushes == 1
+        for at in range(3 * 4096, 7 * 4096, 4096):
+            await behind.put(data[at : at + 4096])
+            await asyncio.sleep(0)
+        assert flushes == 2 and staging.on_disk == 7 * 4096  # at the batch, without the delay
+        for at in range(7 * 4096, len(data), 4096):
+            await behind.put(data[at : at + 4096])
+        await behind.finish()
+        assert staging.pending == 0 and staging.pread(len(data), 0) == data and flushes == 3
+    finally:
+        staging.close()
+        staging.discard_path()
+
+
+async def test_write_behind_ends_when_its_staging_is_closed_under_it(tmp_path: Path) -> None:
+    """A fill cut off mid-body closes its staging with chunks still waiting for the disk; the write-behind
+    must then find nothing pending, not start flush after flush that each find nothing to write."""
+    staging = new_staging(tmp_path, "k", ObjectMeta(etag='"e"', size=3 * 4096, last_modified=None))
+    disk_free = asyncio.Event()
+    flushes = 0
+
+    async def slow_flush(s: Staging) -> None:
+        nonlocal flushes
+        flushes += 1
+        await disk_free.wait()
+        await asyncio.to_thread(s.flush)
+
+    behind = WriteBehind(staging, slow_flush, limit=4 * 4096, batch=4096)
+    try:
+        await behind.put(os.urandom(4096))
+        await behind.put(os.urandom(4096))  # behind the flush in progress
+        staging.close()
+        disk_free.set()
+        async with asyncio.timeout(10):
+            await behind.finish()
+        assert staging.pending == 0 and flushes <= 2
     finally:
         staging.close()
         staging.discard_path()
