@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ __all__ = ["PASS_THROUGH_WINDOW", "FellBehind", "Staging", "new_staging", "remov
 
 # What a body that cannot go to disk may hold in memory, per fill: bounded whatever the object's size.
 PASS_THROUGH_WINDOW = 8 * 1024 * 1024
+_IOV_CHUNKS = 256  # chunks per writev(2): well under IOV_MAX (1024 on Linux)
 
 
 class FellBehind(Exception):
@@ -139,23 +141,51 @@ class Staging:
             with self._mem:
                 if not self._pending or self._closed:
                     return
-                chunk = self._pending[0]
+                chunks = list(itertools.islice(self._pending, _IOV_CHUNKS))
             with self._lock:
-                self._write(chunk)
+                self._write_all(chunks)
             with self._mem:
+                if len(self._pending) < len(chunks):
+                    return  # close() emptied the queue meanwhile
                 # Only now: until here a reader past the file still finds these bytes in `_pending`.
-                self._pending.popleft()
-                self._pending_bytes -= len(chunk)
+                for chunk in chunks:
+                    self._pending.popleft()
+                    self._pending_bytes -= len(chunk)
 
     def write(self, chunk: bytes) -> None:
         """`receive` and `flush` in one (blocking)."""
         self.receive(chunk)
         self.flush()
 
-    def _write(self, chunk: bytes) -> None:
+    def _write_all(self, chunks: list[bytes]) -> None:
+        """`_write` of each chunk in turn, with one writev(2) for as many as the file takes: one system call
+        per flush instead of one per piece of S3's stream, each a round of the GIL with the loop thread."""
         if self._closed:
             return
-        view = memoryview(chunk)
+        if len(chunks) > 1 and self.fd is not None and self.disk_error is None:
+            try:
+                n = os.writev(self.fd, chunks)
+            except OSError:
+                n = 0  # met again by `_write`, which handles it
+            self._on_disk += n
+            done = 0
+            while done < len(chunks) and n >= len(chunks[done]):
+                n -= len(chunks[done])
+                self._digest(chunks[done])
+                done += 1
+            if n:  # part of a chunk went in: its rest as `_write` would
+                self._write(chunks[done], n)
+                done += 1
+            chunks = chunks[done:]
+        for chunk in chunks:
+            self._write(chunk)
+
+    def _write(self, chunk: bytes, skip: int = 0) -> None:
+        """`chunk` to the file (but for its first `skip` bytes, already there), or kept in memory once the disk
+        has failed; into the digests either way."""
+        if self._closed:
+            return
+        view = memoryview(chunk)[skip:]
         if self.fd is not None and self.disk_error is None:
             try:
                 while view:
@@ -168,6 +198,9 @@ class Staging:
                     self._tail_start = self._on_disk
         if view:
             self._keep(chunk if len(view) == len(chunk) else bytes(view))
+        self._digest(chunk)
+
+    def _digest(self, chunk: bytes) -> None:
         if self._md5 is not None:
             self._md5.update(chunk)
         if self._crc32_expected is not None:

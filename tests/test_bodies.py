@@ -83,6 +83,36 @@ def test_a_write_that_fails_mid_body_goes_on_in_memory(tmp_path: Path) -> None:
         staging.discard_path()
 
 
+def test_a_flush_the_disk_takes_part_of_goes_on_in_memory_from_the_byte_it_stopped_at(tmp_path: Path) -> None:
+    """Several chunks go to the file in one writev; when it takes only part of them (the disk filling up) the
+    rest, from the very byte it stopped at, is kept in memory, and the digest still covers every byte."""
+    data = os.urandom(3 * 40_000)
+    meta = ObjectMeta(etag='"e"', size=len(data), last_modified=None)
+    staging = new_staging(tmp_path, "k", meta)
+    read_end, write_end = os.pipe()
+    try:
+        assert staging.fd is not None
+        os.close(staging.fd)
+        os.set_blocking(write_end, False)
+        staging.fd = write_end  # a pipe takes 64 KiB, then refuses (EAGAIN), as a full disk would (ENOSPC)
+        staging.check_crc32(zlib.crc32(data))
+        for at in range(0, len(data), 40_000):
+            staging.receive(data[at : at + 40_000])
+        staging.flush()
+        took = staging.on_disk
+        assert 40_000 < took < 80_000 and isinstance(staging.disk_error, BlockingIOError)
+        assert os.read(read_end, 1 << 20) == data[:took]
+        assert staging.buffered(len(data), took) == data[took:80_000]
+        assert staging.buffered(len(data), 80_000) == data[80_000:]
+        assert staging.pending == 0 and staging.problem() is None and not staging.committable
+    finally:
+        staging.fd = None
+        staging.close()
+        staging.discard_path()
+        os.close(read_end)
+        os.close(write_end)
+
+
 @pytest.mark.parametrize(("size", "volume", "limit", "free", "reserved", "evict"), [
     (10, 0, 100, 1000, 0, 0),  # room under both
     (10, 95, 100, 1000, 0, 5),  # the size limit first
