@@ -15,8 +15,12 @@ import os
 import shutil
 import tempfile
 import threading
-import zlib
 from pathlib import Path
+
+try:  # zlib-ng's CRC32 (vectorised): the same numbers at a tenth of the stdlib zlib's CPU (cold-large.md)
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # without the `fast` extra
+    from zlib import crc32
 
 from .models import ObjectMeta
 
@@ -121,7 +125,7 @@ class Staging:
 
     def check_crc32(self, expected: int) -> None:
         """Check the body against S3's whole-object CRC32 (origin.ObjectBody.crc32) instead of the ETag's MD5;
-        before any write. Computed in `flush`, off the loop (zlib.crc32 lets go of the GIL), and part of
+        before any write. Computed in `flush`, off the loop (the CRC32 lets go of the GIL), and part of
         `problem`, so a body that fails it is never committed and its last byte never released."""
         self.checked_elsewhere()
         self._crc32_expected = expected
@@ -204,7 +208,7 @@ class Staging:
         if self._md5 is not None:
             self._md5.update(chunk)
         if self._crc32_expected is not None:
-            self._crc32 = zlib.crc32(chunk, self._crc32)
+            self._crc32 = crc32(chunk, self._crc32)
 
     def _keep(self, data: bytes) -> None:
         with self._mem:
