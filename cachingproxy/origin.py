@@ -30,6 +30,7 @@ from botocore.exceptions import (
 )
 from botocore.httpchecksum import Crc32Checksum
 
+from . import botodata
 from .config import EventsConfig, S3Config
 from .counters import Counters
 from .models import ObjectMeta
@@ -413,7 +414,8 @@ def share_models() -> None:
     """
     global _shared
     session = botocore.session.Session()
-    loader = session.get_component("data_loader")
+    loader = botodata.loader(session.get_config_variable("data_path"))
+    session.register_component("data_loader", loader)
     session.create_client("s3", region_name="us-east-1", aws_access_key_id="preload",
                           aws_secret_access_key="preload")
     _shared = (session.get_config_variable("data_path"), loader)
