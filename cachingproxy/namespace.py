@@ -59,8 +59,8 @@ class NamespacedStore:
         """For an entry from entry_in_memory."""
         return self._store.body_in_memory(entry)
 
-    async def open_body(self, entry: Entry) -> BinaryIO | bytes | None:
-        return await self._store.open_body(self._in(entry))
+    async def open_body(self, entry: Entry, *, hit: bool = True) -> BinaryIO | bytes | None:
+        return await self._store.open_body(self._in(entry), hit=hit)
 
     async def close_body(self, handle: BinaryIO | bytes) -> None:
         await self._store.close_body(handle)

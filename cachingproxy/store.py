@@ -247,9 +247,17 @@ class CacheStore:
             self._note_hit(entry)
         return data
 
-    async def open_body(self, entry: Entry) -> BinaryIO | bytes | None:
+    async def open_body(self, entry: Entry, *, hit: bool = True) -> BinaryIO | bytes | None:
         """The body: bytes when small (held in memory after the first hit), else an open file to sendfile
-        from; None when it is gone or damaged (then: refetch)."""
+        from; None when it is gone or damaged (then: refetch).
+
+        `hit=False` for a read no client asked for (the variant maker's): neither kept in memory nor counted
+        as an access. Kept, every object fetched once (a crawler, a link checker) would stay in each worker's
+        memory until the budget pushed it out: a 10-minute mixed run grew by the budget (footprint.md).
+        """
+        if not hit:
+            held = self._hot.body(entry) if entry.meta.size <= HOT_BODY_MAX else None
+            return held if held is not None else await self._run(self._open_body_sync, entry)
         data = self.body_in_memory(entry)
         if data is not None:
             return data

@@ -113,7 +113,7 @@ class Variants:
             if len(have) == len(CODINGS) or entry.meta.size > LARGEST:
                 self._remember((key, etag), frozenset(have))
                 return
-            body = await store.open_body(entry)
+            body = await store.open_body(entry, hit=False)
             if body is None:
                 return  # gone meanwhile: the next hit refetches and asks again
             try:

@@ -195,3 +195,24 @@ async def test_variants_go_with_their_object(make_proxy: MakeProxy, bucket: Buck
     assert resp.status == 200
     assert await store.stored_variants("v.css", new_etag) == set()
     assert (await fetch(proxy, "/docs/v.css", Accept_Encoding="br"))[2] == new  # refetched: identity first
+
+
+async def test_making_variants_does_not_hold_the_body_of_an_object_fetched_once(
+        proxy: ProxyClient, bucket: Bucket) -> None:
+    """The variant maker reads the body it compresses, but no client asked for it again: it must not stay in
+    this worker's memory (a crawler's one visit per page would fill every worker's hot layer). The next hit
+    brings it in, as any first hit does."""
+    etag = bucket.put("once.css", text(8000), ContentType="text/css")
+    assert (await fetch(proxy, "/docs/once.css"))[0] == 200
+    await variants_ready(proxy, "once.css", etag)
+    site = proxy.app[SITES].first
+
+    async def held() -> bool:
+        assert await site.store.lookup("once.css") is not None
+        entry = site.store.entry_in_memory("once.css")  # namespaced, as body_in_memory wants it
+        assert entry is not None and entry.meta.etag == etag
+        return site.store.body_in_memory(entry) is not None
+
+    assert not await held()
+    assert (await fetch(proxy, "/docs/once.css"))[0] == 200
+    assert await held()
