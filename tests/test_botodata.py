@@ -41,3 +41,27 @@ def test_endpoint_data_keeps_only_the_services_a_proxy_opens_and_models_lose_the
     get_object = model["operations"]["GetObject"]
     assert get_object["documentation"] == "" and get_object["http"]["method"] == "GET"
     assert all(shape.get("documentation", "") == "" for shape in model["shapes"].values())
+
+
+def test_the_s3_model_keeps_the_operations_origin_calls_and_every_shape_they_reach() -> None:
+    session = _session(True)
+    client = session.create_client("s3", region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s")
+    model = client.meta.service_model
+    assert set(model.operation_names) == botodata.S3_OPERATIONS
+    assert not hasattr(client, "put_object")
+
+    def walk(shape: object, seen: set[str]) -> None:  # botocore resolves each shape by name: a missing one raises
+        name = getattr(shape, "name", "")
+        if shape is None or name in seen:
+            return
+        seen.add(name)
+        for child in [*getattr(shape, "members", {}).values(),
+                      *(getattr(shape, part, None) for part in ("member", "key", "value"))]:
+            walk(child, seen)
+
+    for name in botodata.S3_OPERATIONS:
+        operation = model.operation_model(name)
+        for shape in (operation.input_shape, operation.output_shape, *operation.error_shapes):
+            walk(shape, set())
+        assert getattr(client, {"GetObject": "get_object", "HeadObject": "head_object",
+                                "ListObjectsV2": "list_objects_v2"}[name])
