@@ -7,9 +7,12 @@ examines, so without care a worker copies most of what it inherited within secon
 1. `preload`: import what each worker imports (aiohttp's web layer, aiobotocore and botocore, diskcache and
    sqlite3, brotli, zstandard, ssl, uvloop) and parse botocore's S3 model once (origin.share_models), in the
    supervisor, instead of once per worker;
-2. `malloc_arenas`: glibc gives each thread that allocates its own malloc arena (up to 8 per core), and a
+2. `tune_malloc`: glibc gives each thread that allocates its own malloc arena (up to 8 per core), and a
    worker has about ten threads (the store's, the log writer, the compressor); what each arena keeps after
-   a burst stays resident. Two arenas for the whole process, set here and inherited by every worker;
+   a burst stays resident. Two arenas for the whole process, set here and inherited by every worker. And
+   glibc's mmap threshold is pinned at its 128 KiB start: by default, freeing one large block raises it
+   (up to 32 MiB), after which buffers of that size come from the heap, where one small allocation made
+   after them keeps the heap from shrinking when they are freed (tests/test_footprint.py);
 3. `freeze`: gc.freeze() right before each fork, so no collection in a worker (nor in the supervisor) examines
    those objects again. Each worker also freezes its own startup heap (hitpath.freeze_heap).
 
@@ -24,10 +27,14 @@ import gc
 import importlib
 import os
 
-__all__ = ["MALLOC_ARENAS", "freeze", "malloc_arenas", "preload"]
+__all__ = ["MALLOC_ARENAS", "MMAP_THRESHOLD", "freeze", "preload", "tune_malloc"]
 
 MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # glibc's malloc.h
+MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept from moving
+# glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+# The operator's own settings, read by glibc at start: any of them leaves malloc alone here.
+_OPERATOR = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def preload() -> None:
@@ -38,22 +45,26 @@ def preload() -> None:
     with contextlib.suppress(ImportError):  # the `fast` extra: workers.new_event_loop uses it when present
         importlib.import_module("uvloop")
     origin.share_models()
-    malloc_arenas(MALLOC_ARENAS)
+    tune_malloc()
 
 
-def malloc_arenas(most: int) -> bool:
-    """glibc's M_ARENA_MAX (as MALLOC_ARENA_MAX=most would); False where malloc is not glibc's (musl, macOS).
+def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
+    """glibc's M_ARENA_MAX, and its mmap and trim thresholds pinned at 128 KiB (as the MALLOC_* variables would);
+    False where malloc is not glibc's (musl, macOS) or the operator set any of those variables.
 
-    An environment variable would do the same, but only when set before the interpreter starts; mallopt
-    works here because the supervisor has no other thread yet, and a fork copies the setting.
+    Environment variables would do the same, but only when set before the interpreter starts; mallopt works
+    here because the supervisor has no other thread yet, and a fork copies the settings. Blocks of 128 KiB
+    and more are then mapped and unmapped one by one (a fill reads S3 in aiohttp's pieces, 64 KiB at most).
     """
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False  # the operator's own setting, read by glibc at start
+    if any(name in os.environ for name in _OPERATOR):
+        return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
         return False
-    return bool(mallopt(_M_ARENA_MAX, most))
+    settings = ((_M_ARENA_MAX, arenas), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, MMAP_THRESHOLD),
+                (_M_TOP_PAD, 0))
+    return all(mallopt(param, value) for param, value in settings)
 
 
 def freeze() -> None:

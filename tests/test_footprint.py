@@ -75,7 +75,7 @@ _ARENAS = """
 import ctypes, sys, threading
 from cachingproxy import footprint
 if sys.argv[1] == "limit":
-    assert footprint.malloc_arenas(2)
+    assert footprint.tune_malloc(2)
 go = threading.Barrier(8)
 def work():
     kept = [b"x" * 1000 for _ in range(100)]  # above pymalloc's 512 bytes: glibc's malloc, in this thread's arena
@@ -89,9 +89,9 @@ ctypes.CDLL(None).malloc_stats()  # one "Arena N:" block per arena, on stderr
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_stats")
 @pytest.mark.parametrize(("mode", "most"), [("limit", 2), ("default", 16)])
-def test_malloc_arenas_bounds_the_arenas_that_threads_make(mode: str, most: int) -> None:
+def test_tune_malloc_bounds_the_arenas_that_threads_make(mode: str, most: int) -> None:
     """Eight threads allocating at once: each gets an arena of its own by default (up to 8 per core), two in all
-    once malloc_arenas(2) ran; an operator's MALLOC_ARENA_MAX is left alone."""
+    once tune_malloc(2) ran; an operator's MALLOC_ARENA_MAX is left alone."""
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
     done = subprocess.run([sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, timeout=60,
                           env=env, check=True)
@@ -99,9 +99,39 @@ def test_malloc_arenas_bounds_the_arenas_that_threads_make(mode: str, most: int)
     assert (arenas <= most) and (mode == "limit" or arenas > 2), done.stderr
     if mode == "limit":
         respected = subprocess.run([sys.executable, "-c", "from cachingproxy import footprint; "
-                                    "print(footprint.malloc_arenas(2))"], capture_output=True, text=True,
+                                    "print(footprint.tune_malloc(2))"], capture_output=True, text=True,
                                    timeout=60, env={**env, "MALLOC_ARENA_MAX": "4"}, check=True)
         assert respected.stdout.strip() == "False"
+
+
+_FRAGMENTS = """
+import sys
+from cachingproxy import footprint
+if sys.argv[1] == "tuned":
+    assert footprint.tune_malloc()
+def rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) / 1024
+big = bytearray(4 << 20)  # glibc maps it; freeing it raises glibc's mmap threshold to 4 MiB
+del big
+base = rss()
+buffers, kept = [], []
+for _ in range(64):
+    buffers.append(bytearray(512 * 1024))  # 32 MiB of buffers, from the heap once the threshold moved
+    kept.append(bytearray(2048))  # and a small allocation that outlives each
+buffers.clear()
+print(round(rss() - base, 1))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tune_malloc_returns_freed_buffers_that_small_allocations_would_pin() -> None:
+    """32 MiB of 512 KiB buffers freed after one 4 MiB block: by default they stay resident (the heap cannot
+    shrink past the small allocations made after them); tuned, each buffer was its own mapping, gone when freed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    kept = {mode: float(subprocess.run([sys.executable, "-c", _FRAGMENTS, mode], capture_output=True, text=True,
+                                       timeout=60, env=env, check=True).stdout)
+            for mode in ("default", "tuned")}
+    assert kept["default"] > 24 and kept["tuned"] < 4, kept
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux /proc smaps_rollup needed")
