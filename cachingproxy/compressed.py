@@ -29,7 +29,9 @@ __all__ = ["ON_DISK", "Coded", "coded_headers", "conditional_plan", "count", "gu
            "variant_in_memory"]
 
 _CHUNK = 256 * 1024
-_MEMO = 4096
+# Per object: each entry keeps an ObjectMeta (with its headers, about 1 KiB) alive. A docs site's hot set is
+# hundreds of objects; at 4096 these memos kept filling for the whole of a 10-minute run with new keys.
+_MEMO = 1024
 # coded_headers' memo: its keys are hitpath.memo_headers' results, which are new every second (Age is in them),
 # so only one second's worth is ever used again; at 4096 it and that memo held 2-3 MiB per worker (footprint.md).
 _HEADERS_MEMO = 1024

@@ -62,7 +62,7 @@ def memo_request_key(raw_path: str, mount: str, prefix: str, index_document: str
     return _memo_request_key(raw_path, mount, prefix, index_document)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _memo_request_key(raw_path: str, mount: str, prefix: str, index_document: str) -> Key | Reject | Redirect:
     return request_key(raw_path, mount=mount, prefix=prefix, index_document=index_document)
 

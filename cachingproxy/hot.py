@@ -15,7 +15,7 @@ __all__ = ["HOT_BODY_BUDGET", "HOT_BODY_MAX", "HOT_ENTRIES", "HotLayer", "Stamp"
 
 HOT_BODY_MAX = 64 * 1024  # bodies up to this size are kept in memory once hit: one write(), no file, no hop
 HOT_BODY_BUDGET = 16 * 1024 * 1024  # per worker; a docs site's hot pages, CSS and JS fit many times over
-HOT_ENTRIES = 50_000  # metadata records per worker (a few hundred bytes each)
+HOT_ENTRIES = 8192  # metadata records per worker (about 1 KiB each with their headers)
 
 
 class Stamp:

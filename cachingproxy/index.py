@@ -30,6 +30,10 @@ _FORMAT = 1  # bump when the stored metadata layout changes; older records read 
 # A short SQLite timeout: under contention a lookup becomes a miss instead of pinning a thread for
 # diskcache's default 60 s (docs/reliability.md §0.7).
 _SQLITE_TIMEOUT = 0.5
+# SQLite's private page cache, per connection: diskcache's default is 8192 pages (32 MiB), a worker has a
+# connection per store thread, and each cache grows with the index up to that bound. 512 pages (2 MiB) hold a
+# docs site's metadata many times over; reads beyond it come from diskcache's mmap of the file (shared pages).
+_SQLITE_CACHE_PAGES = 512
 _COMMIT_ATTEMPTS = 3  # a commit waits at most this many SQLite timeouts for another writer
 INDEX_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
 
@@ -138,6 +142,7 @@ class EntryIndex:
             eviction_policy="least-recently-stored",
             timeout=_SQLITE_TIMEOUT,
             disk=_StagingDisk,
+            sqlite_cache_size=_SQLITE_CACHE_PAGES,
         )
         try:
             cache.get(_meta_key(""))  # a garbage file can open fine and fail on first use

@@ -336,10 +336,14 @@ class CachingProxy:
     def _remember_missing(self, key: str) -> None:
         if self._cache_config.negative_ttl <= 0:
             return
-        self._negative[key] = self._clock() + self._cache_config.negative_ttl
+        now = self._clock()
+        self._negative[key] = now + self._cache_config.negative_ttl
         self._negative.move_to_end(key)
-        while len(self._negative) > NEGATIVE_CACHE_MAX:
-            self._negative.popitem(last=False)
+        # One TTL for all, so the oldest expire first: dropping them from the front holds one TTL's worth of
+        # 404s, where waiting for the bound kept 10,000 long-expired keys per worker under a stream of new ones.
+        negative = self._negative
+        while negative and (len(negative) > NEGATIVE_CACHE_MAX or next(iter(negative.values())) <= now):
+            negative.popitem(last=False)
 
     def _known_missing(self, key: str) -> bool:
         expires = self._negative.get(key)
