@@ -10,9 +10,9 @@ examines, so without care a worker copies most of what it inherited within secon
 2. `tune_malloc`: glibc gives each thread that allocates its own malloc arena (up to 8 per core), and a
    worker has about ten threads (the store's, the log writer, the compressor); what each arena keeps after
    a burst stays resident. Two arenas for the whole process, set here and inherited by every worker. And
-   glibc's mmap threshold is pinned at its 128 KiB start: by default, freeing one large block raises it
-   (up to 32 MiB), after which buffers of that size come from the heap, where one small allocation made
-   after them keeps the heap from shrinking when they are freed (tests/test_footprint.py);
+   glibc's mmap threshold is pinned: by default, freeing one large block raises it (up to 32 MiB), after
+   which buffers of that size come from the heap, where one small allocation made after them keeps the heap
+   from shrinking when they are freed (tests/test_footprint.py);
 3. `freeze`: gc.freeze() right before each fork, so no collection in a worker (nor in the supervisor) examines
    those objects again. Each worker also freezes its own startup heap (hitpath.freeze_heap).
 
@@ -27,12 +27,19 @@ import gc
 import importlib
 import os
 
-__all__ = ["MALLOC_ARENAS", "MMAP_THRESHOLD", "freeze", "preload", "tune_malloc"]
+__all__ = ["MALLOC_ARENAS", "MMAP_THRESHOLD", "TRIM_THRESHOLD", "freeze", "preload", "tune_malloc"]
 
 MALLOC_ARENAS = 2
-MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept from moving
+# Blocks from this size up are mapped, and unmapped when freed. Above the 256 KiB that uvloop reads at a time,
+# so a cold fill's pieces of S3's stream come from the heap and are reused: at glibc's 128 KiB start each was a
+# fresh mapping, 64 page faults, and a cold 100 MiB cost the loop 0.09 s more (benchmarks/results/footprint.md).
+MMAP_THRESHOLD = 320 * 1024
+# Free memory at the heap's top beyond this goes back to the system. Fixed too (setting either fixes both), and
+# above the MiB of pieces that the write-behind frees at once, so that a flush does not hand back pages that
+# the next pieces fault in again: at 512 KiB a cold 100 MiB cost 0.05 s more CPU.
+TRIM_THRESHOLD = 2 * 1024 * 1024
 # glibc's malloc.h
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 # The operator's own settings, read by glibc at start: any of them leaves malloc alone here.
 _OPERATOR = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -49,12 +56,11 @@ def preload() -> None:
 
 
 def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
-    """glibc's M_ARENA_MAX, and its mmap and trim thresholds pinned at 128 KiB (as the MALLOC_* variables would);
-    False where malloc is not glibc's (musl, macOS) or the operator set any of those variables.
+    """glibc's M_ARENA_MAX, and its mmap and trim thresholds fixed (as the MALLOC_* variables would); False
+    where malloc is not glibc's (musl, macOS) or the operator set any of those variables.
 
     Environment variables would do the same, but only when set before the interpreter starts; mallopt works
-    here because the supervisor has no other thread yet, and a fork copies the settings. Blocks of 128 KiB
-    and more are then mapped and unmapped one by one (a fill reads S3 in aiohttp's pieces, 64 KiB at most).
+    here because the supervisor has no other thread yet, and a fork copies the settings.
     """
     if any(name in os.environ for name in _OPERATOR):
         return False
@@ -62,8 +68,7 @@ def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError):
         return False
-    settings = ((_M_ARENA_MAX, arenas), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, MMAP_THRESHOLD),
-                (_M_TOP_PAD, 0))
+    settings = ((_M_ARENA_MAX, arenas), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return all(mallopt(param, value) for param, value in settings)
 
 
