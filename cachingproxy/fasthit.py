@@ -31,27 +31,30 @@ import logging
 from time import perf_counter
 from typing import Any
 
-from aiohttp import HttpVersion11, web, web_server
+from aiohttp import HttpVersion11, hdrs, web, web_server
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import _serialize_headers  # aiohttp's own header encoder and injection check
 from aiohttp.streams import EmptyStreamReader
 from aiohttp.web_protocol import MAX_MSG_QUEUE_SIZE, RequestHandler
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from .access_rules import parse_networks
 from .accessline import request_id_from
 from .accesslog import StructuredAccessLogger
 from .appkeys import CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITES
-from .compressed import ON_DISK, coded_headers, conditional_plan, memory_variant, negotiate_for
+from .compressed import ON_DISK, Coded, coded_headers, conditional_plan, memory_variant, negotiate_for
 from .conditional import evaluate
+from .encoding import Negotiated
 from .forwarded import forwarded
-from .freshness import client_freshness
+from .freshness import ClientFreshness, age, client_freshness
 from .headers import SERVER, not_modified
 from .hitpath import memo_request_key
 from .keys import Key
+from .models import Entry, Outcome
 from .monitoring import OPS
-from .policy import windows_for
+from .policy import ttl_left, windows_for
 from .respond import response_headers
+from .service import FromCache
 from .sites import Site
 
 __all__ = ["FAST_HITS", "FastHits", "FastRequestHandler", "enable_fast_hits", "install"]
@@ -59,12 +62,48 @@ __all__ = ["FAST_HITS", "FastHits", "FastRequestHandler", "enable_fast_hits", "i
 log = logging.getLogger(__name__)
 
 # Headers whose answer may be a range, a 412, a protocol switch or a 100 Continue: the ordinary path decides.
-_HANDED_ON = ("Range", "If-Range", "If-Match", "If-Unmodified-Since", "Upgrade", "Expect")
+# aiohttp's istr names: a case-insensitive lookup with one needs no case folding of the name per request.
+_HANDED_ON = (hdrs.RANGE, hdrs.IF_RANGE, hdrs.IF_MATCH, hdrs.IF_UNMODIFIED_SINCE, hdrs.UPGRADE, hdrs.EXPECT)
+_X_REQUEST_ID = istr("X-Request-Id")
+_SPLICED = frozenset({"age", "cache-status"})  # _template's; a site that sets either itself gets none
 _REASONS = {200: "OK", 304: "Not Modified"}
 _BACKLOG = 64 * 1024  # bytes a connection may have unsent before its hits wait for the client (aiohttp's way)
+_SHAPE_MAX = 1024  # characters of a request shape worth remembering (FastHits._answers): longer ones are
+# worked out each time, so hostile paths and headers cannot make the memo large.
 _BLOCKS = 1024  # header blocks remembered; cleared whole when full, like compressed.py's memos. Keyed by
 # memo_headers' results, new every second (Age is in them): more than one second's hot objects only keeps stale
 # blocks alive (issue 16, a smaller footprint: benchmarks/results/footprint.md).
+
+
+class _Answer:
+    """What `FastHits.answer` worked out for one request shape (Host, path, and the request headers the answer
+    reads) and one in-memory entry of its object: used again for the same shape while the entry, its coding
+    (and body length) and the TTL cap stay the same, which is what the status, the headers and the counts
+    depend on besides Age and the TTL left (spliced in per response: `_template`). Per request only the
+    freshness and memory checks, those two numbers, the request id and the log line's time, latency, client
+    and user agent are new."""
+
+    __slots__ = ("age", "amounts", "block", "cap", "cells", "client_rules", "coding", "entry", "key", "left",
+                 "length", "neg", "path", "plain_amounts", "plain_cells", "relative", "sent", "site", "status", "stem",
+                 "template", "ttl")
+
+    def __init__(self, site: Site, key: str, relative: str, ttl: float, cap: float | None,
+                 client_rules: ClientFreshness, path: str) -> None:
+        self.site, self.key, self.relative, self.ttl, self.cap = site, key, relative, ttl, cap
+        self.client_rules, self.path = client_rules, path
+        self.entry: Entry | None = None  # the rest is set by FastHits._work_out for this entry
+        self.age = self.left = self.length = 0  # the Age and TTL left `block` says; the body's length
+        self.template: tuple[bytes, bytes, bytes, bool] | None = None  # `_template(block, ...)`
+        self.neg: Negotiated | None = None
+        self.coding: str | None = None
+        self.status = 0
+        self.block = b""
+        self.sent = 0
+        self.cells: tuple[int, ...] = ()  # what _count adds besides the latency (with a StructuredAccessLogger)
+        self.amounts: tuple[int, ...] = ()
+        self.plain_cells: tuple[int, ...] = ()  # ... and without one
+        self.plain_amounts: tuple[int, ...] = ()
+        self.stem: tuple[str, str | None, str, str] | None = None  # the log line's, for one client and agent
 
 
 class FastHits:
@@ -83,6 +122,7 @@ class FastHits:
         self._trusted = parse_networks(trusted) if trusted else None
         self._reserved = _reserved_paths(app)
         self._blocks: dict[tuple[int, int, str], tuple[CIMultiDictProxy[str], bytes]] = {}
+        self._answers: dict[tuple[str, str, str | None, str | None, str | None], _Answer] = {}
         self.answered = 0  # this worker's, since start (tests)
 
     def answer(self, message: RawRequestMessage, payload: object, handler: FastRequestHandler) -> bool:
@@ -92,14 +132,12 @@ class FastHits:
         if (message.method != "GET" or message.version != HttpVersion11 or message.should_close
                 or message.upgrade or type(payload) is not EmptyStreamReader):
             return False
-        raw = message.path
-        if raw[:1] != "/" or raw.startswith(self._reserved):
-            return False
         headers = message.headers
         for name in _HANDED_ON:
             if name in headers:
                 return False
-        host = headers.get("Host")
+        raw = message.path
+        host = headers.get(hdrs.HOST)
         client = handler.client
         if self._trusted is not None:
             found = forwarded(client, headers, self._trusted)
@@ -108,86 +146,145 @@ class FastHits:
                 host = found.host or host
         if host is None:
             return False
-        site = self._sites.route(host, raw)
-        if site is None or site.access is not None:
-            return False
-        config = site.config
-        key = memo_request_key(raw, config.mount, config.s3.prefix, config.cache.index_document)
-        if not isinstance(key, Key):
-            return False
-        relative = key.s3_key[len(config.s3.prefix):]
+        now = self._clock()
         cap = None if self._events is None or self._events.ok else self._fallback_ttl
-        ttl = windows_for(relative, config.cache, cap).ttl
-        hit = site.service.peek_in_memory(key.s3_key, ttl=ttl)
-        if hit is None:
+        accept = headers.get(hdrs.ACCEPT_ENCODING)
+        # Everything the answer reads from the request besides what only the log line needs: headers.get is
+        # what negotiate_for, memory_variant and conditional.evaluate read (each header's first value).
+        shape = (host, raw, accept, headers.get(hdrs.IF_NONE_MATCH), headers.get(hdrs.IF_MODIFIED_SINCE))
+        known = self._answers.get(shape)
+        if known is None or known.cap != cap:
+            known = self._route(host, raw, cap)
+            if known is None:
+                return False
+        found_in_memory = known.site.service.fresh_in_memory(known.key, known.ttl, now)
+        if found_in_memory is None:
             return False
-        entry = hit.entry
-        meta = entry.meta
-        neg = negotiate_for(self._compression, headers, meta)
-        if meta.redirect or (neg is not None and neg.gunzip):
+        entry, body = found_in_memory
+        same = entry is known.entry
+        neg = known.neg if same else negotiate_for(self._compression, headers, entry.meta)
+        if entry.meta.redirect or (neg is not None and neg.gunzip):
             return False
-        client_rules = client_freshness(relative, config.cache.rules, config.cache.client_cache_control)
-        head = response_headers(hit, ttl, client_rules, self._clock())
-        body = hit.body
-        assert isinstance(body, bytes)
-        coding = None
-        if neg is None:
-            plan = evaluate("GET", headers, etag=meta.etag, last_modified=meta.last_modified, size=meta.size)
-        else:
-            coded = memory_variant(site, key.s3_key, headers.get("Accept-Encoding"), entry) if neg.coding else None
-            if coded == ON_DISK:
-                return False  # the ordinary path reads it in (compressed.pick_variant), for the hits after this
-            if coded is None:
-                head = coded_headers(head, "identity")
-                plan = conditional_plan("GET", headers, meta, meta.size, ranged=True)
-            else:
-                assert isinstance(coded.body, bytes)
-                coding, body = coded.coding, coded.body
-                head = coded_headers(head, coding)
-                plan = conditional_plan("GET", headers, meta, coded.size, ranged=False)
-        status = plan.status
-        block = self._block(head, status, site, len(body)) if status in _REASONS and not plan.content_range else None
-        if block is None:
-            return False
-        request_id = request_id_from(headers.get("X-Request-Id"))
-        sent = len(body) if status == 200 else 0
+        coded = memory_variant(known.site, known.key, accept, entry) if neg is not None and neg.coding else None
+        if coded == ON_DISK:
+            return False  # the ordinary path reads it in (compressed.pick_variant), for the hits after this
+        if coded is not None:
+            assert isinstance(coded.body, bytes)
+            body = coded.body
+        # Age and the TTL left change every second, at different instants: spliced into the head (_Answer.
+        # template), or, where a site's own headers replace them, the answer is worked out again when they change.
+        age_now, left = age(entry.checked_at, now), int(ttl_left(entry, known.ttl, now))
+        if (not same or (None if coded is None else coded.coding) != known.coding or len(body) != known.length
+                or (known.template is None and (age_now != known.age or left != known.left))):
+            if not self._work_out(known, entry, body, age_now, left, neg, coded, headers, now):
+                return False
+            if sum(len(part or "") for part in shape) <= _SHAPE_MAX:
+                self._answers[shape] = known
+                if len(self._answers) > _BLOCKS:
+                    self._answers.clear()
+        request_id = request_id_from(headers.get(_X_REQUEST_ID))
+        status = known.status
         # Counted and logged before the write, so that nothing after it can fail: an exception before the
         # write hands the request on (_Filter) without a second response. The latency is the answer's own;
         # the write that follows is one non-blocking send of at most a hot body (hot.HOT_BODY_MAX).
         logger = handler.access_logger
+        counters = self._counters
         if isinstance(logger, StructuredAccessLogger):  # as the ordinary path, which counts in its logger
             seconds = perf_counter() - started
-            self._count(site.name, seconds, sent, coding, meta.size)
+            site_name = known.site.name
+            cells, amounts = self._ops.metrics.observed("HIT", seconds, site_name)
+            counters.add_cells(cells + known.cells, amounts + known.amounts)
             if logger.writes_lines():
-                logger.line(site=site.name, client=client, method="GET", path=raw, version=message.version,
-                            status=status, size=sent, cache="HIT", seconds=seconds, s3=None,
-                            user_agent=headers.get("User-Agent"), referer=headers.get("Referer"),
-                            request_id=request_id)
+                user_agent = headers.get(hdrs.USER_AGENT)
+                if logger.log_format == "json":
+                    stem = known.stem
+                    if stem is None or stem[0] != client or stem[1] != user_agent:
+                        stem = known.stem = (client, user_agent, *logger.json_stem(
+                            site=site_name, client=client, method="GET", path=known.path, status=status,
+                            size=known.sent, cache="HIT", s3=None, user_agent=user_agent))
+                    logger.token_line((stem[2], stem[3]), seconds, request_id)
+                else:
+                    logger.line(site=site_name, client=client, method="GET", path=raw, version=message.version,
+                                status=status, size=known.sent, cache="HIT", seconds=seconds, s3=None,
+                                user_agent=user_agent, referer=headers.get(hdrs.REFERER), request_id=request_id)
         else:
-            self._count(site.name, None, sent, coding, meta.size)
+            counters.add_cells(known.plain_cells, known.plain_amounts)
         self.answered += 1
         transport = handler.transport
         assert transport is not None
         # One buffer: uvloop sends a single one with one try-write, where writelines queues a writev request.
-        transport.write(b"".join((block, request_id.encode(), b"\r\n\r\n", body)) if status == 200
-                        else block + request_id.encode() + b"\r\n\r\n")
+        template = known.template
+        if template is None:
+            parts: tuple[bytes, ...] = (known.block, request_id.encode(), b"\r\n\r\n")
+        else:
+            first, second = (age_now, left) if template[3] else (left, age_now)
+            parts = (template[0], b"%d" % first, template[1], b"%d" % second, template[2], request_id.encode(),
+                     b"\r\n\r\n")
+        transport.write(b"".join((*parts, body)) if status == 200 else b"".join(parts))
         return True
 
-    def _count(self, site: str, seconds: float | None, sent: int, coding: str | None, identity: int) -> None:
-        """What the ordinary path counts for this hit (service.hit_in_memory, compressed.count and the access
-        logger's log), added under one lock: three locked adds per hit cost more than the rest of them."""
+    def _route(self, host: str, raw: str, cap: float | None) -> _Answer | None:
+        """Which site and object a request is for, and its TTL; None when this path does not answer it."""
+        if raw[:1] != "/" or raw.startswith(self._reserved):
+            return None
+        site = self._sites.route(host, raw)
+        if site is None or site.access is not None:
+            return None
+        config = site.config
+        key = memo_request_key(raw, config.mount, config.s3.prefix, config.cache.index_document)
+        if not isinstance(key, Key):
+            return None
+        relative = key.s3_key[len(config.s3.prefix):]
+        ttl = windows_for(relative, config.cache, cap).ttl
+        client_rules = client_freshness(relative, config.cache.rules, config.cache.client_cache_control)
+        return _Answer(site, key.s3_key, relative, ttl, cap, client_rules, raw.partition("?")[0].partition("#")[0])
+
+    def _work_out(self, known: _Answer, entry: Entry, body: bytes, age_now: int, left: int,
+                  neg: Negotiated | None, coded: Coded | None, headers: CIMultiDictProxy[str], now: float) -> bool:
+        """Fill `known` in for `entry` (whose identity or variant `body` is sent): status, head and counts,
+        exactly as the ordinary path makes them; False when this path does not answer it."""
+        meta = entry.meta
+        head = response_headers(FromCache(entry, Outcome.HIT, body), known.ttl, known.client_rules, now)
+        if neg is None:
+            plan = evaluate("GET", headers, etag=meta.etag, last_modified=meta.last_modified, size=meta.size)
+        elif coded is None:
+            head = coded_headers(head, "identity")
+            plan = conditional_plan("GET", headers, meta, meta.size, ranged=True)
+        else:
+            head = coded_headers(head, coded.coding)
+            plan = conditional_plan("GET", headers, meta, coded.size, ranged=False)
+        status = plan.status
+        block = self._block(head, status, known.site, len(body)) if status in _REASONS and not plan.content_range \
+            else None
+        if block is None:
+            return False
+        sent = len(body) if status == 200 else 0
+        coding = None if coded is None else coded.coding
+        known.entry, known.neg, known.coding, known.length = entry, neg, coding, len(body)
+        known.age, known.left, known.status, known.block, known.sent = age_now, left, status, block, sent
+        known.stem = None
+        replaced = _SPLICED & {name.lower() for name, _ in known.site.config.headers}  # [sites.headers]
+        known.template = None if replaced else _template(block, head, age_now, left)
+        known.cells, known.amounts = self._counted(known.site.name, True, sent, coding, meta.size)
+        known.plain_cells, known.plain_amounts = self._counted(known.site.name, False, sent, coding, meta.size)
+        return True
+
+    def _counted(self, site: str, logged: bool, sent: int, coding: str | None, identity: int
+                 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """What the ordinary path counts for this hit besides its latency (service.hit_in_memory,
+        compressed.count and, with `logged`, the access logger's log), as cells added under one lock with
+        the latency's: three locked adds per hit cost more than the rest of them."""
         counters = self._counters
-        cells, amounts = self._ops.metrics.observed("HIT", seconds, site) if seconds is not None else ((), ())
-        hits = counters.cells(site, "hits")
-        cells, amounts = cells + hits, amounts + (1,) * len(hits)
-        if sent and seconds is not None:  # bytes served are the access logger's count (none without one)
+        cells = hits = counters.cells(site, "hits")
+        amounts = (1,) * len(hits)
+        if sent and logged:  # bytes served are the access logger's count (none without one)
             served = counters.cells(site, "bytes_served")
             cells, amounts = cells + served, amounts + (sent,) * len(served)
         if sent and coding is not None:
             coded, saved = counters.cells(site, f"bytes_{coding}"), counters.cells(site, "bytes_saved")
             cells += coded + saved
             amounts += (sent,) * len(coded) + (max(0, identity - sent),) * len(saved)
-        counters.add_cells(cells, amounts)
+        return cells, amounts
 
     def _block(self, head: CIMultiDictProxy[str], status: int, site: Site, length: int) -> bytes | None:
         """The response head up to the request id, as the ordinary path writes it: made once per headers
@@ -225,6 +322,28 @@ def _reserved_paths(app: web.Application) -> tuple[str, ...]:
         if canonical != "/{tail}":  # the sites' catch-all
             out.append(canonical.partition("{")[0])
     return tuple(out)
+
+
+def _template(block: bytes, head: CIMultiDictProxy[str], age_now: int, left: int
+              ) -> tuple[bytes, bytes, bytes, bool] | None:
+    """`block` cut around its two numbers that change by the second, Age and the TTL left in Cache-Status
+    (headers.object_headers: `Age: {age}`, `Cache-Status: ...; ttl={left}`; nothing else in a head depends
+    on them): (before the first, between, after the second, whether Age comes first). None when the head does
+    not say them exactly once each as object_headers writes them."""
+    status = head.get("Cache-Status", "")
+    if head.get("Age") != str(age_now) or not status.endswith(f"; ttl={left}"):
+        return None
+    age_line = b"\r\nAge: %d\r\n" % age_now
+    status_line = b"\r\nCache-Status: %s\r\n" % status.encode()
+    if block.count(age_line) != 1 or block.count(status_line) != 1:
+        return None
+    age_at = block.index(age_line) + len(b"\r\nAge: ")
+    age_end = age_at + len(str(age_now))
+    left_end = block.index(status_line) + len(status_line) - 2
+    left_at = left_end - len(str(left))
+    if age_at < left_at:
+        return block[:age_at], block[age_end:left_at], block[left_end:], True
+    return block[:left_at], block[left_end:age_at], block[age_end:], False
 
 
 FAST_HITS = web.AppKey("fast_hits", FastHits)

@@ -156,6 +156,37 @@ async def test_fast_answers_are_what_the_ordinary_path_sends(make: MakeProxy, bu
         assert fast_count == 0, requests
 
 
+async def test_remembered_answers_say_the_age_and_ttl_of_their_second(make: MakeProxy, bucket: Bucket,
+                                                                      clock: FakeClock) -> None:
+    """A fast answer is worked out once per entry and request shape; Age and the TTL left are spliced into it per
+    response (fasthit._template). They change at different instants (Age at each wall-clock second, the TTL
+    left at the fraction of a second the entry was stored at): at each step each answer, made afresh or
+    remembered, is what the ordinary path sends at that moment."""
+    clock.advance(0.25)  # stored at .25 of a second: the TTL left drops a quarter second after Age grows
+    css = bucket.put("site.css", text(5000), ContentType="text/css")
+    png = bucket.put("logo.png", bytes(range(256)) * 12, ContentType="image/png")
+    fast, plain = await make(True), await make(False)
+    for proxy in (fast, plain):
+        await ready(proxy, {"site.css": css, "logo.png": png})
+    requests = [get("/docs/site.css"), get("/docs/site.css", "Accept-Encoding: br"),
+                get("/docs/site.css", f"If-None-Match: {css}"), get("/docs/logo.png")]
+    seen = set()
+    for step in (0.0, 0.5, 0.2, 0.1, 0.5, 7.125, 0.75, 40.0):
+        clock.advance(step)
+        for request in requests:
+            before = answered(fast)
+            for _ in range(2):  # the first may work the answer out; the second is the remembered one
+                [(status, headers, body)] = await exchange(fast, [request])
+                [(plain_status, plain_headers, plain_body)] = await exchange(plain, [request])
+                headers.pop("x-request-id")
+                plain_headers.pop("x-request-id")
+                assert (status, headers, body) == (plain_status, plain_headers, plain_body), (request, clock.now)
+                seen.add((int(headers["age"]), headers["cache-status"].rpartition("=")[2]))
+            assert answered(fast) - before == 2, request
+    # (Age, TTL left) at .25, .75, .95, 1.05, 1.55, 8.675, 9.425 and 49.425 s after the store, with a TTL of 60
+    assert sorted(seen) == [(0, "59"), (0, "60"), (1, "58"), (1, "59"), (8, "51"), (9, "50"), (49, "10")]
+
+
 async def test_pipelined_answers_stay_in_order(make: MakeProxy, bucket: Bucket, shim: Shim) -> None:
     """A cold key between hot ones: it goes to aiohttp, and so does everything behind it in the same read, so
     the hot answers cannot overtake the miss."""
