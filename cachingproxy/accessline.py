@@ -66,7 +66,7 @@ def json_line(*, when: float, site: str, client: str, method: str, path: str, st
     of a cached hit's logging. `request_id` is a token of at most 64 characters (request_id_from)."""
     stem = json_stem(site=site, client=client, method=method, path=path, status=status, size=size, cache=cache,
                      s3=s3, user_agent=user_agent)
-    return stem_line(stem, when, ms, json.dumps(request_id))
+    return stem_line(*stem, when, ms, json.dumps(request_id))
 
 
 def json_stem(*, site: str, client: str, method: str, path: str, status: int, size: int, cache: str,
@@ -77,10 +77,10 @@ def json_stem(*, site: str, client: str, method: str, path: str, status: int, si
     return _stem(site, client, method, path, status, size, cache, calls, user_agent)
 
 
-def stem_line(stem: tuple[str, str], when: float, ms: float, quoted_id: str) -> str:
+def stem_line(middle: str, end: str, when: float, ms: float, quoted_id: str) -> str:
     """json_line from its `json_stem` and its request id already in JSON (a token needs only its quotes:
     request_id_from's ids have no character JSON escapes)."""
-    return f'{{"time":"{rfc3339_ms(when)}"{stem[0]}{ms:.1f}{stem[1]}{quoted_id}}}'
+    return f'{{"time":"{rfc3339_ms(when)}"{middle}{ms:.1f}{end}{quoted_id}}}'
 
 
 _ID_ROOM = len('{"time":"2026-12-03T08:40:12.345Z"') + 12 + 66 + 1  # the time, ms up to 11 digits, an id, "}"

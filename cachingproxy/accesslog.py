@@ -42,6 +42,7 @@ class StructuredAccessLogger(AbstractAccessLogger):
     """
 
     _lines: Callable[[str], None] | None = None  # where finished lines go (logsetup.access_lines)
+    _direct = False  # _lines is the batching handler's, not _via_logger
 
     def _via_logger(self, line: str) -> None:
         self.logger.info("%s", line)
@@ -81,6 +82,8 @@ class StructuredAccessLogger(AbstractAccessLogger):
             request_id=response.headers.get("X-Request-Id"))
 
     def writes_lines(self) -> bool:
+        if self._direct:  # the common answer first: one attribute, every response asks
+            return True
         if self.log_format == "off":
             return False
         if self._lines is None:
@@ -88,7 +91,8 @@ class StructuredAccessLogger(AbstractAccessLogger):
             # handler (logsetup.logging_off_the_loop) after aiohttp has made this object.
             direct = access_lines(self.logger)
             self._lines = direct if direct is not None else self._via_logger
-        elif self._lines == self._via_logger and not self.logger.isEnabledFor(logging.INFO):
+            self._direct = direct is not None
+        elif not self.logger.isEnabledFor(logging.INFO):  # through the logger: its level may change
             return False
         return True
 
@@ -117,11 +121,11 @@ class StructuredAccessLogger(AbstractAccessLogger):
         return json_stem(site=site or "-", client=client, method=method, path=path, status=status, size=size,
                          cache=cache or "-", s3=s3 or {}, user_agent=user_agent or "")
 
-    def token_line(self, stem: tuple[str, str], seconds: float, request_id: str) -> None:
-        """`line` in the JSON format (call `writes_lines` first), from `json_stem`'s stem, for a request id
+    def token_line(self, middle: str, end: str, seconds: float, request_id: str) -> None:
+        """`line` in the JSON format (call `writes_lines` first), from `json_stem`'s parts, for a request id
         from accessline.request_id_from (a token: quoted as json.dumps would quote it)."""
         assert self._lines is not None
-        self._lines(stem_line(stem, wall_clock(), seconds * 1000, f'"{request_id}"'))
+        self._lines(stem_line(middle, end, wall_clock(), seconds * 1000, f'"{request_id}"'))
 
 
 async def request_id(request: web.Request, response: web.StreamResponse) -> None:

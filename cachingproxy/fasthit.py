@@ -202,7 +202,7 @@ class FastHits:
                         stem = known.stem = (client, user_agent, *logger.json_stem(
                             site=site_name, client=client, method="GET", path=known.path, status=status,
                             size=known.sent, cache="HIT", s3=None, user_agent=user_agent))
-                    logger.token_line((stem[2], stem[3]), seconds, request_id)
+                    logger.token_line(stem[2], stem[3], seconds, request_id)
                 else:
                     logger.line(site=site_name, client=client, method="GET", path=raw, version=message.version,
                                 status=status, size=known.sent, cache="HIT", seconds=seconds, s3=None,
@@ -404,14 +404,18 @@ class _Filter:
         if not messages or not handler.idle():
             return messages, upgraded, tail
         handed: list[Any] = []  # for aiohttp: everything from the first request not answered here on
+        idle = True  # just checked
+        unconsumed = 0  # the parser's requests nobody has taken yet: none while aiohttp is idle
         while messages:
+            fed = len(messages)
             if handed:
                 handed.extend(messages)
             else:
                 answered = 0
                 for message, payload in messages:
-                    if not handler.idle() or not self._answer(message, payload):
+                    if not (idle or handler.idle()) or not self._answer(message, payload):
                         break
+                    idle = False  # a write may have filled the connection's buffer: ask before the next
                     answered += 1
                     parser.message_consumed()
                 if answered:
@@ -420,9 +424,11 @@ class _Filter:
             # The parser stops after a queue's worth of unconsumed requests and keeps the rest of the read
             # until asked again, which aiohttp does only when its queue was full (it then pauses reading and
             # asks as the queue drains). Requests answered here never reach that queue, so ask now, until
-            # aiohttp has a full queue and its own flow control takes over.
-            if upgraded or len(handed) >= MAX_MSG_QUEUE_SIZE:
+            # aiohttp has a full queue and its own flow control takes over. The parser has stopped only if
+            # this feed brought its unconsumed requests to a queue's worth: otherwise there is nothing to ask.
+            if upgraded or len(handed) >= MAX_MSG_QUEUE_SIZE or unconsumed + fed < MAX_MSG_QUEUE_SIZE:
                 break
+            unconsumed = len(handed)
             messages, upgraded, tail = parser.feed_data(b"")
         return handed, upgraded, tail
 

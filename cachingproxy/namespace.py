@@ -55,6 +55,10 @@ class NamespacedStore:
     async def lookup(self, key: str) -> Entry | None:
         return self._out(await self._store.lookup(self._ns + key))
 
+    def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
+        """CacheStore.fresh_in_memory; the entry keeps its namespaced key, as entry_in_memory's."""
+        return self._store.fresh_in_memory(self._ns + key, ttl, now)
+
     def body_in_memory(self, entry: Entry) -> bytes | None:
         """For an entry from entry_in_memory."""
         return self._store.body_in_memory(entry)

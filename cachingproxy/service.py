@@ -33,7 +33,6 @@ from .policy import (
     ServeStale,
     Windows,
     decide,
-    is_fresh,
 )
 
 __all__ = ["CachingProxy", "FromCache", "FromFill", "FromHead", "NotRecorded", "Resolved"]
@@ -120,14 +119,7 @@ class CachingProxy:
     def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
         """`peek_in_memory`'s checks at `now`, as a pair: fasthit.py's per-request test, which needs no
         FromCache when it answers from what it made for the same entry earlier in the second."""
-        if key in self._fills:
-            return None
-        store = self._store
-        entry = store.entry_in_memory(key)
-        if entry is None or not is_fresh(entry, ttl, now):
-            return None
-        body = store.body_in_memory(entry)
-        return None if body is None else (entry, body)
+        return None if key in self._fills else self._store.fresh_in_memory(key, ttl, now)
 
     async def resolve(self, key: str, *, windows: Windows, want_body: bool) -> Resolved:
         """Find the best answer for `key`; raises ObjectMissing or another OriginError when there is none.

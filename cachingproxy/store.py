@@ -30,6 +30,7 @@ from .filllocks import FillLocks, Flight, Published
 from .hot import HOT_BODY_MAX, HotLayer, Stamp
 from .index import EntryIndex
 from .models import Entry, ObjectMeta
+from .policy import is_fresh
 from .writer import WRITE_ERRORS, BodyWriter, Count, room_to_make
 
 __all__ = ["HOT_BODY_MAX", "WRITE_ERRORS", "CacheStore", "Count", "FellBehind", "Flight", "Health", "Published",
@@ -237,6 +238,23 @@ class CacheStore:
         touched, self._touched = self._touched, {}
         self._touch_flushed = time.monotonic()
         return list(touched.items())
+
+    def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
+        """entry_in_memory, policy.is_fresh and body_in_memory in one call, with the same lookups and effects
+        in the same order: the fast hit path's (fasthit.py), where each layer of calls cost measurable time."""
+        stamp = self._stamp
+        if stamp is None:
+            return None
+        hot = self._hot
+        hot.sync(stamp.read())
+        entry = hot.entry(key)
+        if entry is None or not is_fresh(entry, ttl, now) or entry.meta.size > HOT_BODY_MAX:
+            return None
+        data = hot.body(entry)
+        if data is None:
+            return None
+        self._note_hit(entry)
+        return entry, data
 
     def body_in_memory(self, entry: Entry) -> bytes | None:
         """A small body this worker already holds (read once from its file, size-checked then)."""
