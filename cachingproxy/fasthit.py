@@ -97,7 +97,7 @@ class _Answer:
         self.neg: Negotiated | None = None
         self.coding: str | None = None
         self.status = 0
-        self.block = b""
+        self.block = b""  # the head up to the request id, when there is no template
         self.sent = 0
         self.cells: tuple[int, ...] = ()  # what _count adds besides the latency (with a StructuredAccessLogger)
         self.amounts: tuple[int, ...] = ()
@@ -261,10 +261,12 @@ class FastHits:
         sent = len(body) if status == 200 else 0
         coding = None if coded is None else coded.coding
         known.entry, known.neg, known.coding, known.length = entry, neg, coding, len(body)
-        known.age, known.left, known.status, known.block, known.sent = age_now, left, status, block, sent
-        known.stem = None
+        known.age, known.left, known.status, known.sent, known.stem = age_now, left, status, sent, None
         replaced = _SPLICED & {name.lower() for name, _ in known.site.config.headers}  # [sites.headers]
         known.template = None if replaced else _template(block, head, age_now, left)
+        # The block itself only where there is no template: up to _BLOCKS answers stay in each worker's
+        # memory (issue 16's footprint), and a head is 0.5-1 KiB.
+        known.block = block if known.template is None else b""
         known.cells, known.amounts = self._counted(known.site.name, True, sent, coding, meta.size)
         known.plain_cells, known.plain_amounts = self._counted(known.site.name, False, sent, coding, meta.size)
         return True
