@@ -86,7 +86,9 @@ def stem_line(middle: str, end: str, when: float, ms: float, quoted_id: str) -> 
 _ID_ROOM = len('{"time":"2026-12-03T08:40:12.345Z"') + 12 + 66 + 1  # the time, ms up to 11 digits, an id, "}"
 
 
-@functools.lru_cache(maxsize=4096)
+# 1024: a docs site's hot set of paths many times over; at 4096 a stream of new paths (crawlers, 404s) kept it
+# filling for the whole of a 10-minute run (benchmarks/results/footprint.md).
+@functools.lru_cache(maxsize=1024)
 def _stem(site: str, client: str, method: str, path: str, status: int, size: int, cache: str, calls: str,
           user_agent: str) -> tuple[str, str]:
     """What a line holds besides its time, latency and id, encoded once: a hot object's lines repeat it, and
