@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from time import perf_counter
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import HttpVersion11, hdrs, web, web_server
 from aiohttp.http_parser import RawRequestMessage
@@ -83,7 +83,7 @@ class _Answer:
     freshness and memory checks, those two numbers, the request id and the log line's time, latency, client
     and user agent are new."""
 
-    __slots__ = ("age", "amounts", "block", "cap", "cells", "client_rules", "coding", "entry", "key", "left",
+    __slots__ = ("age", "amounts", "block", "cap", "cells", "client_rules", "coded", "coding", "entry", "key", "left",
                  "length", "neg", "path", "plain_amounts", "plain_cells", "relative", "sent", "site", "status", "stem",
                  "template", "ttl")
 
@@ -96,6 +96,7 @@ class _Answer:
         self.template: tuple[bytes, bytes, bytes, bool] | None = None  # `_template(block, ...)`
         self.neg: Negotiated | None = None
         self.coding: str | None = None
+        self.coded: Coded | None = None  # the variant sent, while `entry` is the same: its bytes never change
         self.status = 0
         self.block = b""  # the head up to the request id, when there is no template
         self.sent = 0
@@ -165,7 +166,11 @@ class FastHits:
         neg = known.neg if same else negotiate_for(self._compression, headers, entry.meta)
         if entry.meta.redirect or (neg is not None and neg.gunzip):
             return False
-        coded = memory_variant(known.site, known.key, accept, entry) if neg is not None and neg.coding else None
+        coded: Coded | Literal["on disk"] | None
+        if same and known.coded is not None:
+            coded = known.coded  # a variant of this very version (a new one is a new entry): no lookup
+        else:
+            coded = memory_variant(known.site, known.key, accept, entry) if neg is not None and neg.coding else None
         if coded == ON_DISK:
             return False  # the ordinary path reads it in (compressed.pick_variant), for the hits after this
         if coded is not None:
@@ -260,7 +265,7 @@ class FastHits:
             return False
         sent = len(body) if status == 200 else 0
         coding = None if coded is None else coded.coding
-        known.entry, known.neg, known.coding, known.length = entry, neg, coding, len(body)
+        known.entry, known.neg, known.coding, known.coded, known.length = entry, neg, coding, coded, len(body)
         known.age, known.left, known.status, known.sent, known.stem = age_now, left, status, sent, None
         replaced = _SPLICED & {name.lower() for name, _ in known.site.config.headers}  # [sites.headers]
         known.template = None if replaced else _template(block, head, age_now, left)
