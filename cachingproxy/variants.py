@@ -33,7 +33,7 @@ LARGEST = 32 * 1024 * 1024
 # Levels for size: the work is done once per version. brotli 11 costs about 1 s per MB of text on this machine
 # (tests/test_variants.py), so larger bodies get quality 9 which is ~10x faster for ~3 % more bytes.
 _BROTLI_SMALL = 1024 * 1024
-_KNOWN = 4096  # (key, ETag) versions whose variant set this worker remembers
+_KNOWN = 1024  # (key, ETag) versions whose variant set this worker remembers (like the other per-object memos)
 
 
 def compress(data: bytes, coding: str) -> bytes:
