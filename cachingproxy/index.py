@@ -34,10 +34,6 @@ _SQLITE_TIMEOUT = 0.5
 # connection per store thread, and each cache grows with the index up to that bound. 512 pages (2 MiB) hold a
 # docs site's metadata many times over.
 _SQLITE_CACHE_PAGES = 512
-# And no mmap of the database (diskcache's default maps 64 MiB): every page a lookup touched stayed mapped in
-# every worker, so resident memory grew with the index (0.5 MiB a minute per worker in benchmarks/soak.py).
-# Read with pread instead, the pages live in the kernel's page cache; hits never read SQLite (hot.py).
-_SQLITE_MMAP_BYTES = 0
 _COMMIT_ATTEMPTS = 3  # a commit waits at most this many SQLite timeouts for another writer
 INDEX_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
 
@@ -147,7 +143,6 @@ class EntryIndex:
             timeout=_SQLITE_TIMEOUT,
             disk=_StagingDisk,
             sqlite_cache_size=_SQLITE_CACHE_PAGES,
-            sqlite_mmap_size=_SQLITE_MMAP_BYTES,
         )
         try:
             cache.get(_meta_key(""))  # a garbage file can open fine and fail on first use
