@@ -48,20 +48,12 @@ class NamespacedStore:
     def _out(self, entry: Entry | None) -> Entry | None:
         return None if entry is None else replace(entry, key=entry.key[len(self._ns):])
 
-    def entry_in_memory(self, key: str) -> Entry | None:
-        """The hot path's lookup. Its key stays namespaced (no copy per hit): hand it only to body_in_memory."""
-        return self._store.entry_in_memory(self._ns + key)
-
     async def lookup(self, key: str) -> Entry | None:
         return self._out(await self._store.lookup(self._ns + key))
 
     def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
-        """CacheStore.fresh_in_memory; the entry keeps its namespaced key, as entry_in_memory's."""
+        """CacheStore.fresh_in_memory. The entry keeps its namespaced key: no copy per hit."""
         return self._store.fresh_in_memory(self._ns + key, ttl, now)
-
-    def body_in_memory(self, entry: Entry) -> bytes | None:
-        """For an entry from entry_in_memory."""
-        return self._store.body_in_memory(entry)
 
     async def open_body(self, entry: Entry, *, hit: bool = True) -> BinaryIO | bytes | None:
         return await self._store.open_body(self._in(entry), hit=hit)

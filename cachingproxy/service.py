@@ -106,19 +106,15 @@ class CachingProxy:
         The same answer `resolve` would give (a fill in flight for the key is joined there instead); None
         sends the request down `resolve`.
         """
-        hit = self.peek_in_memory(key, ttl=ttl)
-        if hit is not None:
-            self.counters.add("hits")
-        return hit
-
-    def peek_in_memory(self, key: str, *, ttl: float) -> FromCache | None:
-        """`hit_in_memory` without counting the hit: for a caller that may still hand the request on."""
         found = self.fresh_in_memory(key, ttl, self._clock())
-        return None if found is None else FromCache(found[0], Outcome.HIT, found[1])
+        if found is None:
+            return None
+        self.counters.add("hits")
+        return FromCache(found[0], Outcome.HIT, found[1])
 
     def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
-        """`peek_in_memory`'s checks at `now`, as a pair: fasthit.py's per-request test, which needs no
-        FromCache when it answers from what it made for the same entry earlier in the second."""
+        """`hit_in_memory`'s checks at `now`, without counting: for fasthit.py, which may still hand the
+        request on, and needs no FromCache when it answers from what it made for the same entry before."""
         return None if key in self._fills else self._store.fresh_in_memory(key, ttl, now)
 
     async def resolve(self, key: str, *, windows: Windows, want_body: bool) -> Resolved:

@@ -240,28 +240,20 @@ class CacheStore:
         return list(touched.items())
 
     def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
-        """entry_in_memory, policy.is_fresh and body_in_memory in one call, with the same lookups and effects
-        in the same order: the fast hit path's (fasthit.py), where each layer of calls cost measurable time."""
-        stamp = self._stamp
-        if stamp is None:
+        """A fresh entry and its body, both held in this worker's memory: a hit that needs no await."""
+        entry = self.entry_in_memory(key)
+        if entry is None or not is_fresh(entry, ttl, now):
             return None
-        hot = self._hot
-        hot.sync(stamp.read())
-        entry = hot.entry(key)
-        if entry is None or not is_fresh(entry, ttl, now) or entry.meta.size > HOT_BODY_MAX:
-            return None
-        data = hot.body(entry)
-        if data is None:
-            return None
-        self._note_hit(entry)
-        return entry, data
+        data = self.body_in_memory(entry)
+        return None if data is None else (entry, data)
 
-    def body_in_memory(self, entry: Entry) -> bytes | None:
-        """A small body this worker already holds (read once from its file, size-checked then)."""
+    def body_in_memory(self, entry: Entry, *, hit: bool = True) -> bytes | None:
+        """A small body this worker already holds (read once from its file, size-checked then); `hit`: as
+        open_body's."""
         if entry.meta.size > HOT_BODY_MAX:
             return None
         data = self._hot.body(entry)
-        if data is not None:
+        if data is not None and hit:
             self._note_hit(entry)
         return data
 
@@ -273,16 +265,13 @@ class CacheStore:
         as an access. Kept, every object fetched once (a crawler, a link checker) would stay in each worker's
         memory until the budget pushed it out: a 10-minute mixed run grew by the budget (footprint.md).
         """
-        if not hit:
-            held = self._hot.body(entry) if entry.meta.size <= HOT_BODY_MAX else None
-            return held if held is not None else await self._run(self._open_body_sync, entry)
-        data = self.body_in_memory(entry)
+        data = self.body_in_memory(entry, hit=hit)
         if data is not None:
             return data
         body = await self._run(self._open_body_sync, entry)
-        if isinstance(body, bytes):
+        if hit and isinstance(body, bytes):
             self._hot.keep_body(entry, body)
-        if body is not None:
+        if hit and body is not None:
             self._note_hit(entry)
         return body
 

@@ -12,7 +12,7 @@ import brotli
 import pytest
 import zstandard
 
-from cachingproxy.appkeys import COUNTERS, SITES
+from cachingproxy.appkeys import CLOCK, COUNTERS, SITES
 
 from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient, until
 from .shim import Shim
@@ -208,10 +208,9 @@ async def test_making_variants_does_not_hold_the_body_of_an_object_fetched_once(
     site = proxy.app[SITES].first
 
     async def held() -> bool:
-        assert await site.store.lookup("once.css") is not None
-        entry = site.store.entry_in_memory("once.css")  # namespaced, as body_in_memory wants it
+        entry = await site.store.lookup("once.css")  # brings the entry into memory, if it was not
         assert entry is not None and entry.meta.etag == etag
-        return site.store.body_in_memory(entry) is not None
+        return site.store.fresh_in_memory("once.css", float("inf"), proxy.app[CLOCK]()) is not None
 
     assert not await held()
     assert (await fetch(proxy, "/docs/once.css"))[0] == 200
