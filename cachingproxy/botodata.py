@@ -2,7 +2,7 @@
 
 botocore parses `endpoints.json` (every AWS service in every region: 6.7 MiB of dicts once parsed) to resolve
 one service, and each service model carries its API reference (`documentation`: 1.2 of S3's 3.2 MiB), which
-only help() and generated docs read. The supervisor parses them before it forks (origin.share_models), so they
+only help() and generated docs read. The zygote parses them before it forks the workers (origin.share_models), so they
 sit in every process's resident memory. This loader keeps, of the endpoint data, each partition's regions and
 defaults and only the services a proxy opens clients for, and drops the reference text from every model.
 

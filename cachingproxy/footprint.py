@@ -1,20 +1,20 @@
-"""A smaller footprint (issue 16): what the supervisor does before it forks, so that its workers share it.
+"""A smaller footprint (issue 16): what the zygote does before it forks the workers, so that they share it.
 
-A forked worker shares every page the supervisor held at the fork until one of them writes to it. CPython
+A forked worker shares every page the zygote held at the fork until one of them writes to it. CPython
 writes to objects it only reads (reference counts), and its collector writes to the header of every object it
 examines, so without care a worker copies most of what it inherited within seconds. Hence:
 
 1. `preload`: import what each worker imports (aiohttp's web layer, aiobotocore and botocore, diskcache and
    sqlite3, brotli, zstandard, ssl, uvloop) and parse botocore's S3 model once (origin.share_models), in the
-   supervisor, instead of once per worker;
+   zygote (spawn.py: the short-lived process that forks a batch of workers), instead of once per worker;
 2. `tune_malloc`: glibc gives each thread that allocates its own malloc arena (up to 8 per core), and a
    worker has about ten threads (the store's, the log writer, the compressor); what each arena keeps after
    a burst stays resident. Two arenas for the whole process, set here and inherited by every worker. And
    glibc's mmap threshold is pinned: by default, freeing one large block raises it (up to 32 MiB), after
    which buffers of that size come from the heap, where one small allocation made after them keeps the heap
    from shrinking when they are freed (tests/test_footprint.py);
-3. `freeze`: gc.freeze() right before each fork, so no collection in a worker (nor in the supervisor) examines
-   those objects again. Each worker also freezes its own startup heap (hitpath.freeze_heap).
+3. `freeze`: gc.freeze() right before each fork, so no collection in a worker examines those objects again
+   (the supervisor freezes its own before it forks a zygote, for the same reason). Each worker also freezes its own startup heap (hitpath.freeze_heap).
 
 Measured with 2 workers (benchmarks/results/footprint.md): see there for each lever's figures.
 """
@@ -45,7 +45,7 @@ _OPERATOR = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOL
 
 
 def preload() -> None:
-    """Import what every worker will import, and parse the S3 model, in this (the supervisor's) process."""
+    """Import what every worker will import, and parse the S3 model, in this process (the zygote)."""
     # serve_socket's own imports; create_app's pull in the rest (aiohttp.web, aiobotocore, diskcache...).
     from . import app, hitpath, origin, tls  # noqa: F401
 
@@ -60,7 +60,7 @@ def tune_malloc(arenas: int = MALLOC_ARENAS) -> bool:
     where malloc is not glibc's (musl, macOS) or the operator set any of those variables.
 
     Environment variables would do the same, but only when set before the interpreter starts; mallopt works
-    here because the supervisor has no other thread yet, and a fork copies the settings.
+    here because the zygote has no other thread, and a fork copies the settings.
     """
     if any(name in os.environ for name in _OPERATOR):
         return False

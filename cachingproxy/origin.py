@@ -11,7 +11,7 @@ import email.utils
 import functools
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,7 +31,7 @@ from botocore.exceptions import (
 from botocore.httpchecksum import Crc32Checksum
 
 from . import botodata
-from .config import EventsConfig, S3Config
+from .config import S3Config
 from .counters import Counters
 from .models import ObjectMeta
 
@@ -50,7 +50,6 @@ __all__ = [
     "S3Origin",
     "client_settings",
     "open_client",
-    "profile_problems",
     "share_models",
 ]
 
@@ -407,7 +406,7 @@ def share_models() -> None:
     """Parse botocore's S3 model, endpoint rules and partition data once, for every client opened afterwards.
 
     A session's loader keeps what it parsed, about 12 MiB of dicts for an S3 client, and each new session (one
-    per client) parses its own. The supervisor calls this before it forks (footprint.py), so every worker's
+    per client) parses its own. The zygote calls this before it forks the workers (footprint.py, spawn.py), so every worker's
     clients read one copy-on-write copy; it was parsed again in each worker (benchmarks/results/footprint.md).
     The loader is warmed by building a client the ordinary way, so it holds whatever this botocore loads; a
     synchronous one with dummy keys, since nothing is sent, no credentials are looked up and no loop runs here.
@@ -457,12 +456,3 @@ _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
 
 # Every operation the proxy sends, and its counter (counters.COUNTERS).
 _COUNTED = {"GetObject": "s3_get", "HeadObject": "s3_head", "ListObjectsV2": "s3_list"}
-
-
-def profile_problems(configs: Sequence[S3Config | EventsConfig], key: str = "s3.profile") -> list[str]:
-    """A named profile that the AWS config files do not define; checked before starting, like a config error."""
-    wanted = sorted({c.profile for c in configs if c.profile})
-    if not wanted:
-        return []
-    known = set(AioSession().available_profiles)
-    return [f"{key}: {name!r} is not a profile in the AWS config files" for name in wanted if name not in known]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import AdminConfig, CacheConfig, Config, ConfigError, ServerConfig, load_config
+from .profiles import profile_problems
 
 __all__ = ["RESTART_ONLY", "Reloaded", "load_for_reload", "preflight"]
 
@@ -35,8 +36,6 @@ def preflight(config: Config, src: str) -> list[str]:
     access.py (bcrypt) and tls.py are imported only when the config uses them: this runs in the supervisor,
     whose memory the README's Performance section counts.
     """
-    from .origin import profile_problems
-
     problems = [f"{src}: {p}" for p in profile_problems([site.s3 for site in config.sites])]
     problems += [f"{src}: {p}" for p in profile_problems([config.events], key="events.profile")]
     if any(site.access.protected for site in config.sites):

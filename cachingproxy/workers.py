@@ -5,8 +5,9 @@ connections across the workers by hash (no thundering herd, and no accept imbala
 socket). Bind errors therefore surface once, in the supervisor, before anything forks. SO_REUSEPORT would
 also let a second instance join the port: the supervisor first claims the port for its lifetime
 (portlock.py), so a second instance fails with "Address already in use" as nginx does. Workers are forked
-(not spawned): the config is already parsed and nothing has opened a loop, a thread or a file yet; each
-worker then builds its own app, S3 client and diskcache connections. The supervisor forwards SIGTERM/SIGINT
+(not spawned), by a short-lived child of the supervisor that loads what they need and exits (spawn.py), so the
+supervisor stays small: the config is already parsed and nothing has opened a loop, a thread or a file yet;
+each worker then builds its own app, S3 client and diskcache connections. The supervisor forwards SIGTERM/SIGINT
 once to every worker (as SIGTERM, like the signals the proxy does not handle, which it logs first:
 stopsignals.py), restarts a worker that dies on its own, and exits 0 when all workers stopped cleanly;
 workers die with it if it is killed. There is always a supervisor, even for one worker: it is what reloads.
@@ -23,7 +24,6 @@ Misses stay single-flight across workers through filllocks.FillLocks (one lock f
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import importlib
 import logging
@@ -32,7 +32,6 @@ import multiprocessing.connection
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -43,6 +42,7 @@ from .footprint import freeze, preload
 from .logsetup import logging_off_the_loop
 from .portlock import claim_port
 from .sdnotify import notify, watchdog_interval
+from .spawn import Worker, become_subreaper, die_with_parent, fork_workers
 from .stopsignals import HANDLED_SIGNALS, RELOAD_SIGNAL, STOP_SIGNALS, UNHANDLED_SIGNALS, exit_status, stop_reason
 from .tally import Slab
 
@@ -66,7 +66,6 @@ RESTART_WINDOW = 60.0  # a worker that died this many times within this many sec
 RESTART_LIMIT = 5
 LEADER_LOCK = "admin.lock"  # in [cache] directory; see claim_leadership
 LEADER_LOCK_ODD = "admin.1.lock"  # the generations started by an odd number of reloads
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # serve(config, socket, supervised, ready): blocks until stopped; calls ready() once it accepts connections.
 ServeFn = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
@@ -213,20 +212,6 @@ def claim_leadership(directory: str, generation: int = 0) -> int | None:
     return fd
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: die when the supervisor dies, even by SIGKILL, as one process would.
-
-    SIGKILL, not a graceful SIGTERM: a supervisor that vanished means the proxy crashed, and its restart
-    must not share the port and the staging directory with orphans still finishing their fills.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the supervisor died before prctl took effect
-        os._exit(1)
-
-
 def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: int, slot: int, row: int,
                  generation: int, ready: multiprocessing.connection.Connection) -> None:
     for signum in STOP_SIGNALS:  # still blocked: the supervisor's handlers must not run in a worker
@@ -235,7 +220,7 @@ def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: in
         signal.signal(signum, signal.SIG_IGN)
     # A stop signal before `serve` installs its handlers just ends the worker (nothing to drain yet).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-    _die_with_parent(parent)
+    die_with_parent(parent)  # now that it is the supervisor's child (spawn.py)
     global _row, _generation, _closed
     _row = row
     _generation = generation
@@ -265,12 +250,21 @@ def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket, path: 
                     sock.close()
                 raise
         scheme = "https" if server.tls_certificate else "http"
-        if serve is serve_socket:  # loaded once here and shared by every worker it forks (footprint.py)
-            preload()
         return _supervise(config, socks, serve, f"{scheme}://{host}:{port}", path)
     finally:
         if claim is not None:
             claim.release()
+
+
+class _NoWorkers(Exception):
+    """The zygote could not start every worker it was asked for (it logged why)."""
+
+
+def _prepare() -> None:
+    """In the zygote (without one, in the supervisor): what every worker loads, then kept from the collector
+    so that the workers go on sharing it (footprint.py)."""
+    preload()
+    freeze()
 
 
 def _banner(config: Config, url: str, n: int) -> str:
@@ -294,7 +288,7 @@ class _Generation:
         self.number = number
         self.config = config
         self.slab = slab
-        self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.procs: dict[int, Worker] = {}
         self.starting: set[int] = set()
         self.listening: set[int] = set()  # slots accepting connections (said ready, not yet closed)
 
@@ -304,7 +298,7 @@ class _Generation:
 
     def signal(self, signum: int) -> None:
         for proc in self.procs.values():
-            if proc.pid is not None and proc.exitcode is None:
+            if proc.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signum)
 
@@ -314,9 +308,9 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
     reload: a new generation of workers on the new configuration, then the old one stopped gracefully."""
     global _slab
     n = len(socks)
-    ctx = multiprocessing.get_context("fork")
+    adopts = become_subreaper()  # workers are then forked by a zygote that exits (spawn.py)
     # Each worker sends (generation, slot, True) once it accepts and (..., False) once it stopped accepting.
-    ready_r, ready_w = ctx.Pipe(duplex=False)
+    ready_r, ready_w = multiprocessing.connection.Pipe(duplex=False)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a signal handler's nudge to the loop below
     parent = os.getpid()
     current = _Generation(0, config, _new_slab(config, n))
@@ -332,27 +326,36 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
     first_ready = True
     reloaded = False  # a new generation took over; READY=1 once the old one stopped accepting
 
-    def spawn(gen: _Generation, slot: int) -> None:
+    def spawn(gen: _Generation, slots: list[int]) -> None:
         # Each slot's listening socket stays open here for the proxy's lifetime and every generation's
         # worker for that slot accepts from it, as nginx's workers share the master's: at a reload old and
         # new workers both hold it, so when the old one closes its copy, connections waiting in the queue
         # are still there for the new one (closing the last copy of a socket resets its queue).
         global _slab
-        sock = socks[slot]
         _slab = gen.slab  # travels by fork
-        row = (gen.number % 2) * n + slot
-        # Blocked across fork so a signal can never find a worker the loop below does not know yet, nor
-        # run the supervisor's handler inside a worker; the worker resets them, then unblocks.
+
+        def run(slot: int) -> None:
+            _worker_main(serve, gen.config, socks[slot], parent, slot, (gen.number % 2) * n + slot, gen.number,
+                         ready_w)
+
+        # Blocked across the forks so a signal can never find a worker the loop below does not know yet, nor
+        # run the supervisor's handler in the zygote or a worker; a worker resets them, then unblocks.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        freeze()  # so that no collection in the worker copies the pages it shares with this process
+        freeze()  # this process's own objects too: the zygote's collections would copy every page they are on
         try:
-            proc = ctx.Process(target=_worker_main,
-                               args=(serve, gen.config, sock, parent, slot, row, gen.number, ready_w),
-                               name=f"cachingproxy-worker-{slot}")
-            proc.start()
-            gen.procs[slot] = proc
+            started = fork_workers(slots, _prepare if serve is serve_socket else freeze, run, zygote=adopts)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        gen.procs.update(started)
+        if len(started) < len(slots):
+            raise _NoWorkers(f"{len(slots) - len(started)} of {len(slots)} workers did not start (see above)")
+
+    def give_up() -> None:
+        nonlocal failed, stopping, kill_at
+        failed = stopping = True
+        kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
+        notify("STOPPING=1")
+        stop_all()
 
     def every() -> list[_Generation]:
         return [current, *([starting] if starting is not None else []), *retiring]
@@ -384,7 +387,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
             log.warning("SIGHUP received: no configuration file to read again; nothing changed")
             notify("READY=1")
             return None
-        from .reload import load_for_reload  # here: only a reload needs it (and it imports the origin)
+        from .reload import load_for_reload  # here: only a reload needs it
 
         result = load_for_reload(path, current.config)
         if isinstance(result, list):
@@ -402,9 +405,15 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
         slab = current.slab if same_layout else _new_slab(result.config, n)
         gen = _Generation(current.number + 1, result.config, slab)
         log.info("reload: configuration %s is valid; starting %d new workers", result.digest, n)
-        for slot in range(n):
-            spawn(gen, slot)
         gen.starting = set(range(n))
+        try:
+            spawn(gen, list(range(n)))
+        except _NoWorkers as exc:
+            log.error("reload failed: %s; still serving the previous configuration", exc)
+            gen.signal(signal.SIGTERM)
+            retiring.append(gen)
+            notify("READY=1")
+            return None
         return gen
 
     previous = {signum: signal.signal(signum, on_signal) for signum in HANDLED_SIGNALS}
@@ -412,9 +421,12 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
     ping = watchdog_interval()
     next_ping = time.monotonic()
     try:
-        for slot in range(n):
-            spawn(current, slot)
         current.starting = set(range(n))
+        try:
+            spawn(current, list(range(n)))
+        except _NoWorkers as exc:
+            log.error("%s: stopping", exc)
+            give_up()
         while current.procs or starting is not None or retiring:
             wait = 1.0 if ping is None else max(0.0, min(1.0, next_ping - time.monotonic()))
             sentinels = [p.sentinel for gen in every() for p in gen.procs.values()]
@@ -488,14 +500,15 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
                 if len(restarts) > RESTART_LIMIT:
                     log.error("worker %d exited with %s; %d restarts within %.0fs: stopping", slot,
                               proc.exitcode, RESTART_LIMIT, RESTART_WINDOW)
-                    failed = stopping = True
-                    kill_at = now + config.server.shutdown_timeout + 5.0
-                    notify("STOPPING=1")
-                    stop_all()
+                    give_up()
                 else:
                     log.error("worker %d (pid %s) exited with %s: restarting it", slot, proc.pid, proc.exitcode)
                     current.listening.discard(slot)
-                    spawn(current, slot)
+                    try:
+                        spawn(current, [slot])
+                    except _NoWorkers as exc:
+                        log.error("%s: stopping", exc)
+                        give_up()
             if reload_asked and not stopping and starting is None and not retiring:
                 # One reload at a time: the next waits until the previous generation has drained (the
                 # leadership lock alternates between two files, one per live generation).

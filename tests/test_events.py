@@ -24,7 +24,7 @@ from cachingproxy.app import EVENTS, create_app, server_kwargs
 from cachingproxy.appkeys import COUNTERS
 from cachingproxy.config import EventsConfig, parse_config
 from cachingproxy.events import EventHealth
-from cachingproxy.origin import profile_problems
+from cachingproxy.profiles import profile_problems
 from cachingproxy.tally import Slab, Tally
 
 from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient, config_for, service_of, store_of, until

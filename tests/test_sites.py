@@ -21,7 +21,7 @@ from cachingproxy.app import create_app, server_kwargs
 from cachingproxy.appkeys import SITES
 from cachingproxy.config import ConfigError, parse_config
 from cachingproxy.monitoring import OPS
-from cachingproxy.origin import profile_problems
+from cachingproxy.profiles import profile_problems
 
 from .conftest import Bucket, FakeClock
 from .shim import Shim

@@ -20,7 +20,7 @@ import pytest
 from cachingproxy.models import ObjectMeta
 from cachingproxy.store import CacheStore
 
-from .conftest import Bucket, free_port
+from .conftest import Bucket, free_port, until
 from .shim import Fault, Shim
 
 
@@ -303,3 +303,34 @@ async def test_a_signal_the_proxy_does_not_handle_is_logged_and_stops_it(
         assert "SIGQUIT received: the proxy has no quit handling beyond a graceful stop, so the proxy stops " \
                "(gracefully, as for SIGTERM)" in line
         assert await asyncio.wait_for(proc.wait(), 30) == 128 + signal.SIGQUIT
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
+async def test_a_worker_that_dies_is_replaced_by_a_new_one_that_serves(
+        tmp_path: Path, bucket: Bucket, shim: Shim) -> None:
+    """SIGKILL to one of 2 workers: the supervisor reaps it (no zombie), logs why, and a new worker, forked by
+    a new zygote that then exits, is its child and serves; the other worker was never touched."""
+    bucket.put("a.html", b"alive")
+    port = free_port()
+    async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=2)) as (proc, _, log):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        before = [int(pid) for pid in (await asyncio.to_thread(children.read_text)).split()]
+        assert len(before) == 2
+        victim, survivor = before
+        os.kill(victim, signal.SIGKILL)
+        await next_line_with(log, f"(pid {victim}) exited with -9: restarting it")
+
+        def replaced() -> bool:  # a new child: the zygote that forked it has exited
+            pids = [int(pid) for pid in children.read_text().split()]
+            return len(pids) == 2 and victim not in pids
+
+        await until(replaced, "a second worker again")
+        after = [int(pid) for pid in (await asyncio.to_thread(children.read_text)).split()]
+        assert survivor in after and all(_state(pid) != "Z" for pid in after)
+        results = await asyncio.gather(*(raw_get(port, "/docs/a.html") for _ in range(16)))
+        assert [body for _, body in results] == [b"alive"] * 16
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
