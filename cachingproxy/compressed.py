@@ -21,7 +21,7 @@ from .config import CompressionConfig
 from .encoding import Negotiated, choose, identity_inm, negotiate, variant_etag
 from .fill import FileSpan
 from .hitpath import send_file
-from .models import Entry, ObjectMeta
+from .models import Entry, HeldBody, ObjectMeta
 from .sites import Site
 
 __all__ = ["ON_DISK", "Coded", "coded_headers", "conditional_plan", "count", "gunzipped",
@@ -124,10 +124,10 @@ class Coded:
 
     __slots__ = ("body", "coding", "size")
 
-    def __init__(self, coding: str, body: bytes | BinaryIO) -> None:
+    def __init__(self, coding: str, body: HeldBody | BinaryIO) -> None:
         self.coding = coding
         self.body = body
-        self.size = len(body) if isinstance(body, bytes) else os.fstat(body.fileno()).st_size
+        self.size = len(body) if isinstance(body, HeldBody) else os.fstat(body.fileno()).st_size
 
 
 def _codings(site: Site, key: str, entry: Entry) -> tuple[str, frozenset[str]] | None:
@@ -191,7 +191,7 @@ def count(request: web.Request, coding: str, sent: int, identity: int) -> None:
 
 
 async def send_coded(request: web.Request, resp: web.StreamResponse, coded: Coded, stall: float) -> None:
-    if isinstance(coded.body, bytes):
+    if isinstance(coded.body, HeldBody):
         async with asyncio.timeout(stall):
             await resp.write(coded.body)
     else:
@@ -202,10 +202,10 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return os.pread(fd, size, offset)
 
 
-async def _stored_chunks(body: bytes | BinaryIO | None, fill_pieces: AsyncIterator[bytes | FileSpan] | None
-                         ) -> AsyncIterator[bytes]:
+async def _stored_chunks(body: HeldBody | BinaryIO | None, fill_pieces: AsyncIterator[bytes | FileSpan] | None
+                         ) -> AsyncIterator[HeldBody]:
     loop = asyncio.get_running_loop()
-    if isinstance(body, bytes):
+    if isinstance(body, HeldBody):
         yield body
     elif body is not None:
         offset = 0
@@ -226,7 +226,7 @@ async def _stored_chunks(body: bytes | BinaryIO | None, fill_pieces: AsyncIterat
                 yield piece
 
 
-async def gunzipped(body: bytes | BinaryIO | None,
+async def gunzipped(body: HeldBody | BinaryIO | None,
                     fill_pieces: AsyncIterator[bytes | FileSpan] | None) -> AsyncIterator[bytes]:
     """A gzip-stored body decompressed as it is read, a bounded piece at a time (zlib, never our own code)."""
     inflater = zlib.decompressobj(wbits=31)

@@ -50,7 +50,7 @@ from .freshness import ClientFreshness, age, client_freshness
 from .headers import SERVER, not_modified
 from .hitpath import memo_request_key
 from .keys import Key
-from .models import Entry, Outcome
+from .models import Entry, HeldBody, Outcome
 from .monitoring import OPS
 from .policy import ttl_left, windows_for
 from .respond import response_headers
@@ -174,7 +174,7 @@ class FastHits:
         if coded == ON_DISK:
             return False  # the ordinary path reads it in (compressed.pick_variant), for the hits after this
         if coded is not None:
-            assert isinstance(coded.body, bytes)
+            assert isinstance(coded.body, HeldBody)
             body = coded.body
         # Age and the TTL left change every second, at different instants: spliced into the head (_Answer.
         # template), or, where a site's own headers replace them, the answer is worked out again when they change.
@@ -244,7 +244,7 @@ class FastHits:
         client_rules = client_freshness(relative, config.cache.rules, config.cache.client_cache_control)
         return _Answer(site, key.s3_key, relative, ttl, cap, client_rules, raw.partition("?")[0].partition("#")[0])
 
-    def _work_out(self, known: _Answer, entry: Entry, body: bytes, age_now: int, left: int,
+    def _work_out(self, known: _Answer, entry: Entry, body: HeldBody, age_now: int, left: int,
                   neg: Negotiated | None, coded: Coded | None, headers: CIMultiDictProxy[str], now: float) -> bool:
         """Fill `known` in for `entry` (whose identity or variant `body` is sent): status, head and counts,
         exactly as the ordinary path makes them; False when this path does not answer it."""

@@ -14,7 +14,8 @@ examines, so without care a worker copies most of what it inherited within secon
    which buffers of that size come from the heap, where one small allocation made after them keeps the heap
    from shrinking when they are freed (tests/test_footprint.py);
 3. `freeze`: gc.freeze() right before each fork, so no collection in a worker examines those objects again
-   (the supervisor freezes its own before it forks a zygote, for the same reason). Each worker also freezes its own startup heap (hitpath.freeze_heap).
+   (the supervisor freezes its own before it forks a zygote, for the same reason). Each worker also freezes
+   its own startup heap (hitpath.freeze_heap).
 
 Measured with 2 workers (benchmarks/results/footprint.md): see there for each lever's figures.
 """

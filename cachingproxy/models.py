@@ -7,9 +7,14 @@ import re
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-__all__ = ["Clock", "Entry", "ObjectMeta", "Outcome"]
+__all__ = ["Clock", "Entry", "HeldBody", "ObjectMeta", "Outcome"]
 
 _MD5_ETAG = re.compile(r'^"[0-9a-fA-F]{32}"$')
+
+
+# A small body held in a worker's memory: a read-only mapping of its cache file (store.py), so that workers
+# holding the same body share one copy, the page cache's; bytes where there is no file (b"" for an empty one).
+HeldBody = bytes | memoryview
 
 
 class Clock(Protocol):

@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import BinaryIO
 
 from .config import S3Config
-from .models import Entry, ObjectMeta
+from .models import Entry, HeldBody, ObjectMeta
 from .store import CacheStore, Flight, Published, Staging
 
 __all__ = ["NamespacedStore", "namespace_for"]
@@ -51,20 +51,20 @@ class NamespacedStore:
     async def lookup(self, key: str) -> Entry | None:
         return self._out(await self._store.lookup(self._ns + key))
 
-    def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
+    def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, HeldBody] | None:
         """CacheStore.fresh_in_memory. The entry keeps its namespaced key: no copy per hit."""
         return self._store.fresh_in_memory(self._ns + key, ttl, now)
 
-    async def open_body(self, entry: Entry, *, hit: bool = True) -> BinaryIO | bytes | None:
+    async def open_body(self, entry: Entry, *, hit: bool = True) -> BinaryIO | HeldBody | None:
         return await self._store.open_body(self._in(entry), hit=hit)
 
-    async def close_body(self, handle: BinaryIO | bytes) -> None:
+    async def close_body(self, handle: BinaryIO | HeldBody) -> None:
         await self._store.close_body(handle)
 
-    def variant_in_memory(self, key: str, etag: str, coding: str) -> bytes | None:
+    def variant_in_memory(self, key: str, etag: str, coding: str) -> HeldBody | None:
         return self._store.variant_in_memory(self._ns + key, etag, coding)
 
-    async def open_variant(self, key: str, etag: str, coding: str) -> BinaryIO | bytes | None:
+    async def open_variant(self, key: str, etag: str, coding: str) -> BinaryIO | HeldBody | None:
         return await self._store.open_variant(self._ns + key, etag, coding)
 
     async def stored_variants(self, key: str, etag: str) -> frozenset[str]:

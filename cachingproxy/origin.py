@@ -406,8 +406,8 @@ def share_models() -> None:
     """Parse botocore's S3 model, endpoint rules and partition data once, for every client opened afterwards.
 
     A session's loader keeps what it parsed, about 12 MiB of dicts for an S3 client, and each new session (one
-    per client) parses its own. The zygote calls this before it forks the workers (footprint.py, spawn.py), so every worker's
-    clients read one copy-on-write copy; it was parsed again in each worker (benchmarks/results/footprint.md).
+    per client) parses its own. The zygote calls this before it forks the workers (footprint.py, spawn.py), so
+    every worker's clients read one copy-on-write copy; it was parsed again in each worker (footprint.md).
     The loader is warmed by building a client the ordinary way, so it holds whatever this botocore loads; a
     synchronous one with dummy keys, since nothing is sent, no credentials are looked up and no loop runs here.
     """

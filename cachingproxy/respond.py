@@ -28,7 +28,7 @@ from .fill import FileSpan
 from .freshness import REDIRECT_CACHE_CONTROL, ClientFreshness, age
 from .headers import not_modified
 from .hitpath import memo_headers, reset, send_file
-from .models import ObjectMeta
+from .models import HeldBody, ObjectMeta
 from .origin import OriginError
 from .policy import ttl_left
 from .service import FromCache, FromFill, FromHead, Resolved
@@ -64,7 +64,7 @@ def from_memory(request: web.Request, resolved: FromCache, ttl: float, client: C
     None: a gzip-stored body for a client without gzip, which respond() decompresses, or a stored variant this
     worker has not read yet, which respond() opens."""
     body = resolved.body
-    assert isinstance(body, bytes)
+    assert isinstance(body, HeldBody)
     meta = resolved.entry.meta
     varies = False
     if headers is None:
@@ -89,18 +89,19 @@ def from_memory(request: web.Request, resolved: FromCache, ttl: float, client: C
     if plan.end - plan.start != len(body):
         body = body[plan.start : plan.end]
     request[BODY_SENT] = len(body)
-    return web.Response(status=plan.status, headers=_with(headers, plan), body=body)
+    # bytes: aiohttp sends a bytes body with the head in one write, and anything else through its payload layer
+    return web.Response(status=plan.status, headers=_with(headers, plan), body=bytes(body))
 
 
 def _coded_from_memory(request: web.Request, meta: ObjectMeta, coded: Coded, headers: CIMultiDictProxy[str], *,
                        conditional: bool, status: int) -> web.Response:
-    assert isinstance(coded.body, bytes)
+    assert isinstance(coded.body, HeldBody)
     plan = plan_for(request, meta, coded.size, conditional=conditional, status=status, ranged=False)
     if plan.status in (304, 412):
         return _bodiless(plan, headers)
     request[BODY_SENT] = coded.size
     count(request, coded.coding, coded.size, meta.size)
-    return web.Response(status=plan.status, headers=headers, body=coded.body)
+    return web.Response(status=plan.status, headers=headers, body=bytes(coded.body))
 
 
 async def respond(request: web.Request, resolved: Resolved, ttl: float, client: ClientFreshness | None, *,
@@ -113,7 +114,7 @@ async def respond(request: web.Request, resolved: Resolved, ttl: float, client: 
         await _release(request, resolved)
         control = client.redirect if client is not None else REDIRECT_CACHE_CONTROL
         raise web.HTTPMovedPermanently(location=location, headers={"Cache-Control": control})
-    if isinstance(resolved, FromCache) and isinstance(resolved.body, bytes) and request.method == "GET":
+    if isinstance(resolved, FromCache) and isinstance(resolved.body, HeldBody) and request.method == "GET":
         answer = from_memory(request, resolved, ttl, client, conditional=conditional, status=status,
                              headers=headers)
         if answer is not None:
@@ -148,7 +149,7 @@ async def respond(request: web.Request, resolved: Resolved, ttl: float, client: 
             if request.method == "HEAD":
                 pass
             elif isinstance(resolved, FromCache):
-                assert body is not None and not isinstance(body, bytes)  # a GET of a bytes body returned above
+                assert body is not None and not isinstance(body, HeldBody)  # a GET of a held body returned above
                 if plan.end > plan.start:
                     await send_file(request, body, plan.start, plan.end - plan.start, stall)
             elif isinstance(resolved, FromFill):

@@ -18,7 +18,7 @@ from .config import CacheConfig
 from .counters import Counters
 from .fill import Fill
 from .filling import Fills
-from .models import Clock, Entry, ObjectMeta, Outcome
+from .models import Clock, Entry, HeldBody, ObjectMeta, Outcome
 from .namespace import NamespacedStore
 from .origin import ObjectMissing, OriginError, OriginTimeout, OriginUnavailable, S3Origin
 from .policy import (
@@ -52,7 +52,7 @@ class NotRecorded(Exception):
 class FromCache:
     entry: Entry
     outcome: Outcome
-    body: BinaryIO | bytes | None  # an open file, or a small body held in memory (store.HOT_BODY_MAX); None for HEAD
+    body: BinaryIO | HeldBody | None  # an open file, or a small body held in memory (store.HOT_BODY_MAX); None for HEAD
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ class CachingProxy:
         self.counters.add("hits")
         return FromCache(found[0], Outcome.HIT, found[1])
 
-    def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
+    def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, HeldBody] | None:
         """`hit_in_memory`'s checks at `now`, without counting: for fasthit.py, which may still hand the
         request on, and needs no FromCache when it answers from what it made for the same entry before."""
         return None if key in self._fills else self._store.fresh_in_memory(key, ttl, now)

@@ -27,9 +27,9 @@ from typing import Any, BinaryIO, Literal, TypeVar
 
 from .bodies import FellBehind, Staging, remove_leftovers
 from .filllocks import FillLocks, Flight, Published
-from .hot import HOT_BODY_MAX, HotLayer, Stamp
+from .hot import HOT_BODY_MAX, HotLayer, Stamp, held
 from .index import EntryIndex
-from .models import Entry, ObjectMeta
+from .models import Entry, HeldBody, ObjectMeta
 from .policy import is_fresh
 from .writer import WRITE_ERRORS, BodyWriter, Count, room_to_make
 
@@ -186,7 +186,7 @@ class CacheStore:
             self._hot.remember(entry, stamp)
         return entry
 
-    def _open_body_sync(self, entry: Entry) -> BinaryIO | bytes | None:
+    def _open_body_sync(self, entry: Entry) -> BinaryIO | HeldBody | None:
         handle = self._index.body(entry)
         if handle is None:
             return None
@@ -203,10 +203,7 @@ class CacheStore:
             problem = None if digest.hexdigest() == entry.meta.md5 else "MD5 mismatch"
         if problem is None and size <= HOT_BODY_MAX:
             with handle:
-                data = handle.read()
-            if len(data) == size:
-                return data  # kept in memory by open_body: later hits need no file at all
-            problem = f"read {len(data)} bytes, expected {size}"
+                return held(handle, size)  # kept in memory by open_body: later hits need no file at all
         if problem is not None:
             handle.close()
             log.error("cached body damaged (%s): dropping it", problem)
@@ -239,7 +236,7 @@ class CacheStore:
         self._touch_flushed = time.monotonic()
         return list(touched.items())
 
-    def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, bytes] | None:
+    def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, HeldBody] | None:
         """A fresh entry and its body, both held in this worker's memory: a hit that needs no await."""
         entry = self.entry_in_memory(key)
         if entry is None or not is_fresh(entry, ttl, now):
@@ -247,7 +244,7 @@ class CacheStore:
         data = self.body_in_memory(entry)
         return None if data is None else (entry, data)
 
-    def body_in_memory(self, entry: Entry, *, hit: bool = True) -> bytes | None:
+    def body_in_memory(self, entry: Entry, *, hit: bool = True) -> HeldBody | None:
         """A small body this worker already holds (read once from its file, size-checked then); `hit`: as
         open_body's."""
         if entry.meta.size > HOT_BODY_MAX:
@@ -257,7 +254,7 @@ class CacheStore:
             self._note_hit(entry)
         return data
 
-    async def open_body(self, entry: Entry, *, hit: bool = True) -> BinaryIO | bytes | None:
+    async def open_body(self, entry: Entry, *, hit: bool = True) -> BinaryIO | HeldBody | None:
         """The body: bytes when small (held in memory after the first hit), else an open file to sendfile
         from; None when it is gone or damaged (then: refetch).
 
@@ -269,37 +266,38 @@ class CacheStore:
         if data is not None:
             return data
         body = await self._run(self._open_body_sync, entry)
-        if hit and isinstance(body, bytes):
+        if hit and isinstance(body, HeldBody):
             self._hot.keep_body(entry, body)
         if hit and body is not None:
             self._note_hit(entry)
         return body
 
-    async def close_body(self, handle: BinaryIO | bytes) -> None:
-        if not isinstance(handle, bytes):
+    async def close_body(self, handle: BinaryIO | HeldBody) -> None:
+        if not isinstance(handle, HeldBody):
             await self._run(handle.close)
 
     # -- compressed variants (variants.py makes them; index.py files them beside the body) --------------
 
-    def variant_in_memory(self, key: str, etag: str, coding: str) -> bytes | None:
+    def variant_in_memory(self, key: str, etag: str, coding: str) -> HeldBody | None:
         return self._hot.variant(key, etag, coding)
 
-    def _open_variant_sync(self, key: str, etag: str, coding: str) -> BinaryIO | bytes | None:
+    def _open_variant_sync(self, key: str, etag: str, coding: str) -> BinaryIO | HeldBody | None:
         handle = self._index.variant(key, etag, coding)
         if handle is None:
             return None
-        if os.fstat(handle.fileno()).st_size > HOT_BODY_MAX:
+        size = os.fstat(handle.fileno()).st_size
+        if size > HOT_BODY_MAX:
             return handle
         with handle:
-            return handle.read()
+            return held(handle, size)
 
-    async def open_variant(self, key: str, etag: str, coding: str) -> BinaryIO | bytes | None:
+    async def open_variant(self, key: str, etag: str, coding: str) -> BinaryIO | HeldBody | None:
         """A variant: bytes when small (then kept in memory), an open file to sendfile from, or None."""
         data = self._hot.variant(key, etag, coding)
         if data is not None:
             return data
         body = await self._run(self._open_variant_sync, key, etag, coding)
-        if isinstance(body, bytes):
+        if isinstance(body, HeldBody):
             self._hot.keep_variant(key, etag, coding, body)
         return body
 

@@ -21,7 +21,7 @@ import zstandard
 
 from .config import CompressionConfig
 from .encoding import CODINGS, worth_compressing
-from .models import Entry
+from .models import Entry, HeldBody
 from .namespace import NamespacedStore
 
 __all__ = ["LARGEST", "Variants", "compress"]
@@ -36,7 +36,7 @@ _BROTLI_SMALL = 1024 * 1024
 _KNOWN = 1024  # (key, ETag) versions whose variant set this worker remembers (like the other per-object memos)
 
 
-def compress(data: bytes, coding: str) -> bytes:
+def compress(data: HeldBody, coding: str) -> bytes:
     """One variant, by the library (never our own codec)."""
     if coding == "br":
         quality = 11 if len(data) <= _BROTLI_SMALL else 9
@@ -117,7 +117,7 @@ class Variants:
             if body is None:
                 return  # gone meanwhile: the next hit refetches and asks again
             try:
-                data = body if isinstance(body, bytes) else await loop.run_in_executor(None, _read_all, body)
+                data = body if isinstance(body, HeldBody) else await loop.run_in_executor(None, _read_all, body)
             finally:
                 await store.close_body(body)
             for coding in CODINGS:

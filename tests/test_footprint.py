@@ -162,3 +162,24 @@ async def test_the_supervisor_stays_small_and_the_workers_share_what_their_zygot
         assert pss < 20, f"the supervisor's PSS is {pss:.1f} MiB"
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux /proc maps needed")
+async def test_workers_holding_a_hot_body_share_one_copy_of_it(tmp_path: Path, bucket: Bucket, shim: Shim) -> None:
+    """A small body a worker keeps in memory is a read-only mapping of its cache file (hot.held), so every worker
+    holding it maps the same file: one copy in the page cache, where each worker used to read its own into
+    bytes (300 hot pages: 9 MiB of identical bytes with 2 workers, benchmarks/results/footprint.md)."""
+    bucket.put("page.html", b"<p>shared</p>" * 1500)  # 19.5 KB: held in memory (hot.HOT_BODY_MAX)
+    port = free_port()
+    async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=2)) as (proc, _, _):
+        for _ in range(24):  # each worker serves it from the cache at least twice (the kernel spreads connections)
+            assert (await raw_get(port, "/docs/page.html"))[1] == b"<p>shared</p>" * 1500
+        cache = str(tmp_path / "cache")
+        mapped = []
+        for pid in _children(proc.pid):
+            # The inode of each body file it maps (not the index, its WAL's shared memory or the stamp).
+            mapped.append({line.split()[4] for line in _maps(pid).splitlines()
+                           if cache in line and line.rstrip().endswith(".val")})
+        assert len(mapped) == 2 and mapped[0] & mapped[1], mapped
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -19,6 +19,8 @@ from urllib.parse import quote
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cachingproxy.models import HeldBody
+
 from .conftest import Bucket, MakeProxy, service_of, store_of
 from .shim import Shim
 
@@ -172,7 +174,7 @@ async def test_fuzzed_requests_never_escape_or_break_the_proxy(make_proxy: MakeP
             assert handle is not None, key
             try:
                 # A small body may come from the store's in-memory copy, a large one as an open file.
-                data = handle if isinstance(handle, bytes) else await asyncio.to_thread(handle.read)
+                data = handle if isinstance(handle, HeldBody) else await asyncio.to_thread(handle.read)
                 assert data == body, key
             finally:
                 await store.close_body(handle)

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cachingproxy.models import ObjectMeta
+from cachingproxy.models import HeldBody, ObjectMeta
 from cachingproxy.store import CacheStore
 
 from .conftest import Bucket, free_port, until
@@ -145,7 +145,7 @@ async def test_a_write_by_one_worker_reaches_every_workers_memory(tmp_path: Path
         if entry is None:
             return None
         body = await store.open_body(entry)
-        data = body if isinstance(body, bytes) or body is None else body.read()
+        data = body if isinstance(body, HeldBody) or body is None else body.read()
         if body is not None:
             await store.close_body(body)
         return entry.meta.etag, data, entry.checked_at
