@@ -91,6 +91,7 @@ def fork_workers(slots: Sequence[int], prepare: Callable[[], None], run: Callabl
     neither the zygote nor a new worker must run this process's handlers. Returns the workers that started;
     fewer than `slots` means the zygote failed (it logged why).
     """
+    _flush_std()
     pipes = {slot: os.pipe() for slot in slots}  # slot -> (sentinel, the end the worker keeps open)
     try:
         if not zygote:
@@ -146,6 +147,7 @@ def _through_zygote(slots: Sequence[int], pipes: dict[int, tuple[int, int]], pre
 def _fork_worker(slot: int, run: Callable[[int], None], adopter: int | None, close: Sequence[int]) -> int:
     """Fork the worker for `slot`; it closes `close` (the other workers' ends, which would keep their
     sentinels from ever reporting them) and waits to be adopted when `adopter` is given."""
+    _flush_std()
     pid = os.fork()
     if pid:
         return pid
@@ -162,10 +164,16 @@ def _fork_worker(slot: int, run: Callable[[int], None], adopter: int | None, clo
     except BaseException:
         traceback.print_exc()
     finally:
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
+        _flush_std()
         os._exit(status)
+
+
+def _flush_std() -> None:
+    """Before a fork, and before a worker's os._exit: what is buffered is written once, by its own process
+    (multiprocessing does the same)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 def _await_adoption(adopter: int) -> None:

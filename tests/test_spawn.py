@@ -32,6 +32,7 @@ def run(slot):
         signal.pause()  # until killed
 
 assert "json" not in sys.modules
+print("said once")  # buffered (stdout is a pipe): flushed before the forks, or every process would write it
 workers = fork_workers([0, 1, 2, 3], prepare, run, zygote=True)
 assert sorted(workers) == [0, 1, 2, 3]
 assert "json" not in sys.modules
@@ -71,6 +72,7 @@ import os, select
 from cachingproxy.spawn import fork_workers
 me = os.getpid()
 loaded = []
+print("said once")
 workers = fork_workers([0, 1], lambda: loaded.append(1), lambda slot: os._exit(10 + slot if os.getppid() == me else 99),
                        zygote=False)
 for worker in workers.values():
@@ -90,7 +92,7 @@ def test_workers_forked_by_a_zygote_are_adopted_and_report_their_exits() -> None
     supervisor; exit codes and sentinels report as multiprocessing's did; the zygote leaves no child behind."""
     done = _run(_ADOPTED)
     assert done.returncode == 0, done.stderr
-    assert "exits [0, 1, 3, -9]" in done.stdout
+    assert "exits [0, 1, 3, -9]" in done.stdout and done.stdout.count("said once") == 1
     assert "no child left: the zygote was reaped" in done.stdout
     assert "RuntimeError: a worker that fails exits 1" in done.stderr
 
@@ -105,4 +107,4 @@ def test_a_zygote_that_cannot_load_starts_nothing_and_says_why() -> None:
 def test_without_a_zygote_the_caller_loads_and_forks() -> None:
     done = _run(_DIRECT)
     assert done.returncode == 0, done.stderr
-    assert "prepared here [1] exits [10, 11]" in done.stdout
+    assert "prepared here [1] exits [10, 11]" in done.stdout and done.stdout.count("said once") == 1
