@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -27,11 +28,12 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 
-__all__ = ["ADOPTION_TIMEOUT", "Worker", "become_subreaper", "die_with_parent", "fork_workers"]
+__all__ = ["ADOPTION_TIMEOUT", "ZYGOTE_TIMEOUT", "Worker", "become_subreaper", "die_with_parent", "fork_workers"]
 
 log = logging.getLogger(__name__)
 
 ADOPTION_TIMEOUT = 30.0  # seconds a new worker waits for its zygote to exit (a fork of the rest takes ms)
+ZYGOTE_TIMEOUT = 120.0  # seconds a zygote may take to load and fork (about 1 s); then it is killed
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36  # linux/prctl.h
 
 
@@ -134,7 +136,7 @@ def _through_zygote(slots: Sequence[int], pipes: dict[int, tuple[int, int]], pre
         finally:
             os._exit(status)
     os.close(told_w)
-    os.waitpid(pid, 0)  # the workers it forked are this process's children from now on
+    _await_zygote(pid)  # the workers it forked are this process's children from now on
     told = b""
     os.set_blocking(told_r, False)  # a worker may still hold the write end for a moment: read what is there
     with contextlib.suppress(BlockingIOError):
@@ -142,6 +144,19 @@ def _through_zygote(slots: Sequence[int], pipes: dict[int, tuple[int, int]], pre
             told += chunk
     os.close(told_r)
     return {int(slot): int(worker) for slot, worker in (line.split() for line in told.splitlines())}
+
+
+def _await_zygote(pid: int) -> None:
+    """Reap the zygote; kill it first if it has not finished within ZYGOTE_TIMEOUT (an import that hangs)."""
+    with contextlib.suppress(OSError):
+        exited = os.pidfd_open(pid)  # readable once it exited
+        try:
+            if not select.select([exited], [], [], ZYGOTE_TIMEOUT)[0]:
+                log.error("the process starting workers did not finish within %.0f s: killed", ZYGOTE_TIMEOUT)
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(exited)
+    os.waitpid(pid, 0)
 
 
 def _fork_worker(slot: int, run: Callable[[int], None], adopter: int | None, close: Sequence[int]) -> int:
