@@ -24,7 +24,10 @@ def held(handle: BinaryIO, size: int) -> HeldBody:
     holding it share the page cache's one copy; as bytes, each worker held its own (2 workers, 300 hot
     pages: 9 MiB of identical bytes, benchmarks/results/footprint.md). Sound because the proxy never
     truncates or rewrites a cache file: bodies are renamed into place and unlinked when dropped, and a
-    mapping keeps the inode it mapped. An empty file cannot be mapped."""
+    mapping keeps the inode it mapped. The caller reads the file first, so a disk error is an OSError there;
+    only a page the kernel dropped and reads again after the disk failed would kill the worker (SIGBUS, as in
+    Varnish's mmap'd storage): the supervisor restarts it, and its successor reads first. An empty file
+    cannot be mapped."""
     if size == 0:
         return b""
     return memoryview(mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ))

@@ -203,7 +203,10 @@ class CacheStore:
             problem = None if digest.hexdigest() == entry.meta.md5 else "MD5 mismatch"
         if problem is None and size <= HOT_BODY_MAX:
             with handle:
-                return held(handle, size)  # kept in memory by open_body: later hits need no file at all
+                data = handle.read()  # read first: a disk error is an OSError here, a SIGBUS in a mapping
+                if len(data) == size:
+                    return held(handle, size)  # kept in memory by open_body: later hits need no file at all
+            problem = f"read {len(data)} bytes, expected {size}"
         if problem is not None:
             handle.close()
             log.error("cached body damaged (%s): dropping it", problem)
@@ -289,6 +292,7 @@ class CacheStore:
         if size > HOT_BODY_MAX:
             return handle
         with handle:
+            handle.read()  # as _open_body_sync: a disk error is an OSError here, a SIGBUS in a mapping
             return held(handle, size)
 
     async def open_variant(self, key: str, etag: str, coding: str) -> BinaryIO | HeldBody | None:
