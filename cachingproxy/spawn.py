@@ -95,15 +95,16 @@ def fork_workers(slots: Sequence[int], prepare: Callable[[], None], run: Callabl
     """
     _flush_std()
     pipes = {slot: os.pipe() for slot in slots}  # slot -> (sentinel, the end the worker keeps open)
+    pids: dict[int, int] = {}
     try:
         if not zygote:
             prepare()
             sentinels = [sentinel for sentinel, _ in pipes.values()]
-            pids = {slot: _fork_worker(slot, run, None, [*sentinels, *(held for other, (_, held) in pipes.items()
-                                                                       if other != slot)])
-                    for slot in slots}
+            for slot in slots:
+                others = [held for other, (_, held) in pipes.items() if other != slot]
+                pids[slot] = _fork_worker(slot, run, None, [*sentinels, *others])
         else:
-            pids = _through_zygote(slots, pipes, prepare, run)
+            pids.update(_through_zygote(slots, pipes, prepare, run))
     finally:
         for slot, (sentinel, held) in pipes.items():
             os.close(held)
