@@ -15,6 +15,7 @@ from typing import BinaryIO, Final, Literal
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .admission import SecondSight
 from .appkeys import CONFIG, COUNTERS, OBJECT_KEY, SITE
 from .conditional import Plan, evaluate
 from .config import CompressionConfig
@@ -51,7 +52,10 @@ def negotiate_for(config: CompressionConfig, headers: Mapping[str, str], meta: O
     kept = _CHOICES.get(ident)
     if kept is not None and kept[0] is meta:
         return kept[1]
-    choice = _memo_choose(meta, accept, ranged, config.types, config.min_size)
+    if _VERSIONS_SEEN.again((meta.etag, accept)):
+        choice = _memo_choose(meta, accept, ranged, config.types, config.min_size)
+    else:  # a version (and Accept-Encoding) seen once so far, as every cold fill's: not worth an entry yet
+        choice = _memo_choose.__wrapped__(meta, accept, ranged, config.types, config.min_size)
     if len(_CHOICES) >= _MEMO:
         _CHOICES.clear()
     _CHOICES[ident] = (meta, choice)
@@ -59,6 +63,9 @@ def negotiate_for(config: CompressionConfig, headers: Mapping[str, str], meta: O
 
 
 _CHOICES: dict[tuple[int, str | None, bool], tuple[ObjectMeta, Negotiated | None]] = {}
+# _memo_choose keeps each version's ObjectMeta (its headers) alive: versions asked for once (cold fills) are not
+# admitted, so a stream of them cannot keep it filling (admission.py).
+_VERSIONS_SEEN = SecondSight()
 
 
 @functools.lru_cache(maxsize=_MEMO)
