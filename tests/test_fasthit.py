@@ -260,3 +260,25 @@ async def test_a_client_that_does_not_read_stops_the_writing(make: MakeProxy, bu
         assert got == body
     writer.close()
     assert answered(proxy) - before > 0  # the fast path took part until the client fell behind
+
+
+async def test_header_blocks_are_kept_for_their_second_only(make: MakeProxy, bucket: Bucket,
+                                                            clock: FakeClock) -> None:
+    """A header block is remembered per headers object, and those are new every second (Age is in them): the
+    blocks of an earlier second are dropped when a block is made in a new one, instead of accumulating up to
+    the bound over minutes (benchmarks/results/footprint.md, "Third round: growth")."""
+    keys = {f"p{i}.png": bucket.put(f"p{i}.png", bytes(range(256)) * 4 + bytes([i]), ContentType="image/png")
+            for i in range(3)}
+    fast = await make(True)
+    await ready(fast, keys)
+    blocks = fast.app[FAST_HITS]._blocks
+    for key in keys:
+        for status, _, _ in await exchange(fast, [get(f"/docs/{key}", "Accept-Encoding: gzip")] * 2):
+            assert status == "HTTP/1.1 200 OK"
+    assert len(blocks) >= 2
+    clock.advance(1.0)
+    before = answered(fast)
+    later = "If-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT"  # a new request shape: its answer is worked out
+    [(status, _, _)] = await exchange(fast, [get("/docs/p0.png", later)])
+    assert (status, answered(fast) - before) == ("HTTP/1.1 304 Not Modified", 1)
+    assert len(blocks) == 1  # this second's only
