@@ -34,7 +34,8 @@ _CHUNK = 256 * 1024
 # hundreds of objects; at 4096 these memos kept filling for the whole of a 10-minute run with new keys.
 _MEMO = 1024
 # coded_headers' memo: its keys are hitpath.memo_headers' results, which are new every second (Age is in them),
-# so only one second's worth is ever used again; at 4096 it and that memo held 2-3 MiB per worker (footprint.md).
+# so only one second's worth is ever used again: it is cleared when the second changes, and when full. Cleared
+# only when full, it swung between nothing and 1024 entries, 2.2 MiB per worker (footprint.md, third round).
 _HEADERS_MEMO = 1024
 
 
@@ -78,13 +79,20 @@ def _memo_choose(meta: ObjectMeta, accept: str | None, ranged: bool, types: tupl
 
 
 _HEADERS: dict[tuple[int, str], tuple[CIMultiDictProxy[str], CIMultiDictProxy[str]]] = {}
+_headers_second = 0  # the second (int of coded_headers' `now`) the entries of _HEADERS were made in
 
 
-def coded_headers(headers: CIMultiDictProxy[str], coding: str) -> CIMultiDictProxy[str]:
+def coded_headers(headers: CIMultiDictProxy[str], coding: str, now: float) -> CIMultiDictProxy[str]:
     """The object's headers for one coding ("identity" with Vary only, "gunzip" for decompressed bytes, or a
     variant's): Vary (RFC 9110 §12.5.5), Content-Encoding, and the variant's own strong ETag. Remembered per
-    headers object, which hitpath.memo_headers already shares between hits (checked by identity, not id alone).
+    headers object, which hitpath.memo_headers already shares between hits (checked by identity, not id alone)
+    within the second `now` is in, as those objects are.
     """
+    global _headers_second
+    second = int(now)
+    if second != _headers_second:
+        _HEADERS.clear()
+        _headers_second = second
     memo = _HEADERS.get((id(headers), coding))
     if memo is not None and memo[0] is headers:
         return memo[1]

@@ -255,10 +255,10 @@ class FastHits:
         if neg is None:
             plan = evaluate("GET", headers, etag=meta.etag, last_modified=meta.last_modified, size=meta.size)
         elif coded is None:
-            head = coded_headers(head, "identity")
+            head = coded_headers(head, "identity", now)
             plan = conditional_plan("GET", headers, meta, meta.size, ranged=True)
         else:
-            head = coded_headers(head, coded.coding)
+            head = coded_headers(head, coded.coding, now)
             plan = conditional_plan("GET", headers, meta, coded.size, ranged=False)
         status = plan.status
         block = self._block(head, status, known.site, len(body), int(now)) \

@@ -1,10 +1,11 @@
 """Per-worker memos of the hit path admit what is asked for twice (admission.py): a stream of one-off keys
 (cold fills, 404 scans, crawlers) leaves them as they were, so their memory stops growing once the hot set is
-in (benchmarks/results/footprint.md, "Third round: growth")."""
+in; memos of per-second headers keep one second's (benchmarks/results/footprint.md, "Third round: growth")."""
 
 from __future__ import annotations
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from cachingproxy import accessline, compressed, hitpath
 from cachingproxy.admission import SecondSight
@@ -71,3 +72,17 @@ def test_versions_negotiated_once_are_not_remembered() -> None:
     assert compressed._memo_choose.cache_info().currsize == 1
     assert choices[0] == choices[1] == choices[2]
     assert choices[0] is not None and choices[0].coding == "br"
+
+
+def test_coded_headers_are_kept_for_their_second_only() -> None:
+    """Their keys are memo_headers' results, new every second: an earlier second's are never asked for again."""
+    def head(age: int) -> CIMultiDictProxy[str]:
+        return CIMultiDictProxy(CIMultiDict({"ETag": '"abc"', "Age": str(age)}))
+
+    heads = [head(age) for age in range(50)]  # kept alive: ids stay distinct
+    for h in heads:
+        assert compressed.coded_headers(h, "br", 7_777_777.5)["ETag"] == '"abc-br"'
+    assert len(compressed._HEADERS) == 50
+    later = head(0)
+    assert compressed.coded_headers(later, "br", 7_777_778.0) is compressed.coded_headers(later, "br", 7_777_778.9)
+    assert len(compressed._HEADERS) == 1
