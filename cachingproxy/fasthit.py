@@ -126,6 +126,12 @@ class FastHits:
         self._blocks: dict[tuple[int, int, str], tuple[CIMultiDictProxy[str], bytes]] = {}
         self._blocks_second = 0  # the second (int(now)) the blocks in _blocks were made in
         self._answers: dict[tuple[str, str, str | None, str | None, str | None], _Answer] = {}
+        # An answer is made for one in-memory entry, and after a write anywhere (hot.Stamp) this worker drops
+        # them all: each answer would be worked out again, so it goes with them instead of keeping a stale entry
+        # and head alive. Kept, a mix with cold fills (new entries all the time) grew them slowly towards
+        # _BLOCKS, 2-3 KiB each (benchmarks/results/footprint.md, "Third round: growth").
+        for site in self._sites:
+            site.store.on_memory_dropped(self._answers.clear)
         self.answered = 0  # this worker's, since start (tests)
 
     def answer(self, message: RawRequestMessage, payload: object, handler: FastRequestHandler) -> bool:

@@ -282,3 +282,29 @@ async def test_header_blocks_are_kept_for_their_second_only(make: MakeProxy, buc
     [(status, _, _)] = await exchange(fast, [get("/docs/p0.png", later)])
     assert (status, answered(fast) - before) == ("HTTP/1.1 304 Not Modified", 1)
     assert len(blocks) == 1  # this second's only
+
+
+async def test_answers_go_when_the_entries_they_were_made_for_go(make: MakeProxy, bucket: Bucket) -> None:
+    """A write anywhere makes this worker drop its in-memory entries (hot.Stamp), and with them the answers made
+    for them: each would be worked out again anyway, and kept they held a stale entry and head each."""
+    keys = {f"p{i}.png": bucket.put(f"p{i}.png", bytes(range(256)) * 4 + bytes([i]), ContentType="image/png")
+            for i in range(3)}
+    fast = await make(True)
+    await ready(fast, keys)
+    answers = fast.app[FAST_HITS]._answers
+    before = answered(fast)
+    for key in keys:
+        await exchange(fast, [get(f"/docs/{key}")] * 2)
+    assert answered(fast) - before == 6
+    assert len(answers) >= 3
+    bucket.put("new.png", bytes(300), ContentType="image/png")
+    [(status, headers, _)] = await exchange(fast, [get("/docs/new.png")])
+    assert (status, headers["x-cache"]) == ("HTTP/1.1 200 OK", "MISS")
+    await fast.app[SITES]["docs"].service.settle()  # committed: the stamp has changed
+    before = answered(fast)
+    [(status, _, _)] = await exchange(fast, [get("/docs/p0.png")])  # its lookup finds the change
+    assert (status, answered(fast) - before) == ("HTTP/1.1 200 OK", 0)  # read again from the index
+    assert len(answers) == 0
+    for _ in range(2):
+        [(status, _, _)] = await exchange(fast, [get("/docs/p0.png")])
+    assert (status, answered(fast) - before, len(answers)) == ("HTTP/1.1 200 OK", 2, 1)  # answered here again
