@@ -130,3 +130,5 @@ async def test_cold_fills_do_not_read_every_key(proxy: ProxyClient, bucket: Buck
     await service_of(proxy).settle()
     assert len(body_files(tmp_path / "cache")) == len(bodies)  # every fill was staged and committed
     assert proxy.app[STORE]._index.scans == 0
+    assert (await proxy.get("/readyz")).status == 200  # S3 reachable: the probe needs no count of entries
+    assert proxy.app[STORE]._index.scans == 0
