@@ -36,6 +36,11 @@ class SecondSight:
         self._seen[i] = h
         return False
 
+    def seen(self, key: Hashable) -> bool:
+        """`again` without taking note: for a look that is not a request of its own (one path tried twice)."""
+        h = hash(key)
+        return self._seen[h & self._mask] == h
+
     @property
     def nbytes(self) -> int:
         return self._seen.itemsize * len(self._seen)

@@ -244,7 +244,7 @@ class FastHits:
         if site is None or site.access is not None:
             return None
         config = site.config
-        key = memo_request_key(raw, config.mount, config.s3.prefix, config.cache.index_document)
+        key = memo_request_key(raw, config.mount, config.s3.prefix, config.cache.index_document, noted=False)
         if not isinstance(key, Key):
             return None
         relative = key.s3_key[len(config.s3.prefix):]

@@ -62,9 +62,11 @@ _MEMO_PATH = 512  # longer paths are decoded every time, so hostile ones cannot 
 _PATHS_SEEN = SecondSight()
 
 
-def memo_request_key(raw_path: str, mount: str, prefix: str, index_document: str) -> Key | Reject | Redirect:
-    """keys.request_key, remembered per raw path asked for more than once (2)."""
-    if len(raw_path) > _MEMO_PATH or not _PATHS_SEEN.again(raw_path):
+def memo_request_key(raw_path: str, mount: str, prefix: str, index_document: str, *,
+                     noted: bool = True) -> Key | Reject | Redirect:
+    """keys.request_key, remembered per raw path asked for more than once (2). `noted` False: this look does
+    not count as a request for the path (fasthit.py tries each request before the ordinary path sees it)."""
+    if len(raw_path) > _MEMO_PATH or not (_PATHS_SEEN.again(raw_path) if noted else _PATHS_SEEN.seen(raw_path)):
         return request_key(raw_path, mount=mount, prefix=prefix, index_document=index_document)
     return _memo_request_key(raw_path, mount, prefix, index_document)
 

@@ -4,6 +4,8 @@ in; memos of per-second headers keep one second's (benchmarks/results/footprint.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -22,6 +24,8 @@ def test_a_key_is_admitted_on_its_second_sight() -> None:
     assert not seen.again(taker)  # took a's slot: a starts over
     assert not seen.again("a")
     assert seen.nbytes == 16 * 8
+    assert not seen.seen("b") and not seen.seen("b")  # looking takes no note
+    assert seen.seen("a")
 
 
 def test_the_table_size_must_be_a_power_of_two() -> None:
@@ -31,13 +35,14 @@ def test_the_table_size_must_be_a_power_of_two() -> None:
 
 def test_paths_asked_for_once_are_not_remembered() -> None:
     hitpath._memo_request_key.cache_clear()
+    run = uuid.uuid4().hex  # the table of paths seen is the process's: paths no other test asked for
     for i in range(ONE_OFF):
-        hitpath.memo_request_key(f"/docs/missing/{i:x}.html", "/docs", "", "index.html")
+        hitpath.memo_request_key(f"/docs/{run}/{i:x}.html", "/docs", "", "index.html")
     assert hitpath._memo_request_key.cache_info().currsize == 0
     for _ in range(3):
-        key = hitpath.memo_request_key("/docs/guide/", "/docs", "", "index.html")
+        key = hitpath.memo_request_key(f"/docs/{run}/guide/", "/docs", "", "index.html")
     assert hitpath._memo_request_key.cache_info().currsize == 1
-    assert key == hitpath.memo_request_key("/docs/guide/", "/docs", "", "index.html")
+    assert key == hitpath.memo_request_key(f"/docs/{run}/guide/", "/docs", "", "index.html")
 
 
 def test_only_hits_fill_the_access_line_memo() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from cachingproxy import hitpath
 from cachingproxy.app import create_app, server_kwargs
 from cachingproxy.appkeys import COUNTERS, SITES
 from cachingproxy.config import parse_config
@@ -308,3 +310,20 @@ async def test_answers_go_when_the_entries_they_were_made_for_go(make: MakeProxy
     for _ in range(2):
         [(status, _, _)] = await exchange(fast, [get("/docs/p0.png")])
     assert (status, answered(fast) - before, len(answers)) == ("HTTP/1.1 200 OK", 2, 1)  # answered here again
+
+
+async def test_paths_tried_here_and_answered_by_the_ordinary_path_once_are_not_remembered(
+        make: MakeProxy, bucket: Bucket) -> None:
+    """The fast path looks at a path before the ordinary path does: that look is not a second request for it,
+    so a stream of one-off paths (404s, cold fills) leaves the path memo as it was (admission.py)."""
+    fast = await make(True)
+    hitpath._memo_request_key.cache_clear()
+    run = uuid.uuid4().hex  # the table of paths seen is the process's: paths no other test asked for
+    for i in range(50):
+        [(status, _, _)] = await exchange(fast, [get(f"/docs/{run}/{i}.html")])
+        assert status == "HTTP/1.1 404 Not Found"
+    assert hitpath._memo_request_key.cache_info().currsize == 0
+    bucket.put("again.png", bytes(300), ContentType="image/png")
+    for _ in range(3):
+        [(status, _, _)] = await exchange(fast, [get("/docs/again.png")])
+    assert (status, hitpath._memo_request_key.cache_info().currsize) == ("HTTP/1.1 200 OK", 1)
