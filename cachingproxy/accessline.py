@@ -74,6 +74,8 @@ def json_stem(*, site: str, client: str, method: str, path: str, status: int, si
     """All of json_line's line but its time, latency and id: what a caller writing many lines for the same
     request shape keeps (fasthit.py), to finish each with `stem_line`."""
     calls = json.dumps(dict(s3), separators=(",", ":")) if s3 else "{}"
+    if cache != "HIT":  # a miss, a 404 or a revalidation is not repeated at once: only hits fill the memo
+        return _stem.__wrapped__(site, client, method, path, status, size, cache, calls, user_agent)
     return _stem(site, client, method, path, status, size, cache, calls, user_agent)
 
 
@@ -86,8 +88,9 @@ def stem_line(middle: str, end: str, when: float, ms: float, quoted_id: str) -> 
 _ID_ROOM = len('{"time":"2026-12-03T08:40:12.345Z"') + 12 + 66 + 1  # the time, ms up to 11 digits, an id, "}"
 
 
-# 1024: a docs site's hot set of paths many times over; at 4096 a stream of new paths (crawlers, 404s) kept it
-# filling for the whole of a 10-minute run (benchmarks/results/footprint.md).
+# 1024: a docs site's hot set of paths many times over. Hits only (json_stem): a stream of new paths (crawlers,
+# 404s, cold fills) kept it filling for minutes, at 4096 for the whole of a 10-minute run (benchmarks/results/
+# footprint.md).
 @functools.lru_cache(maxsize=1024)
 def _stem(site: str, client: str, method: str, path: str, status: int, size: int, cache: str, calls: str,
           user_agent: str) -> tuple[str, str]:

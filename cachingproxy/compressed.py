@@ -15,6 +15,7 @@ from typing import BinaryIO, Final, Literal
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .admission import SecondSight
 from .appkeys import CONFIG, COUNTERS, OBJECT_KEY, SITE
 from .conditional import Plan, evaluate
 from .config import CompressionConfig
@@ -33,7 +34,8 @@ _CHUNK = 256 * 1024
 # hundreds of objects; at 4096 these memos kept filling for the whole of a 10-minute run with new keys.
 _MEMO = 1024
 # coded_headers' memo: its keys are hitpath.memo_headers' results, which are new every second (Age is in them),
-# so only one second's worth is ever used again; at 4096 it and that memo held 2-3 MiB per worker (footprint.md).
+# so only one second's worth is ever used again: it is cleared when the second changes, and when full. Cleared
+# only when full, it swung between nothing and 1024 entries, 2.2 MiB per worker (footprint.md, third round).
 _HEADERS_MEMO = 1024
 
 
@@ -51,7 +53,10 @@ def negotiate_for(config: CompressionConfig, headers: Mapping[str, str], meta: O
     kept = _CHOICES.get(ident)
     if kept is not None and kept[0] is meta:
         return kept[1]
-    choice = _memo_choose(meta, accept, ranged, config.types, config.min_size)
+    if _VERSIONS_SEEN.again((meta.etag, accept)):
+        choice = _memo_choose(meta, accept, ranged, config.types, config.min_size)
+    else:  # a version (and Accept-Encoding) seen once so far, as every cold fill's: not worth an entry yet
+        choice = _memo_choose.__wrapped__(meta, accept, ranged, config.types, config.min_size)
     if len(_CHOICES) >= _MEMO:
         _CHOICES.clear()
     _CHOICES[ident] = (meta, choice)
@@ -59,6 +64,9 @@ def negotiate_for(config: CompressionConfig, headers: Mapping[str, str], meta: O
 
 
 _CHOICES: dict[tuple[int, str | None, bool], tuple[ObjectMeta, Negotiated | None]] = {}
+# _memo_choose keeps each version's ObjectMeta (its headers) alive: versions asked for once (cold fills) are not
+# admitted, so a stream of them cannot keep it filling (admission.py).
+_VERSIONS_SEEN = SecondSight()
 
 
 @functools.lru_cache(maxsize=_MEMO)
@@ -71,13 +79,20 @@ def _memo_choose(meta: ObjectMeta, accept: str | None, ranged: bool, types: tupl
 
 
 _HEADERS: dict[tuple[int, str], tuple[CIMultiDictProxy[str], CIMultiDictProxy[str]]] = {}
+_headers_second = 0  # the second (int of coded_headers' `now`) the entries of _HEADERS were made in
 
 
-def coded_headers(headers: CIMultiDictProxy[str], coding: str) -> CIMultiDictProxy[str]:
+def coded_headers(headers: CIMultiDictProxy[str], coding: str, now: float) -> CIMultiDictProxy[str]:
     """The object's headers for one coding ("identity" with Vary only, "gunzip" for decompressed bytes, or a
     variant's): Vary (RFC 9110 §12.5.5), Content-Encoding, and the variant's own strong ETag. Remembered per
-    headers object, which hitpath.memo_headers already shares between hits (checked by identity, not id alone).
+    headers object, which hitpath.memo_headers already shares between hits (checked by identity, not id alone)
+    within the second `now` is in, as those objects are.
     """
+    global _headers_second
+    second = int(now)
+    if second != _headers_second:
+        _HEADERS.clear()
+        _headers_second = second
     memo = _HEADERS.get((id(headers), coding))
     if memo is not None and memo[0] is headers:
         return memo[1]

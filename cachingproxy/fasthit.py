@@ -70,9 +70,10 @@ _REASONS = {200: "OK", 304: "Not Modified"}
 _BACKLOG = 64 * 1024  # bytes a connection may have unsent before its hits wait for the client (aiohttp's way)
 _SHAPE_MAX = 1024  # characters of a request shape worth remembering (FastHits._answers): longer ones are
 # worked out each time, so hostile paths and headers cannot make the memo large.
-_BLOCKS = 1024  # header blocks remembered; cleared whole when full, like compressed.py's memos. Keyed by
-# memo_headers' results, new every second (Age is in them): more than one second's hot objects only keeps stale
-# blocks alive (issue 16, a smaller footprint: benchmarks/results/footprint.md).
+_BLOCKS = 1024  # header blocks remembered within one second; cleared whole when full. Keyed by memo_headers'
+# results, new every second (Age is in them): so the memo is also cleared when the second changes, since a block
+# of an earlier second is never asked for again; kept, 1024 of them took minutes to accumulate, growing all the
+# while (issue 16, a smaller footprint: benchmarks/results/footprint.md, "Third round: growth").
 
 
 class _Answer:
@@ -123,7 +124,14 @@ class FastHits:
         self._trusted = parse_networks(trusted) if trusted else None
         self._reserved = _reserved_paths(app)
         self._blocks: dict[tuple[int, int, str], tuple[CIMultiDictProxy[str], bytes]] = {}
+        self._blocks_second = 0  # the second (int(now)) the blocks in _blocks were made in
         self._answers: dict[tuple[str, str, str | None, str | None, str | None], _Answer] = {}
+        # An answer is made for one in-memory entry, and after a write anywhere (hot.Stamp) this worker drops
+        # them all: each answer would be worked out again, so it goes with them instead of keeping a stale entry
+        # and head alive. Kept, a mix with cold fills (new entries all the time) grew them slowly towards
+        # _BLOCKS, 2-3 KiB each (benchmarks/results/footprint.md, "Third round: growth").
+        for site in self._sites:
+            site.store.on_memory_dropped(self._answers.clear)
         self.answered = 0  # this worker's, since start (tests)
 
     def answer(self, message: RawRequestMessage, payload: object, handler: FastRequestHandler) -> bool:
@@ -236,7 +244,7 @@ class FastHits:
         if site is None or site.access is not None:
             return None
         config = site.config
-        key = memo_request_key(raw, config.mount, config.s3.prefix, config.cache.index_document)
+        key = memo_request_key(raw, config.mount, config.s3.prefix, config.cache.index_document, noted=False)
         if not isinstance(key, Key):
             return None
         relative = key.s3_key[len(config.s3.prefix):]
@@ -253,14 +261,14 @@ class FastHits:
         if neg is None:
             plan = evaluate("GET", headers, etag=meta.etag, last_modified=meta.last_modified, size=meta.size)
         elif coded is None:
-            head = coded_headers(head, "identity")
+            head = coded_headers(head, "identity", now)
             plan = conditional_plan("GET", headers, meta, meta.size, ranged=True)
         else:
-            head = coded_headers(head, coded.coding)
+            head = coded_headers(head, coded.coding, now)
             plan = conditional_plan("GET", headers, meta, coded.size, ranged=False)
         status = plan.status
-        block = self._block(head, status, known.site, len(body)) if status in _REASONS and not plan.content_range \
-            else None
+        block = self._block(head, status, known.site, len(body), int(now)) \
+            if status in _REASONS and not plan.content_range else None
         if block is None:
             return False
         sent = len(body) if status == 200 else 0
@@ -293,9 +301,12 @@ class FastHits:
             amounts += (sent,) * len(coded) + (max(0, identity - sent),) * len(saved)
         return cells, amounts
 
-    def _block(self, head: CIMultiDictProxy[str], status: int, site: Site, length: int) -> bytes | None:
+    def _block(self, head: CIMultiDictProxy[str], status: int, site: Site, length: int, second: int) -> bytes | None:
         """The response head up to the request id, as the ordinary path writes it: made once per headers
         object (itself remembered per object version and second, hitpath.memo_headers) and status."""
+        if second != self._blocks_second:
+            self._blocks.clear()
+            self._blocks_second = second
         ident = (id(head), status, site.name)
         kept = self._blocks.get(ident)
         if kept is not None and kept[0] is head:

@@ -11,7 +11,8 @@ they call from here buys speed or bounded resources at a maintenance cost, each 
    for the objects hit in one second, not more; at 4096 it and compressed.coded_headers held 2-3 MiB per
    worker of stale headers (benchmarks/results/footprint.md).
 2. `memo_request_key`: the raw path's decoding, containment check and index-document mapping remembered per
-   path (same step as 1). Cost: paths over 512 bytes bypass it, so hostile ones cannot grow it.
+   path (same step as 1), from its second request on (admission.SecondSight), so that paths asked for once
+   never fill it. Cost: paths over 512 bytes bypass it, so hostile ones cannot grow it.
 3. `send_file`: sendfile(2) through a dup of the socket's fd, because uvloop has no loop.sendfile
    (uvloop#228). Bodies never pass through Python: a 10 MB hit is 0.87-0.98x nginx's throughput. Cost: it
    writes beside the transport, which is only correct while the handler is its connection's only writer.
@@ -37,6 +38,7 @@ from typing import BinaryIO
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from .admission import SecondSight
 from .freshness import ClientFreshness
 from .headers import object_headers
 from .keys import Key, Redirect, Reject, request_key
@@ -55,9 +57,16 @@ def memo_headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | None,
 _MEMO_PATH = 512  # longer paths are decoded every time, so hostile ones cannot make the memo below large
 
 
-def memo_request_key(raw_path: str, mount: str, prefix: str, index_document: str) -> Key | Reject | Redirect:
-    """keys.request_key, remembered per raw path (3)."""
-    if len(raw_path) > _MEMO_PATH:
+# Paths asked for once (cold fills, 404 scans, crawlers) are decoded without being remembered: at 1024 entries
+# the memo otherwise took minutes of such traffic to fill, growing all the while (admission.py).
+_PATHS_SEEN = SecondSight()
+
+
+def memo_request_key(raw_path: str, mount: str, prefix: str, index_document: str, *,
+                     noted: bool = True) -> Key | Reject | Redirect:
+    """keys.request_key, remembered per raw path asked for more than once (2). `noted` False: this look does
+    not count as a request for the path (fasthit.py tries each request before the ordinary path sees it)."""
+    if len(raw_path) > _MEMO_PATH or not (_PATHS_SEEN.again(raw_path) if noted else _PATHS_SEEN.seen(raw_path)):
         return request_key(raw_path, mount=mount, prefix=prefix, index_document=index_document)
     return _memo_request_key(raw_path, mount, prefix, index_document)
 

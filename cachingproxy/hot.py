@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -76,11 +77,22 @@ class HotLayer:
         self.entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
         self.bodies: collections.OrderedDict[tuple[str, str], HeldBody] = collections.OrderedDict()
         self.body_bytes = 0
+        self._dropped: list[Callable[[], None]] = []
+
+    def on_entries_dropped(self, listener: Callable[[], None]) -> None:
+        """Call `listener` whenever every entry is dropped: for what is made from them (fasthit.py's answers)."""
+        if listener not in self._dropped:
+            self._dropped.append(listener)
 
     def sync(self, stamp: bytes) -> None:
         if stamp != self.stamp:
             self.stamp = stamp
-            self.entries.clear()
+            self._drop_entries()
+
+    def _drop_entries(self) -> None:
+        self.entries.clear()
+        for listener in self._dropped:
+            listener()
 
     def remember(self, entry: Entry, stamp: bytes) -> None:
         if stamp != self.stamp:
@@ -125,6 +137,6 @@ class HotLayer:
             self.body_bytes -= len(self.bodies.popitem(last=False)[1])
 
     def forget(self) -> None:
-        self.entries.clear()
+        self._drop_entries()
         self.bodies.clear()
         self.body_bytes = 0

@@ -51,6 +51,9 @@ class NamespacedStore:
     async def lookup(self, key: str) -> Entry | None:
         return self._out(await self._store.lookup(self._ns + key))
 
+    def on_memory_dropped(self, listener: Callable[[], None]) -> None:
+        self._store.on_memory_dropped(listener)
+
     def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, HeldBody] | None:
         """CacheStore.fresh_in_memory. The entry keeps its namespaced key: no copy per hit."""
         return self._store.fresh_in_memory(self._ns + key, ttl, now)

@@ -69,7 +69,8 @@ def from_memory(request: web.Request, resolved: FromCache, ttl: float, client: C
     varies = False
     if headers is None:
         assert client is not None
-        headers = response_headers(resolved, ttl, client, request.app[CLOCK]())
+        now = request.app[CLOCK]()
+        headers = response_headers(resolved, ttl, client, now)
         neg = negotiation(request, meta)
         if neg is not None:
             if neg.gunzip:
@@ -78,9 +79,9 @@ def from_memory(request: web.Request, resolved: FromCache, ttl: float, client: C
             if coded == ON_DISK:
                 return None  # respond() opens it (pick_variant), and this worker keeps it in memory after
             if coded is not None:
-                return _coded_from_memory(request, meta, coded, coded_headers(headers, coded.coding),
+                return _coded_from_memory(request, meta, coded, coded_headers(headers, coded.coding, now),
                                           conditional=conditional, status=status)
-            headers = coded_headers(headers, "identity")
+            headers = coded_headers(headers, "identity", now)
             varies = True
     plan = (plan_for(request, meta, meta.size, conditional=conditional, status=status, ranged=True) if varies
             else _plan(request, meta, conditional=conditional, status=status))
@@ -124,18 +125,19 @@ async def respond(request: web.Request, resolved: Resolved, ttl: float, client: 
     try:
         if headers is None:
             assert client is not None
-            headers = response_headers(resolved, ttl, client, request.app[CLOCK]())
+            now = request.app[CLOCK]()
+            headers = response_headers(resolved, ttl, client, now)
             neg = negotiation(request, meta)
             if neg is not None and neg.gunzip:
-                return await _gunzip(request, resolved, meta, coded_headers(headers, "gunzip"),
+                return await _gunzip(request, resolved, meta, coded_headers(headers, "gunzip", now),
                                      conditional=conditional, status=status)
             if neg is not None and neg.coding and isinstance(resolved, FromCache):
                 coded = await pick_variant(request, resolved.entry)
                 if coded is not None:
-                    return await _send_coded(request, meta, coded, coded_headers(headers, coded.coding),
+                    return await _send_coded(request, meta, coded, coded_headers(headers, coded.coding, now),
                                              conditional=conditional, status=status)
             if neg is not None:
-                headers = coded_headers(headers, "identity")
+                headers = coded_headers(headers, "identity", now)
                 varies = True
         plan = (plan_for(request, meta, meta.size, conditional=conditional, status=status, ranged=True) if varies
                 else _plan(request, meta, conditional=conditional, status=status))

@@ -169,6 +169,10 @@ class CacheStore:
 
     # -- reads ----------------------------------------------------------------------------------------
 
+    def on_memory_dropped(self, listener: Callable[[], None]) -> None:
+        """`listener()` whenever this worker drops its in-memory entries (a write anywhere, see hot.Stamp)."""
+        self._hot.on_entries_dropped(listener)
+
     def entry_in_memory(self, key: str) -> Entry | None:
         """The entry as this worker last read it, if no write anywhere has happened since (see hot.Stamp)."""
         if self._stamp is None:

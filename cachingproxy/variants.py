@@ -34,6 +34,7 @@ LARGEST = 32 * 1024 * 1024
 # (tests/test_variants.py), so larger bodies get quality 9 which is ~10x faster for ~3 % more bytes.
 _BROTLI_SMALL = 1024 * 1024
 _KNOWN = 1024  # (key, ETag) versions whose variant set this worker remembers (like the other per-object memos)
+_CODING_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
 def compress(data: HeldBody, coding: str) -> bytes:
@@ -99,7 +100,8 @@ class Variants:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def _remember(self, ident: tuple[str, str], codings: frozenset[str]) -> None:
-        self._known[ident] = codings
+        # One frozenset per set of codings (there are 8), not one per version: 216 bytes each of up to _KNOWN.
+        self._known[ident] = _CODING_SETS.setdefault(codings, codings)
         while len(self._known) > _KNOWN:
             self._known.popitem(last=False)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from cachingproxy import hitpath
 from cachingproxy.app import create_app, server_kwargs
 from cachingproxy.appkeys import COUNTERS, SITES
 from cachingproxy.config import parse_config
@@ -260,3 +262,68 @@ async def test_a_client_that_does_not_read_stops_the_writing(make: MakeProxy, bu
         assert got == body
     writer.close()
     assert answered(proxy) - before > 0  # the fast path took part until the client fell behind
+
+
+async def test_header_blocks_are_kept_for_their_second_only(make: MakeProxy, bucket: Bucket,
+                                                            clock: FakeClock) -> None:
+    """A header block is remembered per headers object, and those are new every second (Age is in them): the
+    blocks of an earlier second are dropped when a block is made in a new one, instead of accumulating up to
+    the bound over minutes (benchmarks/results/footprint.md, "Third round: growth")."""
+    keys = {f"p{i}.png": bucket.put(f"p{i}.png", bytes(range(256)) * 4 + bytes([i]), ContentType="image/png")
+            for i in range(3)}
+    fast = await make(True)
+    await ready(fast, keys)
+    blocks = fast.app[FAST_HITS]._blocks
+    for key in keys:
+        for status, _, _ in await exchange(fast, [get(f"/docs/{key}", "Accept-Encoding: gzip")] * 2):
+            assert status == "HTTP/1.1 200 OK"
+    assert len(blocks) >= 2
+    clock.advance(1.0)
+    before = answered(fast)
+    later = "If-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT"  # a new request shape: its answer is worked out
+    [(status, _, _)] = await exchange(fast, [get("/docs/p0.png", later)])
+    assert (status, answered(fast) - before) == ("HTTP/1.1 304 Not Modified", 1)
+    assert len(blocks) == 1  # this second's only
+
+
+async def test_answers_go_when_the_entries_they_were_made_for_go(make: MakeProxy, bucket: Bucket) -> None:
+    """A write anywhere makes this worker drop its in-memory entries (hot.Stamp), and with them the answers made
+    for them: each would be worked out again anyway, and kept they held a stale entry and head each."""
+    keys = {f"p{i}.png": bucket.put(f"p{i}.png", bytes(range(256)) * 4 + bytes([i]), ContentType="image/png")
+            for i in range(3)}
+    fast = await make(True)
+    await ready(fast, keys)
+    answers = fast.app[FAST_HITS]._answers
+    before = answered(fast)
+    for key in keys:
+        await exchange(fast, [get(f"/docs/{key}")] * 2)
+    assert answered(fast) - before == 6
+    assert len(answers) >= 3
+    bucket.put("new.png", bytes(300), ContentType="image/png")
+    [(status, headers, _)] = await exchange(fast, [get("/docs/new.png")])
+    assert (status, headers["x-cache"]) == ("HTTP/1.1 200 OK", "MISS")
+    await fast.app[SITES]["docs"].service.settle()  # committed: the stamp has changed
+    before = answered(fast)
+    [(status, _, _)] = await exchange(fast, [get("/docs/p0.png")])  # its lookup finds the change
+    assert (status, answered(fast) - before) == ("HTTP/1.1 200 OK", 0)  # read again from the index
+    assert len(answers) == 0
+    for _ in range(2):
+        [(status, _, _)] = await exchange(fast, [get("/docs/p0.png")])
+    assert (status, answered(fast) - before, len(answers)) == ("HTTP/1.1 200 OK", 2, 1)  # answered here again
+
+
+async def test_paths_tried_here_and_answered_by_the_ordinary_path_once_are_not_remembered(
+        make: MakeProxy, bucket: Bucket) -> None:
+    """The fast path looks at a path before the ordinary path does: that look is not a second request for it,
+    so a stream of one-off paths (404s, cold fills) leaves the path memo as it was (admission.py)."""
+    fast = await make(True)
+    hitpath._memo_request_key.cache_clear()
+    run = uuid.uuid4().hex  # the table of paths seen is the process's: paths no other test asked for
+    for i in range(50):
+        [(status, _, _)] = await exchange(fast, [get(f"/docs/{run}/{i}.html")])
+        assert status == "HTTP/1.1 404 Not Found"
+    assert hitpath._memo_request_key.cache_info().currsize == 0
+    bucket.put("again.png", bytes(300), ContentType="image/png")
+    for _ in range(3):
+        [(status, _, _)] = await exchange(fast, [get("/docs/again.png")])
+    assert (status, hitpath._memo_request_key.cache_info().currsize) == ("HTTP/1.1 200 OK", 1)
