@@ -33,7 +33,10 @@ LARGEST = 32 * 1024 * 1024
 # Levels for size: the work is done once per version. brotli 11 costs about 1 s per MB of text on this machine
 # (tests/test_variants.py), so larger bodies get quality 9 which is ~10x faster for ~3 % more bytes.
 _BROTLI_SMALL = 1024 * 1024
-_KNOWN = 1024  # (key, ETag) versions whose variant set this worker remembers (like the other per-object memos)
+_KNOWN = 1024  # (key, ETag) versions asked for since their variant set was found (like the other per-object memos)
+# Versions whose variant set was found (a fill just made them) and nobody has asked for since: a stream of
+# one-off fills (a crawler, first views) turns over here, where it filled _KNOWN for minutes (footprint.md).
+_UNASKED = 128
 _CODING_SETS: dict[frozenset[str], frozenset[str]] = {}
 
 
@@ -62,6 +65,7 @@ class Variants:
         self._config = config
         self._executor = executor
         self._known: collections.OrderedDict[tuple[str, str], frozenset[str]] = collections.OrderedDict()
+        self._unasked: collections.OrderedDict[tuple[str, str], frozenset[str]] = collections.OrderedDict()
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         if config.enabled:
             store.on_commit(self.committed)
@@ -70,20 +74,28 @@ class Variants:
         """A new body is in the cache: make its variants now, in the background, if it is worth it."""
         if worth_compressing(dict(entry.meta.headers), entry.meta.size, types=self._config.types,
                              min_size=self._config.min_size):
-            self._known.pop((entry.key, entry.meta.etag), None)  # refetched after a purge: look again
+            self.lost(entry.key, entry.meta.etag)  # refetched after a purge: look again
             self.ensure(entry)
 
     def present(self, key: str, etag: str) -> frozenset[str] | None:
-        return self._known.get((key, etag))
+        known = self._known.get((key, etag))
+        if known is None:
+            known = self._unasked.pop((key, etag), None)
+            if known is not None:  # asked for: kept with the versions that are
+                self._known[(key, etag)] = known
+                while len(self._known) > _KNOWN:
+                    self._known.popitem(last=False)
+        return known
 
     def lost(self, key: str, etag: str) -> None:
         """A variant said to be present was not there (evicted, purged by another worker): look again."""
         self._known.pop((key, etag), None)
+        self._unasked.pop((key, etag), None)
 
     def ensure(self, entry: Entry) -> None:
         """Start making this version's variants unless that is known or under way."""
         ident = (entry.key, entry.meta.etag)
-        if ident in self._known or ident in self._tasks:
+        if ident in self._known or ident in self._unasked or ident in self._tasks:
             return
         task = asyncio.get_running_loop().create_task(self._make(entry))
         self._tasks[ident] = task
@@ -100,10 +112,14 @@ class Variants:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def _remember(self, ident: tuple[str, str], codings: frozenset[str]) -> None:
-        # One frozenset per set of codings (there are 8), not one per version: 216 bytes each of up to _KNOWN.
-        self._known[ident] = _CODING_SETS.setdefault(codings, codings)
-        while len(self._known) > _KNOWN:
-            self._known.popitem(last=False)
+        # One frozenset per set of codings (there are 8), not one per version: 216 bytes each.
+        codings = _CODING_SETS.setdefault(codings, codings)
+        if ident in self._known:
+            self._known[ident] = codings
+            return
+        self._unasked[ident] = codings  # until present() is asked for it
+        while len(self._unasked) > _UNASKED:
+            self._unasked.popitem(last=False)
 
     async def _make(self, entry: Entry) -> None:
         key, etag = entry.key, entry.meta.etag

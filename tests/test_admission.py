@@ -91,3 +91,23 @@ def test_coded_headers_are_kept_for_their_second_only() -> None:
     later = head(0)
     assert compressed.coded_headers(later, "br", 7_777_778.0) is compressed.coded_headers(later, "br", 7_777_778.9)
     assert len(compressed._HEADERS) == 1
+
+
+async def test_variant_sets_of_versions_nobody_asked_for_turn_over_in_a_small_segment() -> None:
+    """A fill's variants are made at once, but only a version asked for afterwards joins the 1024 remembered
+    ones: 3000 one-off fills (a crawler) leave at most 128 variant sets in a worker, where they filled the
+    1024 for minutes; a version asked for stays, and is found."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cachingproxy import variants
+    from cachingproxy.variants import Variants
+
+    maker = Variants(None, CompressionConfig(enabled=False), ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    maker._remember(("hot.css", '"1"'), frozenset({"br", "gzip"}))
+    assert maker.present("hot.css", '"1"') == {"br", "gzip"}  # asked for: kept
+    for i in range(ONE_OFF):
+        maker._remember((f"once-{i}.css", '"1"'), frozenset({"br"}))
+    assert len(maker._known) == 1 and len(maker._unasked) == variants._UNASKED
+    assert maker.present("hot.css", '"1"') == {"br", "gzip"}
+    assert maker.present(f"once-{ONE_OFF - 1}.css", '"1"') == {"br"}  # a recent one, asked for now: promoted
+    assert len(maker._known) == 2 and maker.present("once-0.css", '"1"') is None
