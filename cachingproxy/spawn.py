@@ -33,7 +33,9 @@ __all__ = ["ADOPTION_TIMEOUT", "ZYGOTE_TIMEOUT", "Worker", "become_subreaper", "
 log = logging.getLogger(__name__)
 
 ADOPTION_TIMEOUT = 30.0  # seconds a new worker waits for its zygote to exit (a fork of the rest takes ms)
-ZYGOTE_TIMEOUT = 120.0  # seconds a zygote may take to load and fork (about 1 s); then it is killed
+# Seconds a zygote may take to load and fork (about 1 s); then it is killed. The supervisor waits for it
+# without running its loop, so this stays under deploy/'s WatchdogSec (30 s): it pings just before.
+ZYGOTE_TIMEOUT = 20.0
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36  # linux/prctl.h
 
 

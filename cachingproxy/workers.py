@@ -340,6 +340,8 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
 
         # Blocked across the forks so a signal can never find a worker the loop below does not know yet, nor
         # run the supervisor's handler in the zygote or a worker; a worker resets them, then unblocks.
+        if ping is not None:  # the loop below does not run until the zygote is done (spawn.ZYGOTE_TIMEOUT)
+            notify("WATCHDOG=1")
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         freeze()  # this process's own objects too: the zygote's collections would copy every page they are on
         try:
