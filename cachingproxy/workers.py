@@ -384,6 +384,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
 
     def begin_reload() -> _Generation | None:
         """Validate the file; start the next generation on it, or log why not and keep the running one."""
+        nonlocal retire_kill_at
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         if path is None:
             log.warning("SIGHUP received: no configuration file to read again; nothing changed")
@@ -414,6 +415,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
             log.error("reload failed: %s; still serving the previous configuration", exc)
             gen.signal(signal.SIGTERM)
             retiring.append(gen)
+            retire_kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
             notify("READY=1")
             return None
         return gen
