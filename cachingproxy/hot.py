@@ -20,18 +20,25 @@ HOT_BODY_BUDGET = 16 * 1024 * 1024  # per worker; a docs site's hot pages, CSS a
 HOT_ENTRIES = 8192  # metadata records per worker (about 1 KiB each with their headers)
 
 
-def held(handle: BinaryIO, size: int) -> HeldBody:
+def held(handle: BinaryIO, data: bytes) -> HeldBody:
     """A small body to keep in memory: a read-only shared mapping of its cache file, so that the workers
     holding it share the page cache's one copy; as bytes, each worker held its own (2 workers, 300 hot
     pages: 9 MiB of identical bytes, benchmarks/results/footprint.md). Sound because the proxy never
     truncates or rewrites a cache file: bodies are renamed into place and unlinked when dropped, and a
     mapping keeps the inode it mapped. The caller reads the file first, so a disk error is an OSError there;
     only a page the kernel dropped and reads again after the disk failed would kill the worker (SIGBUS, as in
-    Varnish's mmap'd storage): the supervisor restarts it, and its successor reads first. An empty file
-    cannot be mapped."""
-    if size == 0:
-        return b""
-    return memoryview(mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ))
+    Varnish's mmap'd storage): the supervisor restarts it, and its successor reads first.
+
+    `data`: what that read gave, kept as it is when smaller than a page: a mapping would take a whole page
+    and one of the kernel's limited mappings (vm.max_map_count) for a few bytes."""
+    if len(data) < mmap.PAGESIZE:
+        return data
+    return memoryview(mmap.mmap(handle.fileno(), len(data), prot=mmap.PROT_READ))
+
+
+def _cost(data: HeldBody) -> int:
+    """What a held body takes: a mapping takes whole pages."""
+    return len(data) if isinstance(data, bytes) else -(-len(data) // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 class Stamp:
@@ -132,9 +139,9 @@ class HotLayer:
         if ident in self.bodies:
             return
         self.bodies[ident] = data
-        self.body_bytes += len(data)
+        self.body_bytes += _cost(data)
         while self.body_bytes > HOT_BODY_BUDGET:
-            self.body_bytes -= len(self.bodies.popitem(last=False)[1])
+            self.body_bytes -= _cost(self.bodies.popitem(last=False)[1])
 
     def forget(self) -> None:
         self._drop_entries()

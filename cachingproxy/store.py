@@ -209,7 +209,7 @@ class CacheStore:
             with handle:
                 data = handle.read()  # read first: a disk error is an OSError here, a SIGBUS in a mapping
                 if len(data) == size:
-                    return held(handle, size)  # kept in memory by open_body: later hits need no file at all
+                    return held(handle, data)  # kept in memory by open_body: later hits need no file at all
             problem = f"read {len(data)} bytes, expected {size}"
         if problem is not None:
             handle.close()
@@ -296,8 +296,8 @@ class CacheStore:
         if size > HOT_BODY_MAX:
             return handle
         with handle:
-            handle.read()  # as _open_body_sync: a disk error is an OSError here, a SIGBUS in a mapping
-            return held(handle, size)
+            # As _open_body_sync: read first, so a disk error is an OSError here, not a SIGBUS in a mapping.
+            return held(handle, handle.read())
 
     async def open_variant(self, key: str, etag: str, coding: str) -> BinaryIO | HeldBody | None:
         """A variant: bytes when small (then kept in memory), an open file to sendfile from, or None."""

@@ -183,3 +183,23 @@ async def test_workers_holding_a_hot_body_share_one_copy_of_it(tmp_path: Path, b
         assert len(mapped) == 2 and mapped[0] & mapped[1], mapped
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+def test_a_body_under_a_page_stays_bytes_and_a_mapping_costs_whole_pages(tmp_path: Path) -> None:
+    """A mapping takes whole pages and one of the kernel's limited mappings (vm.max_map_count): a hot body
+    smaller than a page is kept as the bytes read, and the budget counts a mapped one in pages, or a budget of
+    16 MiB of 100-byte bodies would have asked for 160,000 mappings."""
+    import mmap
+
+    from cachingproxy import hot
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.write_bytes(b"s" * 100)
+    large.write_bytes(b"L" * (mmap.PAGESIZE + 1))
+    with small.open("rb") as f:
+        kept = hot.held(f, f.read())
+    assert isinstance(kept, bytes) and kept == b"s" * 100 and hot._cost(kept) == 100
+    with large.open("rb") as f:
+        kept = hot.held(f, f.read())
+    assert isinstance(kept, memoryview) and kept == b"L" * (mmap.PAGESIZE + 1)
+    assert hot._cost(kept) == 2 * mmap.PAGESIZE
