@@ -39,14 +39,19 @@ ZYGOTE_TIMEOUT = 20.0
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36  # linux/prctl.h
 
 
-def become_subreaper() -> bool:
-    """Make this process the one that orphaned descendants are given to (Linux 3.4+); False where it cannot."""
+def _prctl(option: int, value: int) -> bool:
+    """Linux's prctl(2); False where it failed or there is none."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return int(ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)) == 0
+        return int(ctypes.CDLL(None, use_errno=True).prctl(option, value)) == 0
     except (OSError, AttributeError):
         return False
+
+
+def become_subreaper() -> bool:
+    """Make this process the one that orphaned descendants are given to (Linux 3.4+); False where it cannot."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def die_with_parent(parent: int) -> None:
@@ -55,10 +60,7 @@ def die_with_parent(parent: int) -> None:
     SIGKILL, not a graceful SIGTERM: a supervisor that vanished means the proxy crashed, and its restart
     must not share the port and the staging directory with orphans still finishing their fills.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the supervisor died before prctl took effect
         os._exit(1)
 

@@ -71,7 +71,7 @@ LEADER_LOCK_ODD = "admin.1.lock"  # the generations started by an odd number of 
 ServeFn = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
 
 # The counters every worker adds to and /stats totals (tally.py): created by the supervisor before it forks,
-# and this process's row in it, set in each worker. Module state because fork is how they travel.
+# and this process's row in it; set in each worker by _worker_main, for serve_socket (whose signature tests share).
 _slab: Slab | None = None
 _row = 0
 _generation = 0  # which configuration this worker serves: 0 at start, +1 per reload (leadership alternates)
@@ -212,8 +212,8 @@ def claim_leadership(directory: str, generation: int = 0) -> int | None:
     return fd
 
 
-def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: int, slot: int, row: int,
-                 generation: int, ready: multiprocessing.connection.Connection) -> None:
+def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: int, slot: int, slab: Slab,
+                 row: int, generation: int, ready: multiprocessing.connection.Connection) -> None:
     for signum in STOP_SIGNALS:  # still blocked: the supervisor's handlers must not run in a worker
         signal.signal(signum, signal.SIG_DFL)
     for signum in (RELOAD_SIGNAL, *UNHANDLED_SIGNALS):  # until `serve` logs them: they are the supervisor's
@@ -221,7 +221,8 @@ def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: in
     # A stop signal before `serve` installs its handlers just ends the worker (nothing to drain yet).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     die_with_parent(parent)  # now that it is the supervisor's child (spawn.py)
-    global _row, _generation, _closed
+    global _slab, _row, _generation, _closed
+    _slab = slab
     _row = row
     _generation = generation
     _closed = lambda: ready.send((generation, slot, False))  # noqa: E731
@@ -306,7 +307,6 @@ class _Generation:
 def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: str, path: str | None) -> int:
     """Start one worker per socket, restart those that die, stop them all on SIGTERM/SIGINT, and on SIGHUP
     reload: a new generation of workers on the new configuration, then the old one stopped gracefully."""
-    global _slab
     n = len(socks)
     adopts = become_subreaper()  # workers are then forked by a zygote that exits (spawn.py)
     # Each worker sends (generation, slot, True) once it accepts and (..., False) once it stopped accepting.
@@ -331,19 +331,17 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
         # worker for that slot accepts from it, as nginx's workers share the master's: at a reload old and
         # new workers both hold it, so when the old one closes its copy, connections waiting in the queue
         # are still there for the new one (closing the last copy of a socket resets its queue).
-        global _slab
-        _slab = gen.slab  # travels by fork
-
         def run(slot: int) -> None:
-            _worker_main(serve, gen.config, socks[slot], parent, slot, (gen.number % 2) * n + slot, gen.number,
-                         ready_w)
+            _worker_main(serve, gen.config, socks[slot], parent, slot, gen.slab, (gen.number % 2) * n + slot,
+                         gen.number, ready_w)
 
         # Blocked across the forks so a signal can never find a worker the loop below does not know yet, nor
         # run the supervisor's handler in the zygote or a worker; a worker resets them, then unblocks.
         if ping is not None:  # the loop below does not run until the zygote is done (spawn.ZYGOTE_TIMEOUT)
             notify("WATCHDOG=1")
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        freeze()  # this process's own objects too: the zygote's collections would copy every page they are on
+        if adopts:  # this process's own objects too: the zygote's collections would copy every page they are on
+            freeze()
         try:
             started = fork_workers(slots, _prepare if serve is serve_socket else freeze, run, zygote=adopts)
         finally:

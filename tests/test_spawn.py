@@ -69,12 +69,12 @@ print("started", fork_workers([0, 1], prepare, lambda slot: None, zygote=True))
 """
 
 _HUNG = """
-import time
+import signal, time
 from cachingproxy import spawn
 assert spawn.become_subreaper()
 spawn.ZYGOTE_TIMEOUT = 0.5
 began = time.monotonic()
-started = spawn.fork_workers([0], lambda: time.sleep(60), lambda slot: None, zygote=True)
+started = spawn.fork_workers([0], signal.pause, lambda slot: None, zygote=True)  # a load that never ends
 print("started", started, "within", time.monotonic() - began < 30)
 """
 
