@@ -15,7 +15,8 @@ from collections.abc import Callable
 from aiohttp import web
 
 from cachingproxy.config import Config, parse_config
-from cachingproxy.workers import new_event_loop, run_workers
+from cachingproxy.worker import Seat, new_event_loop
+from cachingproxy.workers import run_workers
 
 BODY = b"<!doctype html>" + b"x" * (16 * 1024 - 15)
 
@@ -24,7 +25,7 @@ async def _hello(request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="text/html")
 
 
-def _serve(config: Config, sock: socket.socket, supervised: bool, ready: Callable[[], None]) -> None:
+def _serve(config: Config, sock: socket.socket, seat: Seat | None, ready: Callable[[], None]) -> None:
     app = web.Application()
     app.router.add_get("/docs/{tail:.*}", _hello)
     web.run_app(app, sock=sock, access_log=None, print=lambda _: ready(), loop=new_event_loop(), shutdown_timeout=1)

@@ -309,7 +309,7 @@ async def _events_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _ops_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Monitoring and the admin API; with several workers only the leader (`leader=True`, see workers.py)
+    """Monitoring and the admin API; with several workers only the leader (`leader=True`, see worker.py)
     opens the admin listener and runs mirror mode."""
     config = app[CONFIG]
     ops = app[OPS] = Ops(config, app[CLOCK], app[STORE], app[SITES], app[COUNTERS], app[TALLY])
@@ -378,7 +378,7 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
     """Build the app; no I/O here, everything that opens something lives in a cleanup context.
 
     `slab` and `row`: the workers' shared counters and this worker's row in them (workers.py, tally.py).
-    `leader`: this process runs the once-per-proxy duties (the admin listener, mirror mode; workers.py).
+    `leader`: this process runs the once-per-proxy duties (the admin listener, mirror mode; worker.py).
     `check_bucket`: check the bucket once at start and log what is wrong (`cachingproxy serve`'s leader).
     """
     quiet_parse_errors()  # aiohttp's own 400s never echo request bytes (requestforms.py)

@@ -50,7 +50,7 @@ def preload() -> None:
     # serve_socket's own imports; create_app's pull in the rest (aiohttp.web, aiobotocore, diskcache...).
     from . import app, hitpath, origin, tls  # noqa: F401
 
-    with contextlib.suppress(ImportError):  # the `fast` extra: workers.new_event_loop uses it when present
+    with contextlib.suppress(ImportError):  # the `fast` extra: worker.new_event_loop uses it when present
         importlib.import_module("uvloop")
     origin.share_models()
     tune_malloc()

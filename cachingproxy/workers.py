@@ -19,13 +19,13 @@ accepting and finishes its in-flight responses under the configuration they star
 [server] shutdown_timeout), while new connections already go to the new workers.
 
 Misses stay single-flight across workers through filllocks.FillLocks (one lock file per key being filled).
+
+This module is the supervisor; worker.py is what runs in each worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -33,50 +33,28 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .footprint import freeze, preload
-from .logsetup import logging_off_the_loop
 from .portlock import claim_port
 from .sdnotify import notify, watchdog_interval
-from .spawn import Worker, become_subreaper, die_with_parent, fork_workers
-from .stopsignals import HANDLED_SIGNALS, RELOAD_SIGNAL, STOP_SIGNALS, UNHANDLED_SIGNALS, exit_status, stop_reason
+from .spawn import Worker, become_subreaper, fork_workers
+from .stopsignals import HANDLED_SIGNALS, RELOAD_SIGNAL, UNHANDLED_SIGNALS, exit_status, stop_reason
 from .tally import Slab
-
-if TYPE_CHECKING:
-    import asyncio
-
+from .worker import BACKLOG, ServeFn, serve_socket, worker_main
 
 __all__ = [
     "bind_sockets",
     "default_workers",
-    "new_event_loop",
     "resolve_workers",
     "run_workers",
-    "serve_socket",
 ]
 
 log = logging.getLogger(__name__)
 
-BACKLOG = 1024  # per worker socket; aiohttp's default of 128 drops SYNs under a burst of new clients
 RESTART_WINDOW = 60.0  # a worker that died this many times within this many seconds is a crash loop: give up
 RESTART_LIMIT = 5
-LEADER_LOCK = "admin.lock"  # in [cache] directory; see claim_leadership
-LEADER_LOCK_ODD = "admin.1.lock"  # the generations started by an odd number of reloads
-
-# serve(config, socket, supervised, ready): blocks until stopped; calls ready() once it accepts connections.
-ServeFn = Callable[[Config, socket.socket, bool, Callable[[], None]], None]
-
-# The counters every worker adds to and /stats totals (tally.py): created by the supervisor before it forks,
-# and this process's row in it; set in each worker by _worker_main, for serve_socket (whose signature tests share).
-_slab: Slab | None = None
-_row = 0
-_generation = 0  # which configuration this worker serves: 0 at start, +1 per reload (leadership alternates)
-_closed: Callable[[], None] | None = None  # tells the supervisor this worker stopped accepting (a reload waits)
-_stopped_by: int | None = None  # the signal that stopped an unsupervised serve_socket
 
 
 def default_workers() -> int:
@@ -90,18 +68,6 @@ def default_workers() -> int:
 def resolve_workers(configured: int) -> int:
     """`[server] workers`: 0 means one per core."""
     return configured if configured > 0 else default_workers()
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop when the optional `fast` extra is installed, the standard one otherwise."""
-    import asyncio  # here: the supervisor runs no loop, and asyncio (with ssl) was a third of its memory
-
-    try:
-        uvloop: Any = importlib.import_module("uvloop")
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
 
 
 def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
@@ -124,109 +90,6 @@ def bind_sockets(host: str, port: int, n: int) -> list[socket.socket]:
             sock.close()
         raise
     return socks
-
-
-def serve_socket(config: Config, sock: socket.socket, supervised: bool, ready: Callable[[], None]) -> None:
-    """Run the app on one pre-bound socket until SIGTERM (and SIGINT when not supervised); blocking.
-
-    Unsupervised, the signals the proxy does not handle (stopsignals.py) stop it too, with a log line saying
-    why; a supervised worker logs and ignores them: the supervisor decides for all workers.
-    """
-    from aiohttp import web  # here, like __main__: the supervisor never needs it
-
-    from .app import create_app, server_kwargs
-    from .hitpath import freeze_heap
-    from .tls import proxy_context
-
-    loop = new_event_loop()
-    stopping = False
-
-    def stop(signum: int) -> None:
-        # Only the first signal stops: a second one raised during cleanup would cut the graceful
-        # shutdown short (aiohttp's own handler stays armed until cleanup ends).
-        nonlocal stopping
-        global _stopped_by
-        if not stopping:
-            stopping = True
-            _stopped_by = signum
-            if not supervised:  # a worker's SIGTERM comes from the supervisor, which logged why
-                (log.warning if signum in UNHANDLED_SIGNALS else log.info)("%s", stop_reason(signum))
-            raise web.GracefulExit()
-
-    def ignore(signum: int) -> None:
-        log.warning("%s received by worker pid %d: ignored; signals are for the supervisor (pid %d)",
-                    signal.Signals(signum).name, os.getpid(), os.getppid())
-
-    if supervised:
-        # Ctrl-C in a terminal reaches the whole process group; a supervised worker waits for the one
-        # SIGTERM its supervisor forwards instead.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
-        for signum in (RELOAD_SIGNAL, *UNHANDLED_SIGNALS):
-            loop.add_signal_handler(signum, ignore, signum)
-    else:
-        for signum in HANDLED_SIGNALS:
-            loop.add_signal_handler(signum, stop, signum)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # in case a caller left them blocked
-    # Held for the process's lifetime: the kernel releases it when the worker dies, and its successor takes it.
-    leadership = claim_leadership(config.cache.directory, _generation)
-    app = create_app(config, slab=_slab, row=_row, leader=leadership is not None,
-                     check_bucket=leadership is not None)
-    app.on_startup.append(freeze_heap)
-    if _closed is not None:
-        app.on_shutdown.append(_say_closed)  # aiohttp runs it once the listening socket is closed
-    with logging_off_the_loop():
-        # Each worker builds its own SSLContext (after fork): OpenSSL state is not for sharing across processes.
-        web.run_app(app, sock=sock, ssl_context=proxy_context(config),
-                    shutdown_timeout=config.server.shutdown_timeout,
-                    print=lambda _: ready(), handle_signals=False, backlog=BACKLOG, loop=loop,
-                    **server_kwargs(config))
-
-
-async def _say_closed(app: object) -> None:
-    if _closed is not None:
-        _closed()
-
-
-def claim_leadership(directory: str, generation: int = 0) -> int | None:
-    """Claim the duties that must run once per cache, not once per worker: the admin listener and mirror mode.
-
-    With [server] workers > 1 every worker builds this app on the same cache directory. The first to flock
-    LEADER_LOCK keeps its descriptor open for its lifetime; the kernel drops the lock if it dies, and the
-    worker that replaces it takes the lock again. Returns the descriptor, -1 when there is no directory to
-    coordinate through (acting alone), or None when another process holds the lock.
-    """
-    try:
-        os.makedirs(directory, exist_ok=True)  # before the store opens it: workers elect before building the app
-        # At a reload the draining generation keeps its leader while the new one elects its own, on the
-        # other of two lock files (workers.py runs one reload at a time).
-        name = LEADER_LOCK if generation % 2 == 0 else LEADER_LOCK_ODD
-        fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return -1
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _worker_main(serve: ServeFn, config: Config, sock: socket.socket, parent: int, slot: int, slab: Slab,
-                 row: int, generation: int, ready: multiprocessing.connection.Connection) -> None:
-    for signum in STOP_SIGNALS:  # still blocked: the supervisor's handlers must not run in a worker
-        signal.signal(signum, signal.SIG_DFL)
-    for signum in (RELOAD_SIGNAL, *UNHANDLED_SIGNALS):  # until `serve` logs them: they are the supervisor's
-        signal.signal(signum, signal.SIG_IGN)
-    # A stop signal before `serve` installs its handlers just ends the worker (nothing to drain yet).
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-    die_with_parent(parent)  # now that it is the supervisor's child (spawn.py)
-    global _slab, _row, _generation, _closed
-    _slab = slab
-    _row = row
-    _generation = generation
-    _closed = lambda: ready.send((generation, slot, False))  # noqa: E731
-    serve(config, sock, True, lambda: ready.send((generation, slot, True)))
 
 
 def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket, path: str | None = None) -> int:
@@ -332,7 +195,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
         # new workers both hold it, so when the old one closes its copy, connections waiting in the queue
         # are still there for the new one (closing the last copy of a socket resets its queue).
         def run(slot: int) -> None:
-            _worker_main(serve, gen.config, socks[slot], parent, slot, gen.slab, (gen.number % 2) * n + slot,
+            worker_main(serve, gen.config, socks[slot], parent, slot, gen.slab, (gen.number % 2) * n + slot,
                          gen.number, ready_w)
 
         # Blocked across the forks so a signal can never find a worker the loop below does not know yet, nor

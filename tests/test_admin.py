@@ -28,7 +28,7 @@ from cachingproxy.config import ConfigError, parse_config, with_env_token
 from cachingproxy.monitoring import OPS, Ops
 from cachingproxy.s3state import S3State, readiness
 from cachingproxy.warm import NOT_STORED
-from cachingproxy.workers import claim_leadership
+from cachingproxy.worker import claim_leadership
 
 from .conftest import Bucket, FakeClock, MakeProxy, ProxyClient, config_for, free_port, service_of
 from .shim import Fault, Shim

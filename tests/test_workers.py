@@ -228,7 +228,7 @@ async def test_the_served_process_times_requests_finer_than_its_loop_clock(
         tmp_path: Path, bucket: Bucket, shim: Shim) -> None:
     """uvloop's loop.time() moves in whole milliseconds, and it is what aiohttp hands the access logger: a
     0.3 ms hit must not be logged (and binned in the latency histogram) as 0 or 1 ms."""
-    assert importlib.util.find_spec("uvloop") is not None  # the workers run on it (workers.new_event_loop)
+    assert importlib.util.find_spec("uvloop") is not None  # the workers run on it (worker.new_event_loop)
     bucket.put("a.html", b"a" * 1000)
     port = free_port()
     async with serving(write_config(tmp_path, port, shim.url, bucket.name, workers=1)) as (_, _, log):
