@@ -377,7 +377,7 @@ def create_app(config: Config, *, clock: Clock = time.time, slab: Slab | None = 
                leader: bool = True, check_bucket: bool = False) -> web.Application:
     """Build the app; no I/O here, everything that opens something lives in a cleanup context.
 
-    `slab` and `row`: the workers' shared counters and this worker's row in them (workers.py, tally.py).
+    `slab` and `row`: the workers' shared counters and this worker's row in them (generation.py, tally.py).
     `leader`: this process runs the once-per-proxy duties (the admin listener, mirror mode; worker.py).
     `check_bucket`: check the bucket once at start and log what is wrong (`cachingproxy serve`'s leader).
     """

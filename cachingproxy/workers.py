@@ -20,7 +20,8 @@ accepting and finishes its in-flight responses under the configuration they star
 
 Misses stay single-flight across workers through filllocks.FillLocks (one lock file per key being filled).
 
-This module is the supervisor; worker.py is what runs in each worker.
+This module is the supervisor; generation.py keeps track of one generation of workers and forks them, and
+worker.py is what runs in each worker.
 """
 
 from __future__ import annotations
@@ -36,13 +37,12 @@ import time
 from types import FrameType
 
 from .config import Config
-from .footprint import freeze, preload
+from .generation import Generation, NoWorkers, Spawner, new_slab
 from .portlock import claim_port
 from .sdnotify import notify, watchdog_interval
-from .spawn import Worker, become_subreaper, fork_workers
+from .spawn import become_subreaper
 from .stopsignals import HANDLED_SIGNALS, RELOAD_SIGNAL, UNHANDLED_SIGNALS, exit_status, stop_reason
-from .tally import Slab
-from .worker import BACKLOG, ServeFn, serve_socket, worker_main
+from .worker import BACKLOG, ServeFn, serve_socket
 
 __all__ = [
     "bind_sockets",
@@ -120,51 +120,11 @@ def run_workers(config: Config, n: int, *, serve: ServeFn = serve_socket, path: 
             claim.release()
 
 
-class _NoWorkers(Exception):
-    """The zygote could not start every worker it was asked for (it logged why)."""
-
-
-def _prepare() -> None:
-    """In the zygote (without one, in the supervisor): what every worker loads, then kept from the collector
-    so that the workers go on sharing it (footprint.py)."""
-    preload()
-    freeze()
-
-
 def _banner(config: Config, url: str, n: int) -> str:
     sites = config.sites
     where = f"{sites[0].mount}/" if len(sites) == 1 else "/ (" + ", ".join(
         f"{site.name}: {' '.join(site.hosts) or 'any host'} {site.mount or '/'}" for site in sites) + ")"
     return f"cachingproxy: serving {url}{where} with {n} worker{'s' if n > 1 else ''} (pid {os.getpid()})"
-
-
-def _new_slab(config: Config, n: int) -> Slab:
-    # Two rows per slot: the generation starting at a reload writes the rows the draining one does not.
-    # Each site adds about a hundred cells (counters.cell_names, metrics.slots); Tally refuses to start if
-    # they ever outgrow this.
-    return Slab(rows=2 * n, width=1024 + 256 * len(config.sites))
-
-
-class _Generation:
-    """The workers started on one configuration: slot -> process, and the slots not yet serving."""
-
-    def __init__(self, number: int, config: Config, slab: Slab) -> None:
-        self.number = number
-        self.config = config
-        self.slab = slab
-        self.procs: dict[int, Worker] = {}
-        self.starting: set[int] = set()
-        self.listening: set[int] = set()  # slots accepting connections (said ready, not yet closed)
-
-    def quiet(self) -> bool:
-        """No worker of this generation accepts new connections any more."""
-        return not (self.listening & {slot for slot, p in self.procs.items() if p.exitcode is None})
-
-    def signal(self, signum: int) -> None:
-        for proc in self.procs.values():
-            if proc.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signum)
 
 
 def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: str, path: str | None) -> int:
@@ -176,9 +136,9 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
     ready_r, ready_w = multiprocessing.connection.Pipe(duplex=False)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a signal handler's nudge to the loop below
     parent = os.getpid()
-    current = _Generation(0, config, _new_slab(config, n))
-    starting: _Generation | None = None  # a reload's generation until every worker of it serves
-    retiring: list[_Generation] = []  # replaced, draining their in-flight responses
+    current = Generation(0, config, new_slab(config, n))
+    starting: Generation | None = None  # a reload's generation until every worker of it serves
+    retiring: list[Generation] = []  # replaced, draining their in-flight responses
     retire_kill_at = float("inf")
     restarts: list[float] = []
     stopping = False
@@ -189,30 +149,6 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
     first_ready = True
     reloaded = False  # a new generation took over; READY=1 once the old one stopped accepting
 
-    def spawn(gen: _Generation, slots: list[int]) -> None:
-        # Each slot's listening socket stays open here for the proxy's lifetime and every generation's
-        # worker for that slot accepts from it, as nginx's workers share the master's: at a reload old and
-        # new workers both hold it, so when the old one closes its copy, connections waiting in the queue
-        # are still there for the new one (closing the last copy of a socket resets its queue).
-        def run(slot: int) -> None:
-            worker_main(serve, gen.config, socks[slot], parent, slot, gen.slab, (gen.number % 2) * n + slot,
-                         gen.number, ready_w)
-
-        # Blocked across the forks so a signal can never find a worker the loop below does not know yet, nor
-        # run the supervisor's handler in the zygote or a worker; a worker resets them, then unblocks.
-        if ping is not None:  # the loop below does not run until the zygote is done (spawn.ZYGOTE_TIMEOUT)
-            notify("WATCHDOG=1")
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        if adopts:  # this process's own objects too: the zygote's collections would copy every page they are on
-            freeze()
-        try:
-            started = fork_workers(slots, _prepare if serve is serve_socket else freeze, run, zygote=adopts)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        gen.procs.update(started)
-        if len(started) < len(slots):
-            raise _NoWorkers(f"{len(slots) - len(started)} of {len(slots)} workers did not start (see above)")
-
     def give_up() -> None:
         nonlocal failed, stopping, kill_at
         failed = stopping = True
@@ -220,7 +156,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
         notify("STOPPING=1")
         stop_all()
 
-    def every() -> list[_Generation]:
+    def every() -> list[Generation]:
         return [current, *([starting] if starting is not None else []), *retiring]
 
     def stop_all(signum: int = signal.SIGTERM) -> None:
@@ -243,7 +179,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
             notify("STOPPING=1")
             stop_all()
 
-    def begin_reload() -> _Generation | None:
+    def begin_reload() -> Generation | None:
         """Validate the file; start the next generation on it, or log why not and keep the running one."""
         nonlocal retire_kill_at
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
@@ -266,13 +202,13 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
         same_layout = tuple(s.name for s in result.config.sites) == tuple(s.name for s in current.config.sites)
         # The same sites lay the same counter cells over the slab: totals go on. Otherwise a new slab, and the
         # counters start again from zero, as at a restart.
-        slab = current.slab if same_layout else _new_slab(result.config, n)
-        gen = _Generation(current.number + 1, result.config, slab)
+        slab = current.slab if same_layout else new_slab(result.config, n)
+        gen = Generation(current.number + 1, result.config, slab)
         log.info("reload: configuration %s is valid; starting %d new workers", result.digest, n)
         gen.starting = set(range(n))
         try:
-            spawn(gen, list(range(n)))
-        except _NoWorkers as exc:
+            spawner.spawn(gen, list(range(n)))
+        except NoWorkers as exc:
             log.error("reload failed: %s; still serving the previous configuration", exc)
             gen.signal(signal.SIGTERM)
             retiring.append(gen)
@@ -285,11 +221,12 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
     # systemd's watchdog (WATCHDOG_USEC): pinged from this loop, which also restarts dead workers.
     ping = watchdog_interval()
     next_ping = time.monotonic()
+    spawner = Spawner(serve, socks, parent, ready_w, adopts, watchdog=ping is not None)
     try:
         current.starting = set(range(n))
         try:
-            spawn(current, list(range(n)))
-        except _NoWorkers as exc:
+            spawner.spawn(current, list(range(n)))
+        except NoWorkers as exc:
             log.error("%s: stopping", exc)
             give_up()
         while current.procs or starting is not None or retiring:
@@ -370,8 +307,8 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
                     log.error("worker %d (pid %s) exited with %s: restarting it", slot, proc.pid, proc.exitcode)
                     current.listening.discard(slot)
                     try:
-                        spawn(current, [slot])
-                    except _NoWorkers as exc:
+                        spawner.spawn(current, [slot])
+                    except NoWorkers as exc:
                         log.error("%s: stopping", exc)
                         give_up()
             if reload_asked and not stopping and starting is None and not retiring:
