@@ -40,9 +40,7 @@ __all__ = [
     "worker_main",
 ]
 
-# The logger these lines had before the worker's side moved out of workers.py: its name is printed in every
-# line (logsetup.py), and journal filters and alerts on it keep working.
-log = logging.getLogger("cachingproxy.workers")
+log = logging.getLogger(__name__)
 
 BACKLOG = 1024  # per worker socket; aiohttp's default of 128 drops SYNs under a burst of new clients
 LEADER_LOCK = "admin.lock"  # in [cache] directory; see claim_leadership

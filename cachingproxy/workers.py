@@ -152,12 +152,17 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
     def give_up() -> None:
         nonlocal failed, stopping, kill_at
         failed = stopping = True
-        kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
+        kill_at = time.monotonic() + grace()
         notify("STOPPING=1")
         stop_all()
 
     def every() -> list[Generation]:
         return [current, *([starting] if starting is not None else []), *retiring]
+
+    def grace() -> float:
+        # The longest drain any live worker was configured with: a reload may have raised shutdown_timeout,
+        # and a worker drains by its own generation's setting, not by the one the proxy started with.
+        return max(gen.config.server.shutdown_timeout for gen in every()) + 5.0
 
     def stop_all(signum: int = signal.SIGTERM) -> None:
         for gen in every():
@@ -173,9 +178,10 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
         if not stopping:
             stopping = True
             stopped_by = signum
-            kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
+            kill_at = time.monotonic() + grace()
             (log.warning if signum in UNHANDLED_SIGNALS else log.info)(
-                "%s: stopping %d workers", stop_reason(signum), len(current.procs))
+                "%s: stopping %d workers (any still running in %.0f s are killed)", stop_reason(signum),
+                len(current.procs), kill_at - time.monotonic())
             notify("STOPPING=1")
             stop_all()
 
@@ -212,7 +218,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
             log.error("reload failed: %s; still serving the previous configuration", exc)
             gen.signal(signal.SIGTERM)
             retiring.append(gen)
-            retire_kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
+            retire_kill_at = time.monotonic() + grace()
             notify("READY=1")
             return None
         return gen
@@ -254,7 +260,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
                 # Every new worker accepts: the old ones stop accepting and finish what they are sending.
                 current.signal(signal.SIGTERM)
                 retiring.append(current)
-                retire_kill_at = time.monotonic() + current.config.server.shutdown_timeout + 5.0
+                retire_kill_at = time.monotonic() + grace()
                 current, starting = starting, None
                 reloaded = True
             if reloaded and not stopping and all(gen.quiet() for gen in retiring):
@@ -271,8 +277,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
                 if not gen.procs:
                     retiring.remove(gen)
             if retiring and time.monotonic() > retire_kill_at:
-                log.error("previous workers still running %.0f s after a reload: killing them",
-                          retiring[0].config.server.shutdown_timeout + 5.0)
+                log.error("previous workers still running %.0f s after a reload: killing them", grace())
                 for gen in retiring:
                     gen.signal(signal.SIGKILL)
                 retire_kill_at = float("inf")
@@ -283,7 +288,7 @@ def _supervise(config: Config, socks: list[socket.socket], serve: ServeFn, url: 
                               "previous configuration", died[0][1])
                     starting.signal(signal.SIGTERM)
                     retiring.append(starting)
-                    retire_kill_at = time.monotonic() + config.server.shutdown_timeout + 5.0
+                    retire_kill_at = time.monotonic() + grace()
                     starting = None
                     notify("READY=1")
                 elif stopping:

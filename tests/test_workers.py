@@ -334,3 +334,21 @@ async def test_a_worker_that_dies_is_replaced_by_a_new_one_that_serves(
         assert [body for _, body in results] == [b"alive"] * 16
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_a_stop_after_a_reload_gives_the_workers_the_reloaded_shutdown_timeout(
+        tmp_path: Path, bucket: Bucket, shim: Shim) -> None:
+    """shutdown_timeout can be reloaded, and workers drain by their own generation's setting: the supervisor's
+    kill deadline must follow it, not the value the proxy started with (which killed draining workers)."""
+    port = free_port()
+    config = write_config(tmp_path, port, shim.url, bucket.name, workers=2)
+    base = config.read_text()
+    config.write_text(base.replace("[s3]", "shutdown_timeout = 1.0\n[s3]", 1))
+    async with serving(config) as (proc, _, log):
+        config.write_text(base.replace("[s3]", "shutdown_timeout = 40.0\n[s3]", 1))
+        proc.send_signal(signal.SIGHUP)
+        await next_line_with(log, "reload: done")
+        proc.send_signal(signal.SIGTERM)
+        line = await next_line_with(log, "stopping 2 workers")
+        assert "(any still running in 45 s are killed)" in line, line
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
