@@ -84,7 +84,8 @@ def _until_cached(port: int, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _timed(port: int, path: str, size: int) -> float:
+def _timed(port: int, path: str, size: int) -> tuple[float, float]:
+    """(seconds to the last byte, seconds to the response's head) of one GET on a settled connection."""
     fetcher = Fetcher(HOST, port)
     try:
         fetcher.get(path.rsplit("/", 1)[0] + "/small.txt")  # connect and settle, untimed
@@ -93,7 +94,7 @@ def _timed(port: int, path: str, size: int) -> float:
         fetcher.close()
     if status != 200 or got != size:
         raise RuntimeError(f"GET {path}: {status} with {got} bytes, expected 200 with {size}")
-    return seconds
+    return seconds, fetcher.first_byte
 
 
 def _cpu_seconds(root: int) -> float:
@@ -237,12 +238,12 @@ def main() -> int:
             for run in range(1, args.runs + 1):
                 for v in versions:
                     assert v.proc is not None
-                    direct = _timed(shim_port, f"/{BUCKET}/{KEY}", size)
+                    direct, direct_head = _timed(shim_port, f"/{BUCKET}/{KEY}", size)
                     _purge(v.port)
                     _shim_gets(shim_url, reset=True)
                     spy = _spy(v.proc.pid, args.profile, tmp, run) if args.profile else None
                     cpu, loop = _cpu_seconds(v.proc.pid), _loop_seconds(v.proc.pid)
-                    proxied = _timed(v.port, f"/docs/{KEY}", size)
+                    proxied, proxied_head = _timed(v.port, f"/docs/{KEY}", size)
                     v.loop.append(_loop_seconds(v.proc.pid) - loop)
                     if spy is not None:
                         spy.send_signal(signal.SIGINT)
@@ -251,7 +252,8 @@ def main() -> int:
                     _until_cached(v.port)  # the commit may end after the response: purge only what it indexed
                     v.cpu.append(_cpu_seconds(v.proc.pid) - cpu)  # the whole fill, commit included
                     v.ratios.append(proxied / direct)
-                    print(f"  run {run} {v.name}: direct {direct:.3f} s, proxy {proxied:.3f} s, "
+                    print(f"  run {run} {v.name}: direct {direct:.3f} s (head {direct_head * 1000:.0f} ms), "
+                          f"proxy {proxied:.3f} s (head {proxied_head * 1000:.0f} ms), "
                           f"{proxied / direct:.2f}x direct, proxy CPU {v.cpu[-1]:.2f} s (loop {v.loop[-1]:.3f} s), "
                           f"S3 GETs {gets}, "
                           f"load {os.getloadavg()[0]:.1f}", flush=True)

@@ -65,6 +65,7 @@ class Fetcher:
         self._host, self._port = host, port
         self._conn = http.client.HTTPConnection(host, port, timeout=120)
         self._buf = memoryview(bytearray(1 << 20))
+        self.first_byte = 0.0  # seconds from the request to the response's head, of the last get
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, int, float]:
         """(status, body bytes, seconds); the body is read and discarded."""
@@ -78,6 +79,7 @@ class Fetcher:
             try:
                 self._conn.request("GET", path, headers=headers or {})
                 resp = self._conn.getresponse()
+                self.first_byte = time.perf_counter() - start
                 total = 0
                 while n := resp.readinto(self._buf):
                     total += n
