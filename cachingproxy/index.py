@@ -34,6 +34,11 @@ _SQLITE_TIMEOUT = 0.5
 # connection per store thread, and each cache grows with the index up to that bound. 512 pages (2 MiB) hold a
 # docs site's metadata many times over.
 _SQLITE_CACHE_PAGES = 512
+# No memory-mapped reads (diskcache maps up to 64 MiB by default): each page a scan or a crawl touched stayed
+# resident in every worker that read it, so a worker's memory grew with the cache, not with its traffic. Reads
+# through the page cache above cost the same per lookup (7-9 us either way, 20,000 entries; with another
+# connection writing between reads 17 us against 23-27 us mapped: benchmarks/results/footprint.md).
+_SQLITE_MMAP_BYTES = 0
 _COMMIT_ATTEMPTS = 3  # a commit waits at most this many SQLite timeouts for another writer
 INDEX_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
 
@@ -144,6 +149,7 @@ class EntryIndex:
             timeout=_SQLITE_TIMEOUT,
             disk=_StagingDisk,
             sqlite_cache_size=_SQLITE_CACHE_PAGES,
+            sqlite_mmap_size=_SQLITE_MMAP_BYTES,
         )
         try:
             cache.get(_meta_key(""))  # a garbage file can open fine and fail on first use

@@ -82,3 +82,34 @@ def test_an_unreadable_index_is_moved_aside(tmp_path: Path) -> None:
         assert [p.name.startswith("db.corrupt-") for p in tmp_path.iterdir() if p.name != "db"] == [True]
     finally:
         index.close()
+
+
+def _resident_kib(path: Path) -> int:
+    """Rss of this process's mappings of `path` (0 when it is not mapped)."""
+    total, mapped = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(":"):  # a mapping's first line: address range, ..., path
+                mapped = len(fields) > 5 and fields[5] == str(path)
+            elif mapped and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_reading_the_whole_index_leaves_none_of_it_in_the_workers_memory(tmp_path: Path) -> None:
+    """diskcache maps up to 64 MiB of its SQLite file by default: a scan (stats, a purge by prefix) or a
+    crawl then leaves every page it read resident in each worker, which grows with the cache, not with the
+    traffic. Reads go through SQLite's bounded page cache instead (a lookup costs the same, index.py)."""
+    index = EntryIndex(tmp_path / "db", 100_000_000)
+    index.open()
+    try:
+        keys = [f"page-{i}.html" for i in range(500)]
+        for key in keys:
+            _commit(index, tmp_path, key, b"x" * 100)
+        index.stats()
+        assert index.scans == 1  # every key read
+        assert all(index.entry(key) is not None for key in keys)
+        assert _resident_kib(tmp_path / "db" / "cache.db") == 0
+    finally:
+        index.close()
