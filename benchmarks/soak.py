@@ -8,11 +8,12 @@ requests/s from `--clients` connections (low, so a shared machine stays usable),
 (half with a browser's Accept-Encoding, so compressed variants are made and served), conditional GETs that
 get 304, HEADs, GETs of keys that do not exist (404), GETs of never-seen keys (cold: each one a fill), the
 10 MiB object, and every `--big-every` seconds one client pulling the whole 100 MiB object. Every
-`--sample` seconds it sums the PSS of the proxy's processes (supervisor and workers, smaps_rollup).
+`--sample` seconds it sums the PSS of the proxy's processes (supervisor and workers, smaps_rollup), and
+of it the anonymous part (Pss_Anon: what the proxy allocated, unmoved by other processes sharing its files).
 
 Prints the PSS per minute, the first minute's and the last minute's mean, and the slope of a least-squares
-line through the samples after the first minute (MiB per minute): growth that does not level off shows
-there. The statuses are checked (200, 304, 404 only; every body's length) and counted.
+line through the samples after the first minute (MiB per minute), for PSS and for Pss_Anon: growth that
+does not level off shows there. The statuses are checked (200, 304, 404 only; every body's length) and counted.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,21 @@ def seed(client: Any, c: corpus_mod.Corpus, objects: dict[str, tuple[bytes, str]
             ContentType="application/octet-stream")
 
 
-def tree_kib(root: int, field: str = "Pss") -> int:
-    return sum(rollup(p).get(field, 0) for p in tree_pids(root))
+@dataclass(frozen=True)
+class Sample:
+    """One look at the proxy's tree, KiB summed over its processes. Pss_Anon is what the proxy allocated
+    itself; Pss_File also moves with whatever else maps the same files (the interpreter, the extensions), so a
+    neighbour starting or ending shifts Pss but not Pss_Anon."""
+
+    t: float
+    pss: int
+    anon: int
+    rss: int
+
+
+def tree_sample(root: int, t: float) -> Sample:
+    kibs = [rollup(p) for p in tree_pids(root)]
+    return Sample(t, *(sum(k.get(f, 0) for k in kibs) for f in ("Pss", "Pss_Anon", "Rss")))
 
 
 class Mix:
@@ -141,12 +156,10 @@ async def load(mix: Mix, args: argparse.Namespace, until: float) -> None:
         await asyncio.gather(*(client(session) for _ in range(args.clients)), big(session))
 
 
-async def sampler(root: int, every: float, until: float, samples: list[tuple[float, int, int]]) -> None:
+async def sampler(root: int, every: float, until: float, samples: list[Sample]) -> None:
     started = time.monotonic()
     while (now := time.monotonic()) < until:
-        pss = await asyncio.to_thread(tree_kib, root)
-        rss = await asyncio.to_thread(tree_kib, root, "Rss")
-        samples.append((now - started, pss, rss))
+        samples.append(await asyncio.to_thread(tree_sample, root, now - started))
         await asyncio.sleep(every)
 
 
@@ -160,32 +173,41 @@ def slope(points: list[tuple[float, int]]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / den if den else 0.0
 
 
-def report(samples: list[tuple[float, int, int]], mix: Mix, args: argparse.Namespace, root_rows: list[str]) -> str:
-    minutes: dict[int, list[int]] = collections.defaultdict(list)
-    for t, pss, _ in samples:
-        minutes[int(t // 60)].append(pss)
+def report(samples: list[Sample], mix: Mix, args: argparse.Namespace, root_rows: list[str]) -> str:
+    minutes: dict[int, list[Sample]] = collections.defaultdict(list)
+    for s in samples:
+        minutes[int(s.t // 60)].append(s)
+
+    def mib(v: float) -> str:
+        return f"{v / 1024:.1f}"
+
+    def per_minute(field: str) -> float:
+        return slope([(s.t, getattr(s, field)) for s in samples if s.t >= 60]) * 60 / 1024
+
     last = max(minutes)
-    first_mean = statistics.fmean(minutes[0]) / 1024
-    last_mean = statistics.fmean(minutes[last]) / 1024
-    after_first = [(t, pss) for t, pss, _ in samples if t >= 60]
-    per_min = slope(after_first) * 60 / 1024
+    first_mean, last_mean = (statistics.fmean(s.pss for s in minutes[m]) / 1024 for m in (0, last))
+    first_anon, last_anon = (statistics.fmean(s.anon for s in minutes[m]) / 1024 for m in (0, last))
     requests = sum(mix.statuses.values())
     lines = [
         f"`.venv/bin/python benchmarks/soak.py --minutes {args.minutes:g} --rate {args.rate:g} --clients "
-        f"{args.clients} --workers {args.workers} --big-every {args.big_every:g}` on {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"{args.clients} --workers {args.workers} --big-every {args.big_every:g} --cold {args.cold}` on "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         "",
         f"{requests:,} requests ({requests / (args.minutes * 60):.0f}/s): "
         + ", ".join(f"{k} x{v}" for k, v in sorted(mix.statuses.items())),
         "",
-        "| minute | samples | tree PSS MiB, mean | min | max |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-        *(f"| {m + 1} | {len(v)} | {statistics.fmean(v) / 1024:.1f} | {min(v) / 1024:.1f} | {max(v) / 1024:.1f} |"
+        "| minute | samples | tree PSS MiB, mean | min | max | of it Pss_Anon, mean |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        *(f"| {m + 1} | {len(v)} | {mib(statistics.fmean(s.pss for s in v))} | {mib(min(s.pss for s in v))} | "
+          f"{mib(max(s.pss for s in v))} | {mib(statistics.fmean(s.anon for s in v))} |"
           for m, v in sorted(minutes.items())),
         "",
         f"first minute {first_mean:.1f} MiB, last minute {last_mean:.1f} MiB ({last_mean - first_mean:+.1f}); "
-        f"slope after the first minute {per_min:+.2f} MiB/min; peak {max(s[1] for s in samples) / 1024:.1f} "
-        f"(RSS sum peak {max(s[2] for s in samples) / 1024:.1f})",
+        f"slope after the first minute {per_minute('pss'):+.2f} MiB/min; peak {mib(max(s.pss for s in samples))} "
+        f"(RSS sum peak {mib(max(s.rss for s in samples))})",
+        f"Pss_Anon: first minute {first_anon:.1f} MiB, last minute {last_anon:.1f} ({last_anon - first_anon:+.1f}); "
+        f"slope after the first minute {per_minute('anon'):+.2f} MiB/min",
         "",
         "At the end, per process (smaps_rollup, MiB):",
         "",
@@ -218,7 +240,7 @@ async def main() -> int:
         mix = Mix(t.base, c)
         run.log(f"proxy up (pid {t.proc.pid}); {args.minutes:g} minutes at ~{args.rate:g} requests/s")
         until = time.monotonic() + args.minutes * 60
-        samples: list[tuple[float, int, int]] = []
+        samples: list[Sample] = []
         await asyncio.gather(load(mix, args, until), sampler(t.proc.pid, args.sample, until, samples))
         rows = ["| pid | " + " | ".join(("Rss", "Pss", "Private_Dirty", "Shared_Dirty")) + " |",
                 "| --- | ---: | ---: | ---: | ---: |"]
