@@ -1,4 +1,4 @@
-"""A generation of workers: the processes the supervisor (workers.py) started on one configuration, and how a
+"""A generation of workers: the processes the supervisor (supervisor.py) started on one configuration, and how a
 batch of them is forked (through spawn.py's zygote) onto the supervisor's listening sockets.
 
 The supervisor decides when to start, restart, retire or kill them; this module only keeps track of one

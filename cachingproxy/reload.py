@@ -2,7 +2,7 @@
 completely as `serve` checks it before starting, with the settings that need a restart kept as they are.
 
 nginx's model: the main process re-reads and validates; only a configuration that passed goes to the workers
-(workers.py starts a new generation of them on it and retires the old one gracefully). Nothing here starts
+(supervisor.py starts a new generation of them on it and retires the old one gracefully). Nothing here starts
 anything, so a bad file changes nothing.
 """
 

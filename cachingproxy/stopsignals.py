@@ -1,4 +1,4 @@
-"""Which signals stop the proxy, and the log line that says why: pure, for workers.py.
+"""Which signals stop the proxy, and the log line that says why: pure, for supervisor.py.
 
 SIGTERM and SIGINT stop it gracefully by design. Every other signal whose default action would end the
 process (signal(7)) used to do just that, without a word in the log: a stray SIGUSR1, SIGQUIT. Each of them

@@ -1,10 +1,11 @@
 """One worker process: the app on one pre-bound socket, on its own event loop, until the supervisor stops it.
 
-The supervisor (workers.py) binds the sockets, forks the workers through spawn.py and decides for all of them;
-this module is what runs inside a worker once it is forked: `worker_main` resets the signals it inherited and
-calls `serve` (by default `serve_socket`), which claims the once-per-cache duties (`claim_leadership`), builds
-the app and runs it. What the supervisor tells a worker (its row in the shared counters, its generation, how
-to say it stopped accepting) is a `Seat`, passed by argument: nothing is left in module state for fork to copy.
+The supervisor (workers.py, supervisor.py) binds the sockets, forks the workers through spawn.py and decides for
+all of them; this module is what runs inside a worker once it is forked: `worker_main` resets the signals it
+inherited and calls `serve` (by default `serve_socket`), which claims the once-per-cache duties
+(`claim_leadership`), builds the app and runs it. What the supervisor tells a worker (its row in the shared
+counters, its generation, how to say it stopped accepting) is a `Seat`, passed by argument: nothing is left in
+module state for fork to copy.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def claim_leadership(directory: str, generation: int = 0) -> int | None:
     try:
         os.makedirs(directory, exist_ok=True)  # before the store opens it: workers elect before building the app
         # At a reload the draining generation keeps its leader while the new one elects its own, on the
-        # other of two lock files (workers.py runs one reload at a time).
+        # other of two lock files (supervisor.py runs one reload at a time).
         name = LEADER_LOCK if generation % 2 == 0 else LEADER_LOCK_ODD
         fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
