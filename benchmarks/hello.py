@@ -25,7 +25,7 @@ async def _hello(request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="text/html")
 
 
-def _serve(config: Config, sock: socket.socket, seat: Seat | None, ready: Callable[[], None]) -> None:
+def _serve(config: Config, sock: socket.socket, seat: Seat, ready: Callable[[], None]) -> None:
     app = web.Application()
     app.router.add_get("/docs/{tail:.*}", _hello)
     web.run_app(app, sock=sock, access_log=None, print=lambda _: ready(), loop=new_event_loop(), shutdown_timeout=1)

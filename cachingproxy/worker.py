@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .logsetup import logging_off_the_loop
 from .spawn import die_with_parent
-from .stopsignals import HANDLED_SIGNALS, RELOAD_SIGNAL, STOP_SIGNALS, UNHANDLED_SIGNALS, stop_reason
+from .stopsignals import HANDLED_SIGNALS, RELOAD_SIGNAL, STOP_SIGNALS, UNHANDLED_SIGNALS
 from .tally import Slab
 
 if TYPE_CHECKING:
@@ -58,9 +58,8 @@ class Seat:
     closed: Callable[[], None]  # tells the supervisor it stopped accepting (a reload waits for that)
 
 
-# serve(config, socket, seat, ready): blocks until stopped; calls ready() once it accepts connections. `seat`
-# is None when no supervisor runs it.
-ServeFn = Callable[[Config, socket.socket, Seat | None, Callable[[], None]], None]
+# serve(config, socket, seat, ready): blocks until stopped; calls ready() once it accepts connections.
+ServeFn = Callable[[Config, socket.socket, Seat, Callable[[], None]], None]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -75,11 +74,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def serve_socket(config: Config, sock: socket.socket, seat: Seat | None, ready: Callable[[], None]) -> None:
-    """Run the app on one pre-bound socket until SIGTERM (and SIGINT when not supervised); blocking.
+def serve_socket(config: Config, sock: socket.socket, seat: Seat, ready: Callable[[], None]) -> None:
+    """Run the app on one pre-bound socket until the supervisor's SIGTERM; blocking.
 
-    Unsupervised (`seat` None), the signals the proxy does not handle (stopsignals.py) stop it too, with a log
-    line saying why; a supervised worker logs and ignores them: the supervisor decides for all workers.
+    Other signals (SIGINT, SIGHUP and those stopsignals.py names) are logged and ignored: the supervisor
+    decides for all workers.
     """
     from aiohttp import web  # here, like __main__: the supervisor never needs it
 
@@ -87,8 +86,6 @@ def serve_socket(config: Config, sock: socket.socket, seat: Seat | None, ready: 
     from .hitpath import freeze_heap
     from .tls import proxy_context
 
-    supervised = seat is not None
-    slab, row, generation = (seat.slab, seat.row, seat.generation) if seat is not None else (None, 0, 0)
     loop = new_event_loop()
     stopping = False
 
@@ -96,38 +93,32 @@ def serve_socket(config: Config, sock: socket.socket, seat: Seat | None, ready: 
         # Only the first signal stops: a second one raised during cleanup would cut the graceful
         # shutdown short (aiohttp's own handler stays armed until cleanup ends).
         nonlocal stopping
-        if not stopping:
+        if not stopping:  # no log line: the supervisor logged why it sent SIGTERM
             stopping = True
-            if not supervised:  # a worker's SIGTERM comes from the supervisor, which logged why
-                (log.warning if signum in UNHANDLED_SIGNALS else log.info)("%s", stop_reason(signum))
             raise web.GracefulExit()
 
     def ignore(signum: int) -> None:
         log.warning("%s received by worker pid %d: ignored; signals are for the supervisor (pid %d)",
                     signal.Signals(signum).name, os.getpid(), os.getppid())
 
-    if supervised:
-        # Ctrl-C in a terminal reaches the whole process group; a supervised worker waits for the one
-        # SIGTERM its supervisor forwards instead.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
-        for signum in (RELOAD_SIGNAL, *UNHANDLED_SIGNALS):
-            loop.add_signal_handler(signum, ignore, signum)
-    else:
-        for signum in HANDLED_SIGNALS:
-            loop.add_signal_handler(signum, stop, signum)
+    # Ctrl-C in a terminal reaches the whole process group; a worker waits for the one SIGTERM its supervisor
+    # forwards instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop.add_signal_handler(signal.SIGTERM, stop, signal.SIGTERM)
+    for signum in (RELOAD_SIGNAL, *UNHANDLED_SIGNALS):
+        loop.add_signal_handler(signum, ignore, signum)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)  # in case a caller left them blocked
     # Held for the process's lifetime: the kernel releases it when the worker dies, and its successor takes it.
-    leadership = claim_leadership(config.cache.directory, generation)
-    app = create_app(config, slab=slab, row=row, leader=leadership is not None, check_bucket=leadership is not None)
+    leadership = claim_leadership(config.cache.directory, seat.generation)
+    app = create_app(config, slab=seat.slab, row=seat.row, leader=leadership is not None,
+                     check_bucket=leadership is not None)
     app.on_startup.append(freeze_heap)
-    if seat is not None:
-        closed = seat.closed
+    closed = seat.closed
 
-        async def say_closed(app: web.Application) -> None:
-            closed()
+    async def say_closed(app: web.Application) -> None:
+        closed()
 
-        app.on_shutdown.append(say_closed)  # aiohttp runs it once the listening socket is closed
+    app.on_shutdown.append(say_closed)  # aiohttp runs it once the listening socket is closed
     with logging_off_the_loop():
         # Each worker builds its own SSLContext (after fork): OpenSSL state is not for sharing across processes.
         web.run_app(app, sock=sock, ssl_context=proxy_context(config),
