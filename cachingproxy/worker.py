@@ -77,7 +77,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def serve_socket(config: Config, sock: socket.socket, seat: Seat, ready: Callable[[], None]) -> None:
     """Run the app on one pre-bound socket until the supervisor's SIGTERM; blocking.
 
-    Other signals (SIGINT, SIGHUP and those stopsignals.py names) are logged and ignored: the supervisor
+    SIGINT is ignored, SIGHUP and the signals stopsignals.py names are logged and ignored: the supervisor
     decides for all workers.
     """
     from aiohttp import web  # here, like __main__: the supervisor never needs it
@@ -113,10 +113,9 @@ def serve_socket(config: Config, sock: socket.socket, seat: Seat, ready: Callabl
     app = create_app(config, slab=seat.slab, row=seat.row, leader=leadership is not None,
                      check_bucket=leadership is not None)
     app.on_startup.append(freeze_heap)
-    closed = seat.closed
 
     async def say_closed(app: web.Application) -> None:
-        closed()
+        seat.closed()
 
     app.on_shutdown.append(say_closed)  # aiohttp runs it once the listening socket is closed
     with logging_off_the_loop():
