@@ -1,8 +1,9 @@
 """The entry index: metadata per S3 key and bodies per (key, ETag), over one diskcache.Cache.
 
 The only importer of diskcache. Everything here blocks: the async front (store.py) runs it on its own
-executor. Only diskcache's public API is used; where we rely on a documented behaviour that is not obvious
-from a method's name, the comment says which, and tests/test_index.py checks it against the pinned version.
+executor. Only diskcache's public API is used, and one SQL count of its table by tag (`_count_variants`:
+diskcache has no call for it); where we rely on a documented behaviour that is not obvious from a method's
+name, the comment says which, and tests/test_index.py checks it against the pinned version.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ _SQLITE_CACHE_PAGES = 512
 # through the page cache above cost the same per lookup (7-9 us either way, 20,000 entries; with another
 # connection writing between reads 17 us against 23-27 us mapped: benchmarks/results/footprint.md).
 _SQLITE_MMAP_BYTES = 0
+# Compressed variants are rows like entries and bodies, but not objects: they carry this tag (indexed), so
+# /stats and /metrics count them with one SQL count instead of reading every key (14 s for 100k objects).
+_VARIANT_TAG = "variant"
+# In the index's directory once variants stored before they were tagged are gone (`_drop_untagged_variants`).
+_VARIANTS_TAGGED = "variants-tagged"
 _COMMIT_ATTEMPTS = 3  # a commit waits at most this many SQLite timeouts for another writer
 INDEX_ERRORS = (diskcache.Timeout, sqlite3.Error, OSError)
 
@@ -95,6 +101,14 @@ def _variant_key(key: str, etag: str, coding: str) -> tuple[str, str, str, str]:
 _CODINGS = ("br", "zstd", "gzip")  # encoding.CODINGS; the index imports nothing of ours but models
 
 
+def _count_variants(cache: diskcache.Cache) -> int:
+    # `_sql` is diskcache's own statement runner on this thread's connection; `Cache` and `tag` are its table and
+    # column (diskcache 5.6.3, pinned; tests/test_index.py checks the count). The tag index makes it a count of
+    # index entries, not a read of every row.
+    (count,) = cache._sql("SELECT COUNT(*) FROM Cache WHERE tag = ?", (_VARIANT_TAG,)).fetchone()
+    return int(count)
+
+
 def _drop_variants(cache: diskcache.Cache, key: str, etag: str) -> None:
     for coding in _CODINGS:
         cache.delete(_variant_key(key, etag, coding))
@@ -130,8 +144,7 @@ class EntryIndex:
         # exact for one commit at a time, which is all a test relies on.
         self.commit_retries = 0
         self.renewed = 0  # entries whose store time `touch` renewed (tests)
-        self._variants: tuple[int, int] | None = None  # (rows, compressed variants among them) at the last scan
-        self.scans = 0  # reads of every key (stats' variant count, keys, purge_prefix): tests count them
+        self.scans = 0  # reads of every key (keys, purge_prefix): tests count them
 
     @property
     def available(self) -> bool:
@@ -150,6 +163,7 @@ class EntryIndex:
             disk=_StagingDisk,
             sqlite_cache_size=_SQLITE_CACHE_PAGES,
             sqlite_mmap_size=_SQLITE_MMAP_BYTES,
+            tag_index=True,  # for _count_variants
         )
         try:
             cache.get(_meta_key(""))  # a garbage file can open fine and fail on first use
@@ -171,10 +185,31 @@ class EntryIndex:
         try:
             self._culler = self._open_db()
             self._identity = self._file_identity()
+            self._drop_untagged_variants(cache)
         except BaseException:
             cache.close()
             raise
         self._cache = cache
+
+    def _drop_untagged_variants(self, cache: diskcache.Cache) -> None:
+        """Once per index: drop the variants stored before they were tagged, which stats would count as
+        objects. They are made again, from their body, when a client asks for that coding. Each worker may
+        do it at the first start after an upgrade (one read of every key); a failure only leaves the count
+        high until the next start, so it never stops the cache from opening."""
+        marker = self._directory / _VARIANTS_TAGGED
+        if marker.exists():
+            return
+        try:
+            dropped = sum(1 for k in list(cache.iterkeys())
+                          if isinstance(k, tuple) and k[0] == "variant" and cache.delete(k))
+            marker.touch()
+        except INDEX_ERRORS as exc:
+            log.warning("could not drop the compressed variants stored by an earlier version (%s): /stats counts "
+                        "them as objects until the next start", exc.__class__.__name__)
+            return
+        if dropped:
+            log.info("dropped %d compressed variants stored by an earlier version: each is made again when a "
+                     "client asks for it", dropped)
 
     def _file_identity(self) -> tuple[int, int]:
         # diskcache keeps its index in `<directory>/cache.db` (diskcache.core.DBNAME, the file its docs
@@ -228,24 +263,13 @@ class EntryIndex:
         return self._guard(get, None)
 
     def stats(self) -> tuple[int, int]:
-        """(rows of entries and bodies, bytes on disk with variants). Compressed variants are rows too, but not
-        objects: they are counted by a scan of the keys, redone only when the number of rows has changed since
-        the last one, since a dashboard asks every 2 s and a scan reads every key (seconds for 100k objects):
-        a cache that serves hits is not rescanned."""
-        def count(cache: diskcache.Cache) -> tuple[int, int]:
-            rows = len(cache)
-            if self._variants is None or self._variants[0] != rows:
-                self.scans += 1
-                variants = sum(1 for k in cache.iterkeys() if isinstance(k, tuple) and k[0] == "variant")
-                self._variants = (rows, variants)
-            return max(0, rows - self._variants[1]), cache.volume()
-        return self._guard(count, (0, 0))
+        """(rows of entries and bodies, bytes on disk with variants): diskcache's row count less the tagged
+        variants, without reading every key (a dashboard asks every few seconds)."""
+        return self._guard(lambda c: (max(0, len(c) - _count_variants(c)), int(c.volume())), (0, 0))
 
     def volume(self) -> int:
         """Bytes on disk (bodies, variants and the SQLite file): diskcache keeps the total in its Settings
-        table, so this is one read, whatever the size of the index. What a fill needs to make room; `stats`
-        also counts rows by a scan of every key, which a fill must not pay for (it changes the row count, so
-        each fill would rescan: 47 ms at 12,000 rows, and every page of the index mapped into the worker)."""
+        table, so this is one read, whatever the size of the index. What a fill needs to make room."""
         return self._guard(lambda c: int(c.volume()), 0)
 
     # -- writes ---------------------------------------------------------------------------------------
@@ -294,7 +318,7 @@ class EntryIndex:
                 entry = _decode(cache.get(_meta_key(key)))
                 if entry is None or entry.meta.etag != etag:
                     return False
-                cache.set(_variant_key(key, etag, coding), _Staged(path, size), read=True)
+                cache.set(_variant_key(key, etag, coding), _Staged(path, size), read=True, tag=_VARIANT_TAG)
                 return True
         return self._guard(put, False)
 

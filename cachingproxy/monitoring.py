@@ -145,8 +145,8 @@ async def _readyz(request: web.Request) -> web.Response:
     cache = await ops.store.check()  # "full" still serves (bodies pass through): ready, and says so
     cache_ok = cache != "failed"
     checks = await ops.s3_checks()
-    # Whether anything is cached matters only while S3 is unreachable (readiness): stats() rescans every key
-    # when the index has changed, which a probe every few seconds of a filling cache must not pay for.
+    # Whether anything is cached matters only while S3 is unreachable (readiness): the index is not asked
+    # otherwise, so a probe every few seconds costs nothing while S3 answers.
     unreachable = any(check.state is S3State.UNREACHABLE for check in checks.values())
     rows, _ = await ops.store.stats() if cache_ok and unreachable else (0, 0)
     answers = {name: readiness(cache_ok, rows > 0, check.state) for name, check in checks.items()}

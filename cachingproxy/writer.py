@@ -90,7 +90,7 @@ class BodyWriter:
             return passing
         with self._room:
             reserved = self._reserved
-        volume = self._index.volume()  # not stats(): that rescans every key after each commit
+        volume = self._index.volume()  # one read
         evict = room_to_make(meta.size, volume=volume, limit=self._size_limit, free=free, reserved=reserved)
         if evict is None:
             self._no_room(f"{meta.size} bytes do not fit")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import diskcache
+
 from cachingproxy.index import EntryIndex
 from cachingproxy.models import Entry, ObjectMeta
 
@@ -98,8 +100,8 @@ def _resident_kib(path: Path) -> int:
 
 
 def test_reading_the_whole_index_leaves_none_of_it_in_the_workers_memory(tmp_path: Path) -> None:
-    """diskcache maps up to 64 MiB of its SQLite file by default: a scan (stats, a purge by prefix) or a
-    crawl then leaves every page it read resident in each worker, which grows with the cache, not with the
+    """diskcache maps up to 64 MiB of its SQLite file by default: a scan (the events sweep, a purge by prefix)
+    or a crawl then leaves every page it read resident in each worker, which grows with the cache, not with the
     traffic. Reads go through SQLite's bounded page cache instead (a lookup costs the same, index.py)."""
     index = EntryIndex(tmp_path / "db", 100_000_000)
     index.open()
@@ -107,9 +109,63 @@ def test_reading_the_whole_index_leaves_none_of_it_in_the_workers_memory(tmp_pat
         keys = [f"page-{i}.html" for i in range(500)]
         for key in keys:
             _commit(index, tmp_path, key, b"x" * 100)
-        index.stats()
+        assert len(index.keys("")) == len(keys)
         assert index.scans == 1  # every key read
         assert all(index.entry(key) is not None for key in keys)
         assert _resident_kib(tmp_path / "db" / "cache.db") == 0
+    finally:
+        index.close()
+
+
+def _variant(index: EntryIndex, tmp_path: Path, entry: Entry, coding: str) -> None:
+    staged = tmp_path / f"{entry.key}.{coding}.part"
+    staged.write_bytes(b"compressed")
+    assert index.put_variant(entry.key, entry.meta.etag, coding, str(staged), 10)
+
+
+def test_stats_counts_objects_without_reading_every_key(tmp_path: Path) -> None:
+    """/stats and /metrics ask every few seconds. Compressed variants are rows but not objects: they are
+    counted by their tag, not by reading every key (14 s for 100k objects), which stats did after every change
+    to the index, so a dashboard on a filling cache paid a full scan per refresh."""
+    index = EntryIndex(tmp_path / "db", 100_000_000)
+    index.open()
+    try:
+        for i in range(3):
+            entry = _commit(index, tmp_path, f"k{i}", b"x" * 100)
+            _variant(index, tmp_path, entry, "br")
+            _variant(index, tmp_path, entry, "gzip")
+        assert index.stats()[0] == 6  # an entry row and a body row per object
+        _commit(index, tmp_path, "k3", b"y" * 100)
+        assert index.stats()[0] == 8
+        assert index.purge_prefix("k0") == 1  # its variants go with it
+        assert index.stats()[0] == 6
+        assert index.scans == 1  # the purge's: stats read no key
+    finally:
+        index.close()
+
+
+def test_variants_stored_before_they_were_tagged_are_dropped_once(tmp_path: Path) -> None:
+    """An index written before variants carried their tag: stats would count those variants as objects, so
+    the first open drops them (they are made again from their body when asked for), and no later open does."""
+    directory = tmp_path / "db"
+    index = EntryIndex(directory, 100_000_000)
+    index.open()
+    entry = _commit(index, tmp_path, "a", b"x" * 100)
+    index.close()
+    (directory / "variants-tagged").unlink()
+    with diskcache.Cache(str(directory)) as older:  # what an older version stored: no tag
+        older.set(("variant", "a", entry.meta.etag, "br"), b"compressed")
+    index.open()
+    try:
+        assert index.variants("a", entry.meta.etag) == frozenset()
+        assert index.stats()[0] == 2
+        assert index.entry("a") == entry
+        _variant(index, tmp_path, entry, "gzip")
+    finally:
+        index.close()
+    index.open()
+    try:
+        assert index.variants("a", entry.meta.etag) == frozenset({"gzip"})
+        assert index.stats()[0] == 2
     finally:
         index.close()
