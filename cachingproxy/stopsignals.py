@@ -35,11 +35,11 @@ HANDLED_SIGNALS: tuple[signal.Signals, ...] = (*STOP_SIGNALS, RELOAD_SIGNAL, *UN
 
 
 def stop_reason(signum: int) -> str:
-    """What the log says when `signum` stops the proxy."""
+    """What the log says when `signum` stops the proxy; the supervisor adds how many workers it stops."""
     sig = signal.Signals(signum)
     why = UNHANDLED_SIGNALS.get(sig)
     if why is None:
-        return f"{sig.name} received: stopping"
+        return f"{sig.name} received"
     return f"{sig.name} received: {why}, so the proxy stops (gracefully, as for SIGTERM)"
 
 

@@ -350,5 +350,5 @@ async def test_a_stop_after_a_reload_gives_the_workers_the_reloaded_shutdown_tim
         await next_line_with(log, "reload: done")
         proc.send_signal(signal.SIGTERM)
         line = await next_line_with(log, "stopping 2 workers")
-        assert "(any still running in 45 s are killed)" in line, line
+        assert "SIGTERM received: stopping 2 workers (any still running in 45 s are killed)" in line, line
         assert await asyncio.wait_for(proc.wait(), 30) == 0
