@@ -301,8 +301,6 @@ async def _write_eof_flushed(request: web.Request, resp: web.StreamResponse) -> 
             transport.set_write_buffer_limits()  # the loop's defaults again, for the next request
 
 
-
-
 def response_headers(resolved: Resolved, ttl: float, client: ClientFreshness, now: float) -> CIMultiDictProxy[str]:
     """The object's headers plus X-Cache, the stored Date with Age (RFC 9111 §4.2.3, freshness.py) and
     Cache-Status (RFC 9211); read-only, since they are shared: a Response copies them, anyone adding a
@@ -310,5 +308,5 @@ def response_headers(resolved: Resolved, ttl: float, client: ClientFreshness, no
     if isinstance(resolved, FromCache):
         entry = resolved.entry
         return memo_headers(entry.meta, resolved.outcome, age(entry.checked_at, now), int(ttl_left(entry, ttl, now)),
-                            int(entry.checked_at), client)
-    return memo_headers(resolved.meta, resolved.outcome, 0, None, None, client)
+                            int(entry.checked_at), client, now)
+    return memo_headers(resolved.meta, resolved.outcome, 0, None, None, client, now)

@@ -12,7 +12,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from cachingproxy import accessline, compressed, hitpath
 from cachingproxy.admission import SecondSight
 from cachingproxy.config import CompressionConfig
-from cachingproxy.models import ObjectMeta
+from cachingproxy.freshness import ClientFreshness
+from cachingproxy.models import ObjectMeta, Outcome
 
 ONE_OFF = 3000  # distinct keys, each asked for once: more than any of the memos holds
 
@@ -91,6 +92,20 @@ def test_coded_headers_are_kept_for_their_second_only() -> None:
     later = head(0)
     assert compressed.coded_headers(later, "br", 7_777_778.0) is compressed.coded_headers(later, "br", 7_777_778.9)
     assert len(compressed._HEADERS) == 1
+
+
+def test_response_heads_are_kept_for_their_second_only() -> None:
+    """memo_headers' keys hold Age and TTL left, so an earlier second's heads are never asked for again; kept,
+    they stayed in every worker at the memo's 1024 for good."""
+    client = ClientFreshness("max-age=60")
+    metas = [ObjectMeta(etag=f'"{i}"', size=i, last_modified=None) for i in range(50)]
+    for meta in metas:
+        hitpath.memo_headers(meta, Outcome.HIT, 3, 57, 7_777_774, client, 7_777_777.5)
+    assert hitpath._memo_headers.cache_info().currsize == 50
+    head = hitpath.memo_headers(metas[0], Outcome.HIT, 4, 56, 7_777_774, client, 7_777_778.0)
+    assert head["Age"] == "4"
+    assert head is hitpath.memo_headers(metas[0], Outcome.HIT, 4, 56, 7_777_774, client, 7_777_778.9)
+    assert hitpath._memo_headers.cache_info().currsize == 1
 
 
 async def test_variant_sets_of_versions_nobody_asked_for_turn_over_in_a_small_segment() -> None:
