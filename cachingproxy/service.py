@@ -126,8 +126,13 @@ class CachingProxy:
         if not await self._committed(key) and want_body and key in self._fills:
             return await self._join(self._fills.start(key), Outcome.MISS)
         entry = await self._store.lookup(key)
-        if entry is None and await self._store.committing_elsewhere(key):
-            entry = await self._store.lookup(key)  # another worker has just indexed it: a hit here too
+        if entry is None:
+            # Another worker may be indexing this key: wait for its commit, then look again. Again even when
+            # no lock was found, since a commit that ended after the first lookup leaves none, and this would
+            # fetch the object a second time. A miss, which goes to S3 anyway, pays the second lookup; a hit
+            # pays nothing.
+            await self._store.committing_elsewhere(key)
+            entry = await self._store.lookup(key)
         health = self._breaker.health(self._clock())
         error: OriginError | None = None
         while True:

@@ -144,3 +144,24 @@ async def test_a_request_to_another_worker_while_the_filler_commits_waits_and_is
     resp = await other
     assert (resp.headers["X-Cache"], await resp.read()) == ("HIT", body)
     assert shim.counts["GET"] == 2  # warm.html and big.bin, each once
+
+
+async def test_a_request_to_another_worker_right_after_a_miss_is_a_hit(
+        make_proxy: MakeProxy, bucket: Bucket, shim: Shim) -> None:
+    # The filler indexes the body just after its client's last byte. A request to another worker in that
+    # moment must see either the entry or the filler's lock: a commit that ended between its lookup and its
+    # look at the lock left neither, and it fetched again (a MISS after a MISS, seen under load).
+    first, second = await make_proxy(), await make_proxy()
+    keys = [f"page-{i}.html" for i in range(60)]
+    for key in keys:
+        bucket.put(key, key.encode() * 50)
+    outcomes = []
+    async with asyncio.timeout(DEADLINE):
+        for key in keys:
+            resp = await first.get(f"/docs/{key}")
+            assert (resp.headers["X-Cache"], await resp.read()) == ("MISS", key.encode() * 50)
+            resp = await second.get(f"/docs/{key}")
+            assert await resp.read() == key.encode() * 50
+            outcomes.append(resp.headers["X-Cache"])
+    assert outcomes == ["HIT"] * len(keys)
+    assert shim.counts["GET"] == len(keys)
