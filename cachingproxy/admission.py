@@ -13,7 +13,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Hashable
 
-__all__ = ["SecondSight"]
+__all__ = ["SecondSight", "ThisSecond"]
 
 
 class SecondSight:
@@ -44,3 +44,21 @@ class SecondSight:
     @property
     def nbytes(self) -> int:
         return self._seen.itemsize * len(self._seen)
+
+
+class ThisSecond:
+    """The second a memo's entries were made in. A memo keyed by heads that carry Age or the TTL left (new
+    every second) is only ever asked again within its second: `turned(now)` says when it should be emptied."""
+
+    __slots__ = ("_second",)
+
+    def __init__(self) -> None:
+        self._second = 0
+
+    def turned(self, now: float) -> bool:
+        """Whether `now` is in another second than the last call's (then it becomes the current one)."""
+        second = int(now)
+        if second == self._second:
+            return False
+        self._second = second
+        return True

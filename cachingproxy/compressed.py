@@ -15,7 +15,7 @@ from typing import BinaryIO, Final, Literal
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .admission import SecondSight
+from .admission import SecondSight, ThisSecond
 from .appkeys import CONFIG, COUNTERS, OBJECT_KEY, SITE
 from .conditional import Plan, evaluate
 from .config import CompressionConfig
@@ -79,7 +79,7 @@ def _memo_choose(meta: ObjectMeta, accept: str | None, ranged: bool, types: tupl
 
 
 _HEADERS: dict[tuple[int, str], tuple[CIMultiDictProxy[str], CIMultiDictProxy[str]]] = {}
-_headers_second = 0  # the second (int of coded_headers' `now`) the entries of _HEADERS were made in
+_HEADERS_SECOND = ThisSecond()
 
 
 def coded_headers(headers: CIMultiDictProxy[str], coding: str, now: float) -> CIMultiDictProxy[str]:
@@ -88,11 +88,8 @@ def coded_headers(headers: CIMultiDictProxy[str], coding: str, now: float) -> CI
     headers object, which hitpath.memo_headers already shares between hits (checked by identity, not id alone)
     within the second `now` is in, as those objects are.
     """
-    global _headers_second
-    second = int(now)
-    if second != _headers_second:
+    if _HEADERS_SECOND.turned(now):
         _HEADERS.clear()
-        _headers_second = second
     memo = _HEADERS.get((id(headers), coding))
     if memo is not None and memo[0] is headers:
         return memo[1]

@@ -41,6 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 from .access_rules import parse_networks
 from .accessline import request_id_from
 from .accesslog import StructuredAccessLogger
+from .admission import ThisSecond
 from .appkeys import CLOCK, CONFIG, COUNTERS, EVENTS_HEALTH, SITES
 from .compressed import ON_DISK, Coded, coded_headers, conditional_plan, memory_variant, negotiate_for
 from .conditional import evaluate
@@ -124,7 +125,7 @@ class FastHits:
         self._trusted = parse_networks(trusted) if trusted else None
         self._reserved = _reserved_paths(app)
         self._blocks: dict[tuple[int, int, str], tuple[CIMultiDictProxy[str], bytes]] = {}
-        self._blocks_second = 0  # the second (int(now)) the blocks in _blocks were made in
+        self._blocks_second = ThisSecond()  # the blocks in _blocks are only good within it
         self._answers: dict[tuple[str, str, str | None, str | None, str | None], _Answer] = {}
         # An answer is made for one in-memory entry, and after a write anywhere (hot.Stamp) this worker drops
         # them all: each answer would be worked out again, so it goes with them instead of keeping a stale entry
@@ -304,9 +305,8 @@ class FastHits:
     def _block(self, head: CIMultiDictProxy[str], status: int, site: Site, length: int, second: int) -> bytes | None:
         """The response head up to the request id, as the ordinary path writes it: made once per headers
         object (itself remembered per object version and second, hitpath.memo_headers) and status."""
-        if second != self._blocks_second:
+        if self._blocks_second.turned(second):
             self._blocks.clear()
-            self._blocks_second = second
         ident = (id(head), status, site.name)
         kept = self._blocks.get(ident)
         if kept is not None and kept[0] is head:

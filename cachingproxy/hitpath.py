@@ -39,7 +39,7 @@ from typing import BinaryIO
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from .admission import SecondSight
+from .admission import SecondSight, ThisSecond
 from .freshness import ClientFreshness
 from .headers import object_headers
 from .keys import Key, Redirect, Reject, request_key
@@ -48,17 +48,14 @@ from .models import ObjectMeta, Outcome
 __all__ = ["freeze_heap", "memo_headers", "memo_request_key", "reset", "send_file"]
 
 
-_headers_second = 0  # the second (int of memo_headers' `now`) the remembered heads were made in
+_HEADS_SECOND = ThisSecond()
 
 
 def memo_headers(meta: ObjectMeta, outcome: Outcome, age: int, left: int | None, checked: int | None,
                  client: ClientFreshness, now: float) -> CIMultiDictProxy[str]:
     """headers.object_headers, remembered (1) within the second `now` is in."""
-    global _headers_second
-    second = int(now)
-    if second != _headers_second:
+    if _HEADS_SECOND.turned(now):
         _memo_headers.cache_clear()
-        _headers_second = second
     return _memo_headers(meta, outcome, age, left, checked, client)
 
 
