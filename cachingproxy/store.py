@@ -14,6 +14,7 @@ lock file per key being filled, so a cold key is fetched from S3 once, not once 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -44,7 +45,11 @@ _TOUCH_INTERVAL = 10.0  # seconds between batched access-time write-backs
 # for a cache of gigabytes is as good as exact, while renewing every hot key each interval (a SQLite row and
 # a re-linked body file each) took 8 % of a worker's CPU under hot hits (benchmarks/results/profile-workers.md).
 _RENEW_AFTER = 600.0
-_RENEWED_KEPT = 100_000  # keys remembered for that; forgotten all at once past it (they are renewed again)
+# Keys remembered for that, oldest first. A key renewed longer than that ago is renewed at its next hit anyway,
+# so only keys renewed within it are kept, and at most this many (about 170 bytes each): a crawler's 100,000
+# keys, once all kept until a bound of 100,000 emptied the lot, held 14 MiB in each worker. A key dropped by the
+# bound early is renewed again at its next hit: one more row in that interval's batch.
+_RENEWED_KEPT = 20_000
 Health = Literal["ok", "full", "failed"]
 
 
@@ -57,11 +62,13 @@ class CacheStore:
 
     def __init__(self, directory: str, size_limit: int, *, threads: int = 4, verify_on_read: bool = False,
                  touch_interval: float = _TOUCH_INTERVAL, renew_after: float = _RENEW_AFTER,
-                 count: Count = _uncounted) -> None:
+                 count: Count = _uncounted, clock: Callable[[], float] = time.monotonic) -> None:
         self._root = Path(directory)
+        self._clock = clock  # for renewals and their write-backs
         self._touch_interval = touch_interval
         self._renew_after = renew_after
-        self._renewed: dict[str, float] = {}  # key -> when this worker last queued its access-time write-back
+        # key -> when this worker last queued its access-time write-back, oldest first
+        self._renewed: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._verify_on_read = verify_on_read
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache")
         self._index = EntryIndex(self._root / "db", size_limit)
@@ -69,7 +76,7 @@ class CacheStore:
         self._writer = BodyWriter(self._index, self._staging_dir, size_limit, count=count, changed=self._changed,
                                   usable=lambda: self._check_sync() != "failed")
         self._touched: dict[str, str] = {}  # key -> ETag of the body read
-        self._touch_flushed = time.monotonic()
+        self._touch_flushed = clock()
         self._flushing: Future[None] | None = None
         self._hot = HotLayer()
         self._stamp: Stamp | None = None  # None: no in-memory layer (the cache directory is unusable)
@@ -220,16 +227,21 @@ class CacheStore:
 
     def _note_hit(self, entry: Entry) -> None:
         """Remember the access for eviction; written back in one batch per interval, off the hit's path."""
-        now = time.monotonic()
+        now = self._clock()
         renewed = self._renewed.get(entry.key)
         if renewed is None or now - renewed >= self._renew_after:
-            if len(self._renewed) >= _RENEWED_KEPT:
-                self._renewed.clear()
             self._renewed[entry.key] = now
+            self._renewed.move_to_end(entry.key)
             self._touched[entry.key] = entry.meta.etag
+            self._forget_renewed(now)
         if self._touched and now - self._touch_flushed >= self._touch_interval and (
                 self._flushing is None or self._flushing.done()):
             self._flushing = self._executor.submit(self._index.touch, self._take_touched())
+
+    def _forget_renewed(self, now: float) -> None:
+        renewed = self._renewed
+        while renewed and (len(renewed) > _RENEWED_KEPT or now - next(iter(renewed.values())) >= self._renew_after):
+            renewed.popitem(last=False)
 
     async def _wait_flush(self) -> None:
         # A write after a hit must not overtake the hit's touch (eviction would pick the entry just read).
@@ -240,7 +252,7 @@ class CacheStore:
     def _take_touched(self) -> list[tuple[str, str]]:
         """The (key, ETag) bodies read since the last write-back (taken on the loop, where hits note them)."""
         touched, self._touched = self._touched, {}
-        self._touch_flushed = time.monotonic()
+        self._touch_flushed = self._clock()
         return list(touched.items())
 
     def fresh_in_memory(self, key: str, ttl: float, now: float) -> tuple[Entry, HeldBody] | None:
