@@ -45,10 +45,9 @@ _TOUCH_INTERVAL = 10.0  # seconds between batched access-time write-backs
 # for a cache of gigabytes is as good as exact, while renewing every hot key each interval (a SQLite row and
 # a re-linked body file each) took 8 % of a worker's CPU under hot hits (benchmarks/results/profile-workers.md).
 _RENEW_AFTER = 600.0
-# Keys remembered for that, oldest first. A key renewed longer than that ago is renewed at its next hit anyway,
-# so only keys renewed within it are kept, and at most this many (about 170 bytes each): a crawler's 100,000
-# keys, once all kept until a bound of 100,000 emptied the lot, held 14 MiB in each worker. A key dropped by the
-# bound early is renewed again at its next hit: one more row in that interval's batch.
+# Keys remembered for that, oldest first: only those renewed within it (an older one is renewed at its next hit
+# anyway), and at most this many, about 170 bytes each. Every key used to stay until 100,000 were held: 14 MiB
+# per worker after a crawler. A key the bound drops early costs one more row in a later batch.
 _RENEWED_KEPT = 20_000
 Health = Literal["ok", "full", "failed"]
 
