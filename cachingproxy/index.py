@@ -40,9 +40,10 @@ _SQLITE_CACHE_PAGES = 512
 # through the page cache above cost the same per lookup (7-9 us either way, 20,000 entries; with another
 # connection writing between reads 17 us against 23-27 us mapped: benchmarks/results/footprint.md).
 _SQLITE_MMAP_BYTES = 0
-# Compressed variants are rows like entries and bodies, but not objects: they carry this tag (indexed), so
-# /stats and /metrics count them with one SQL count instead of reading every key (14 s for 100k objects).
-_VARIANT_TAG = "variant"
+# Compressed variants are rows like entries and bodies, but not objects: the first item of their keys, and their
+# tag (indexed), so that /stats and /metrics count them with one SQL count instead of reading every key (14 s for
+# 100k objects).
+_VARIANT = "variant"
 # In the index's directory once variants stored before they were tagged are gone (`_drop_untagged_variants`).
 _VARIANTS_TAGGED = "variants-tagged"
 _COMMIT_ATTEMPTS = 3  # a commit waits at most this many SQLite timeouts for another writer
@@ -95,7 +96,7 @@ def _body_key(key: str, etag: str) -> tuple[str, str, str]:
 
 def _variant_key(key: str, etag: str, coding: str) -> tuple[str, str, str, str]:
     # k[1] is the object's key, as for "meta" and "body": purge_prefix drops variants with their object.
-    return ("variant", key, etag, coding)
+    return (_VARIANT, key, etag, coding)
 
 
 _CODINGS = ("br", "zstd", "gzip")  # encoding.CODINGS; the index imports nothing of ours but models
@@ -105,7 +106,7 @@ def _count_variants(cache: diskcache.Cache) -> int:
     # `_sql` is diskcache's own statement runner on this thread's connection; `Cache` and `tag` are its table and
     # column (diskcache 5.6.3, pinned; tests/test_index.py checks the count). The tag index makes it a count of
     # index entries, not a read of every row.
-    (count,) = cache._sql("SELECT COUNT(*) FROM Cache WHERE tag = ?", (_VARIANT_TAG,)).fetchone()
+    (count,) = cache._sql("SELECT COUNT(*) FROM Cache WHERE tag = ?", (_VARIANT,)).fetchone()
     return int(count)
 
 
@@ -201,7 +202,7 @@ class EntryIndex:
             return
         try:
             dropped = sum(1 for k in list(cache.iterkeys())
-                          if isinstance(k, tuple) and k[0] == "variant" and cache.delete(k))
+                          if isinstance(k, tuple) and k[0] == _VARIANT and cache.delete(k))
             marker.touch()
         except INDEX_ERRORS as exc:
             log.warning("could not drop the compressed variants stored by an earlier version (%s): /stats counts "
@@ -318,7 +319,7 @@ class EntryIndex:
                 entry = _decode(cache.get(_meta_key(key)))
                 if entry is None or entry.meta.etag != etag:
                     return False
-                cache.set(_variant_key(key, etag, coding), _Staged(path, size), read=True, tag=_VARIANT_TAG)
+                cache.set(_variant_key(key, etag, coding), _Staged(path, size), read=True, tag=_VARIANT)
                 return True
         return self._guard(put, False)
 
